@@ -1,0 +1,76 @@
+"""The retraining task graph, shared by the weekly and urgent DAGs (no copy-paste between them).
+
+collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promote
+
+Each task pulls the run id and params, calls one `shoefix_tasks.pipeline` function and returns
+a small dict. `collect_qa` and `validate_qa` short-circuit the rest when nothing new was
+accepted, so an idle week neither trains nor creates a registry version.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import get_current_context, task
+
+DEFAULT_ARGS = {
+    "owner": "shoefix",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=2),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+}
+
+
+def _run_key() -> str:
+    return get_current_context()["run_id"]
+
+
+def _params() -> dict:
+    return get_current_context()["params"]
+
+
+@task.short_circuit(execution_timeout=timedelta(minutes=30))
+def collect_qa() -> dict:
+    from shoefix_tasks.pipeline import collect_qa as run
+
+    ref = run(_run_key())
+    return ref if ref["collected"] else {}  # empty -> downstream skipped: nothing new
+
+
+@task.short_circuit(execution_timeout=timedelta(minutes=30))
+def validate_qa(batch: dict) -> dict:
+    from shoefix_tasks.pipeline import validate_qa as run
+
+    result = run(batch["batch_id"], float(_params()["max_quarantine_rate"]))
+    return result if result["accepted"] else {}
+
+
+@task(execution_timeout=timedelta(hours=6))
+def train_adapter(validated: dict) -> dict:
+    from shoefix_tasks.pipeline import train_adapter as run
+
+    p = _params()
+    return run(_run_key(), p["recipe"], validated["snapshot_path"], p["overrides"])
+
+
+@task(execution_timeout=timedelta(hours=2))
+def evaluate_adapter(trained: dict) -> dict:
+    from shoefix_tasks.pipeline import evaluate_adapter as run
+
+    p = _params()
+    return run(_run_key(), p["recipe"], trained, p["overrides"])
+
+
+@task(execution_timeout=timedelta(minutes=30), retries=3)
+def gate_and_promote(trained: dict, evaluated: dict) -> dict:
+    from shoefix_tasks.pipeline import gate_and_promote as run
+
+    p = _params()
+    ctx = get_current_context()
+    return run(_run_key(), p["recipe"], trained, evaluated, p["overrides"], actor=ctx["dag"].dag_id)
+
+
+def build_retrain_graph() -> None:
+    trained = train_adapter(validate_qa(collect_qa()))
+    gate_and_promote(trained, evaluate_adapter(trained))

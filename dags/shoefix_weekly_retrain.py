@@ -1,0 +1,41 @@
+"""Weekly retraining of the ShoeFix expert.
+
+- Trigger: every Monday 03:00 Asia/Taipei (cron), or manually.
+- Inputs: new expert Q&A files in the inbox ($SHOEFIX_INBOX); params `recipe`, `overrides`,
+  `max_quarantine_rate`.
+- Outputs: a ledgered, validated batch; a corpus snapshot; an MLflow training run with the LoRA
+  adapter; an evaluation run with the scorecard; a version of `shoefix-expert`.
+- Side effects: moves alias `challenger` to the new version, and alias `champion` only if the
+  gate passes (history kept in the ledger). Skips everything after collection when nothing new
+  arrived.
+"""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import Param, dag
+from retrain_graph import DEFAULT_ARGS, build_retrain_graph
+
+
+@dag(
+    dag_id="shoefix_weekly_retrain",
+    schedule="0 3 * * 1",
+    start_date=pendulum.datetime(2026, 1, 5, tz="Asia/Taipei"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["shoefix", "retrain", "weekly"],
+    doc_md=__doc__,
+    params={
+        "recipe": Param("default", type="string", description="recipe name or YAML path"),
+        "overrides": Param([], type="array", items={"type": "string"},
+                           description="recipe overrides, section.key=value"),
+        "max_quarantine_rate": Param(0.5, type="number", minimum=0, maximum=1,
+                                     description="fail the run if more of the batch is quarantined"),
+    },
+)
+def shoefix_weekly_retrain():
+    build_retrain_graph()
+
+
+shoefix_weekly_retrain()

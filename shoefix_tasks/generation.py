@@ -1,0 +1,98 @@
+"""Inference: load base (+ verified adapter, merged) and answer questions, batched.
+
+Merging the LoRA weights into the base (`merge_and_unload`) makes the served model exactly the
+base architecture again: no adapter matmuls per token, so latency is the base's.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.config import Settings
+from shoefix_tasks.prompting import prompt_messages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Answerer:
+    model: Any
+    tokenizer: Any
+    label: str
+    manifest: dict[str, Any] | None = None
+
+
+def load_answerer(base_model: str, adapter_dir: Path | None, settings: Settings, dtype: str = "float32",
+                  label: str = "base") -> Answerer:
+    """Base model, plus the adapter merged in when given. The adapter's manifest and its recorded
+    base identity are checked first: a tampered adapter or one from another base never loads."""
+    from shoefix_tasks.adapter import verify_adapter
+    from shoefix_tasks.base_model import base_identity, check_compatible, load_base
+
+    manifest = None
+    if adapter_dir is not None:
+        manifest = verify_adapter(adapter_dir)
+        check_compatible(manifest["base"], base_identity(base_model, settings), f"adapter {label}")
+    model, tokenizer = load_base(base_model, settings, dtype)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    model.eval()
+    tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    return Answerer(model, tokenizer, label, manifest)
+
+
+def _encode(tokenizer, questions: list[str]):
+    texts = [tokenizer.apply_chat_template(prompt_messages(q), tokenize=False, add_generation_prompt=True)
+             for q in questions]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_size: int) -> list[dict[str, Any]]:
+    """Greedy answers for all questions; batches are formed from similar prompt lengths."""
+    import torch
+
+    order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
+    out: list[dict[str, Any] | None] = [None] * len(questions)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = _encode(ans.tokenizer, [questions[i] for i in idx])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            gen = ans.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=ans.tokenizer.pad_token_id)
+        elapsed = time.perf_counter() - t0
+        new = gen[:, enc["input_ids"].shape[1]:]
+        for row, i in enumerate(idx):
+            ids = new[row]
+            n_tokens = int((ids != ans.tokenizer.pad_token_id).sum())
+            out[i] = {"answer": ans.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                      "new_tokens": n_tokens, "batch_seconds": elapsed / len(idx)}
+    return out  # type: ignore[return-value]
+
+
+def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int) -> dict[str, float]:
+    """Batch-1 wall time per answer. Generation runs to exactly `max_new_tokens` (EOS ignored), so
+    a model is never 'faster' merely because it answers shorter."""
+    import torch
+
+    if not questions:
+        return {"p50_s": 0.0, "p95_s": 0.0, "tokens_per_s": 0.0, "n": 0}
+    times = []
+    for q in questions:
+        enc = _encode(ans.tokenizer, [q])
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            ans.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=ans.tokenizer.pad_token_id)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
+    return {"p50_s": round(statistics.median(times), 4), "p95_s": round(p95, 4),
+            "tokens_per_s": round(max_new_tokens / statistics.median(times), 2), "n": len(times)}

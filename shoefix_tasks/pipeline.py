@@ -1,0 +1,129 @@
+"""The five stages of the retraining pipeline as plain functions, one per Airflow task.
+
+Each takes references (a run key, a recipe name, paths, run ids) and returns a small JSON-able
+dict; none imports Airflow. Heavy libraries are imported inside the stages that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.config import REGISTERED_MODEL, Settings, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+def collect_qa(run_key: str, settings: Settings | None = None) -> dict[str, Any]:
+    from shoefix_tasks.collect import collect_batch
+
+    settings = settings or Settings.from_env()
+    ref = collect_batch(settings, run_key).to_dict()
+    if ref["seen"] == 0:
+        log.info("nothing new in the inbox %s: no new Q&A since the last run", settings.inbox)
+    return ref
+
+
+def validate_qa(run_key: str, max_quarantine_rate: float = 0.5, settings: Settings | None = None) -> dict[str, Any]:
+    from shoefix_tasks.validate import validate_batch
+
+    settings = settings or Settings.from_env()
+    return validate_batch(settings, run_key, max_quarantine_rate).to_dict()
+
+
+def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list[str] | None = None,
+                  settings: Settings | None = None) -> dict[str, Any]:
+    """Run the trainer CLI as a subprocess: the same entry point a GPU worker or pod runs."""
+    settings = settings or Settings.from_env()
+    load_recipe(recipe, overrides)  # fail fast on a bad recipe, before a process is spawned
+    out_dir = settings.run_dir(run_key) / "train"
+    cmd = [sys.executable, "-m", "shoefix_tasks.train", "--recipe", recipe, "--snapshot", snapshot_path,
+           "--output-dir", str(out_dir), "--run-key", run_key]
+    for o in overrides or []:
+        cmd += ["--set", o]
+    log.info("launching trainer: %s", " ".join(cmd))
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy(), check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"trainer exited with code {proc.returncode}")
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError("trainer printed no result line")
+    return json.loads(lines[-1])
+
+
+def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], overrides: list[str] | None = None,
+                     settings: Settings | None = None) -> dict[str, Any]:
+    from shoefix_tasks import registry, tracking
+    from shoefix_tasks.evaluate import evaluate
+
+    settings = settings or Settings.from_env()
+    rec = load_recipe(recipe, overrides)
+    tracking.configure(settings)
+    champ = registry.version_by_alias(registry.CHAMPION)
+    if champ is not None and champ.run_id == train_result["run_id"]:
+        champ = None  # a retry after promotion: compare against what it challenged, recorded below
+    champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
+    label = f"v{champ.version}" if champ is not None else "base"
+    ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
+                   train_result["run_id"])
+    ref["champion_version"] = int(champ.version) if champ is not None else None
+    return ref
+
+
+def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
+                     overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
+                     judge_error: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    import mlflow
+    from shoefix_tasks import registry, tracking
+    from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text
+
+    settings = settings or Settings.from_env()
+    rec = load_recipe(recipe, overrides)
+    tracking.configure(settings)
+    evaluation = json.loads(Path(eval_ref["evaluation_path"]).read_text())
+    guard = frozenset(evaluation["guard_ids"])
+
+    def card(side: str) -> Scorecard:
+        scores = evaluation[side]["scores"]
+        return Scorecard({s["id"]: s["composite"] for s in scores}, {s["id"]: s["key_data_accuracy"] for s in scores},
+                         evaluation[side]["summary"]["latency_p50_s"], guard)
+
+    decision = decide(card("champion"), card("challenger"), rec.gate, judge_error=judge_error)
+    verdict = "promote" if decision.promote else "keep_champion"
+    markdown = scorecard_markdown(evaluation, decision.to_dict())
+    chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")
+    client = mlflow.MlflowClient()
+    client.log_artifact(eval_ref["eval_run_id"], str(chart))
+    client.log_artifact(train_result["run_id"], str(chart))
+    client.log_dict(eval_ref["eval_run_id"], decision.to_dict(), "gate_decision.json")
+    client.set_tag(eval_ref["eval_run_id"], "shoefix.gate_decision", verdict)
+    for k, v in decision.numbers.items():
+        if isinstance(v, (int, float)):
+            client.log_metric(eval_ref["eval_run_id"], f"gate/{k}", float(v))
+
+    champion_label = evaluation["champion"]["label"]
+    description = (f"## Scorecard vs {champion_label}\n\n{markdown}\n\n"
+                   f"![scorecard](scorecard.png) (artifact `scorecard.png` of the evaluation run "
+                   f"`{eval_ref['eval_run_id']}`)")
+    tags = {"training_run": train_result["run_id"], "evaluation_run": eval_ref["eval_run_id"],
+            "corpus_snapshot": train_result["snapshot_hash"], "holdout_hash": evaluation["holdout_hash"],
+            "base_model": rec.model.base_model, "recipe": rec.name, "gate_decision": verdict,
+            "challenged": champion_label, "pipeline_run": run_key,
+            "composite": str(evaluation["challenger"]["summary"]["composite"])}
+    version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),
+                                        rec.model.base_model, tags, description, rec.eval.max_new_tokens)
+    registry.set_challenger(int(version.version))
+    if decision.promote:
+        registry.set_champion(settings, int(version.version), "; ".join(decision.reasons), actor)
+    champ = registry.version_by_alias(registry.CHAMPION)
+    log.info("gate decision for version %s: %s\n%s", version.version, verdict.upper(), "\n".join(decision.reasons))
+    log.info("scorecard (%s vs challenger v%s):\n%s", champion_label, version.version, scorecard_text(evaluation))
+    return {"version": int(version.version), "decision": verdict, "reasons": decision.reasons,
+            "numbers": decision.numbers, "champion": int(champ.version) if champ else None,
+            "model": REGISTERED_MODEL}

@@ -1,0 +1,111 @@
+"""Shared fixtures: an isolated ShoeFix state folder, and a tiny random model built offline.
+
+No test touches a model hub: the tiny model's tokenizer is a byte-level BPE trained in
+milliseconds on the fixture corpus, and its weights are random (seeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+# Airflow reads its configuration at import: point it at our DAGs and a throwaway home before
+# any test imports it (never the user's ~/airflow).
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="shoefix-airflow-"))
+os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(ROOT / "dags")
+os.environ["AIRFLOW__CORE__PLUGINS_FOLDER"] = str(ROOT / "plugins")
+os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_k] = "1"
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+          "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
+    """A 2-layer Llama with a ChatML tokenizer, saved as safetensors in `folder`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from shoefix_tasks.prompting import SYSTEM_PROMPT
+
+    texts = [SYSTEM_PROMPT]
+    for path in [FIXTURES / "corpus_small.jsonl", *sorted((FIXTURES / "data").rglob("*.jsonl"))]:
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            texts += [rec["question"], rec["answer"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    fast.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture()
+def shoefix_env(tmp_path, monkeypatch):
+    """A fresh state folder with the fixture holdout/guard; returns Settings."""
+    from shoefix_tasks.config import Settings
+
+    home = tmp_path / "var"
+    (home / "inbox").mkdir(parents=True)
+    monkeypatch.setenv("SHOEFIX_HOME", str(home))
+    monkeypatch.setenv("SHOEFIX_DATA_DIR", str(FIXTURES / "data"))
+    monkeypatch.delenv("SHOEFIX_INBOX", raising=False)
+    monkeypatch.delenv("SHOEFIX_LEDGER_URL", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db")
+    return Settings.from_env()
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_model) -> Path:
+    """The default recipe pointed at the tiny model, sized for seconds on a CPU."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
+    data["model"]["base_model"] = str(tiny_model)
+    data["train"].update(num_train_epochs=3, per_device_train_batch_size=4, learning_rate=5e-3, save_steps=2,
+                         max_length=256)
+    data["eval"].update(max_new_tokens=12, batch_size=8, latency_samples=1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def copy_fixture_corpus(settings, name: str = "corpus_small.jsonl") -> Path:
+    target = Path(settings.inbox) / name
+    shutil.copyfile(FIXTURES / "corpus_small.jsonl", target)
+    return target
+
+
+def env_with(settings, **extra) -> dict[str, str]:
+    env = {**os.environ, "SHOEFIX_HOME": str(settings.home), "SHOEFIX_DATA_DIR": str(settings.data_dir),
+           "MLFLOW_TRACKING_URI": settings.tracking_uri}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env

@@ -171,7 +171,12 @@ def readability(answer: str, reference: str) -> float:
     rep = 1.0 - min(1.0, 2.0 * repetition_rate(answer))
     ending = 1.0 if answer.rstrip().endswith(_TERMINAL) else 0.4
     ratio = text_length(answer) / max(1, text_length(reference))
-    length = 1.0 if 0.35 <= ratio <= 2.0 else max(0.0, 1 - abs(math.log(ratio / (0.35 if ratio < 0.35 else 2.0))))
+    if ratio <= 0:
+        length = 0.0  # only punctuation or symbols
+    elif 0.35 <= ratio <= 2.0:
+        length = 1.0
+    else:  # falls off with the log-distance from the band: 1/e of the bound scores 0
+        length = max(0.0, 1 - abs(math.log(ratio / (0.35 if ratio < 0.35 else 2.0))))
     sents = _sentences(answer)
     per = text_length(answer) / max(1, len(sents))
     lo, hi = (10, 90) if is_cjk(answer) else (6, 35)

@@ -78,3 +78,9 @@ def test_chinese_paraphrase_beats_unrelated_chinese():
 @pytest.mark.parametrize("answer", ["", "   "])
 def test_empty_answer_is_minimum(answer):
     assert score(ITEM, answer).composite == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("answer", ["...", "!!! ???", "。。。"])
+def test_symbol_only_answer_does_not_crash_and_scores_low(answer):
+    s = score(ITEM, answer)
+    assert s.composite < 4

@@ -47,13 +47,22 @@ def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list
     for o in overrides or []:
         cmd += ["--set", o]
     log.info("launching trainer: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy(), check=False)
+    result = None
+    # Stream the trainer's output into the task log (loss lines, progress) as it happens; its
+    # last JSON line is the result.
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            line = line.rstrip()
+            if line.startswith('{"run_id"'):
+                result = json.loads(line)
+            elif line and "it/s]" not in line:
+                log.info("trainer: %s", line)
     if proc.returncode != 0:
         raise RuntimeError(f"trainer exited with code {proc.returncode}")
-    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
-    if not lines:
+    if result is None:
         raise RuntimeError("trainer printed no result line")
-    return json.loads(lines[-1])
+    return result
 
 
 def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], overrides: list[str] | None = None,

@@ -3,11 +3,8 @@ must agree, or the adapter learns one format and is scored on another)."""
 
 from __future__ import annotations
 
-SYSTEM_PROMPT = (
-    "You are ShoeFix, an expert on preventing mold in shoes: anti-mold mechanisms, shoe materials, "
-    "odor, health effects, grip and performance. Answer accurately and concretely, with the numbers "
-    "that matter, in the language of the question."
-)
+# Short on purpose: every training and evaluation token pays for it (about 25 tokens).
+SYSTEM_PROMPT = "You are ShoeFix, an expert on keeping shoes free of mold. Answer accurately, with the key numbers."
 
 
 def prompt_messages(question: str) -> list[dict[str, str]]:

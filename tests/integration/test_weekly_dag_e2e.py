@@ -25,8 +25,9 @@ def airflow(env, *args, timeout=900):
 
 @pytest.mark.slow
 def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, tmp_path):
-    import mlflow
     from safetensors.torch import load_file
+
+    import mlflow
 
     s = shoefix_env
     # make the first challenger a sure winner so that the second run meets a real champion

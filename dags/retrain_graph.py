@@ -54,12 +54,32 @@ def train_adapter(validated: dict) -> dict:
     return run(_run_key(), p["recipe"], validated["snapshot_path"], p["overrides"])
 
 
+JUDGE_CONN_ID = "shoefix_judge"
+
+
+def _judge_config():
+    """The optional LLM judge from connection `shoefix_judge` (absent = deterministic scores only)."""
+    from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = BaseHook.get_connection(JUDGE_CONN_ID)
+    except AirflowNotFoundException:
+        return None
+    from shoefix_tasks.judge import JudgeConfig
+
+    extra = conn.extra_dejson
+    url = conn.host if "://" in (conn.host or "") else f"{conn.schema or 'http'}://{conn.host}:{conn.port or 80}/v1"
+    return JudgeConfig(base_url=url, model=extra.get("model", "judge"), api_key=conn.password or "",
+                       repeats=int(extra.get("repeats", 3)))
+
+
 @task(execution_timeout=timedelta(hours=2))
 def evaluate_adapter(trained: dict) -> dict:
     from shoefix_tasks.pipeline import evaluate_adapter as run
 
     p = _params()
-    return run(_run_key(), p["recipe"], trained, p["overrides"])
+    return run(_run_key(), p["recipe"], trained, p["overrides"], judge=_judge_config())
 
 
 @task(execution_timeout=timedelta(minutes=30), retries=3)

@@ -1,38 +1,35 @@
-"""collect_qa: read what is new in the inbox into a ledgered batch.
+"""collect_qa: read what is new in the inbox (and an optional SQL table) into a ledgered batch.
 
-Inbox files are never modified or deleted. A file is identified by its content hash: one already
-processed is skipped, so the same file copied twice or re-run is never counted twice. A file whose
-last line is truncated (still being written) is *deferred*: all its lines are ledgered as
-deferred and the file is picked up again once it is complete (its hash then differs).
+Inbox: a local path or any fsspec URI (`s3://bucket/inbox`, `memory://...`); JSONL, CSV and
+Markdown files. Files are never modified or deleted and are identified by content hash: one
+already processed is skipped, so the same file copied twice or a re-run never counts twice. A
+file whose last record is truncated (still being written) is *deferred*: its records are ledgered
+as deferred and the file is read again once complete (its hash then differs). Unsafe names
+(control characters, symlinks leading out of the inbox) are refused with a ledger row.
 
-The whole batch (ledger rows + files marked processed + the batch row) commits in one
-transaction; a retried task finds the batch already there and returns it unchanged.
+SQL source: `url#table`, rows with `updated_at` after the stored watermark.
+
+The batch (ledger rows, files marked processed, watermark, batch row) commits in one transaction;
+a retried task finds the batch and returns it unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from shoefix_tasks import ledger
 from shoefix_tasks.config import Settings
-from shoefix_tasks.records import content_hash, file_sha256
+from shoefix_tasks.formats import PARSERS, ParsedLine, parse_bytes
+from shoefix_tasks.records import content_hash
 
 log = logging.getLogger(__name__)
-SUFFIXES = (".jsonl",)
-
-
-@dataclass
-class ParsedLine:
-    line_no: int
-    raw: bytes
-    record: dict[str, Any] | None  # None when the line did not parse
-    error: str | None = None
 
 
 @dataclass
@@ -48,85 +45,143 @@ class BatchRef:
         return asdict(self)
 
 
-def parse_jsonl_bytes(data: bytes) -> tuple[list[ParsedLine], bool]:
-    """Split into lines and parse each. Returns (lines, truncated).
+@dataclass
+class InboxFile:
+    name: str  # relative to the inbox root
+    path: str  # as the filesystem knows it
+    unsafe: str | None = None  # why it is refused, if it is
 
-    `truncated` is True when the data does not end in a newline and its last line is not a
-    complete JSON object: the writer has not finished the file yet.
-    """
-    chunks = data.split(b"\n")
-    ends_clean = data.endswith(b"\n") or not data
-    if ends_clean and chunks and chunks[-1] == b"":
-        chunks.pop()
-    out: list[ParsedLine] = []
-    for i, raw in enumerate(chunks, start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
+
+def unsafe_name(name: str) -> str | None:
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        return "file name contains control characters"
+    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+        return "file name escapes the inbox"
+    return None
+
+
+def list_inbox(inbox: str) -> tuple[Any, list[InboxFile]]:
+    """(filesystem, files) for a path or URI, sorted by name; refusals are listed too."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(inbox)
+    if not fs.exists(root):
+        raise FileNotFoundError(f"inbox {inbox} does not exist")
+    root = root.rstrip("/")
+    local = fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ())
+    real_root = os.path.realpath(root) if local else root
+    out = []
+    for path in sorted(fs.find(root)):
+        name = path[len(root):].lstrip("/")
+        if os.path.splitext(name)[1].lower() not in PARSERS:
             continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            out.append(ParsedLine(i, raw, None, f"malformed UTF-8 at byte {err.start}"))
+        why = unsafe_name(name)
+        if why is None and local:
+            real = os.path.realpath(path)
+            if os.path.commonpath([real, real_root]) != real_root:
+                why = "symlink points outside the inbox"
+        out.append(InboxFile(name, path, why))
+    return fs, out
+
+
+def _row(batch_id: str, source: str, sha: str, pl: ParsedLine, status: str, check: str | None,
+         reason: str | None) -> dict[str, Any]:
+    rec = pl.record or {}
+    q, a = rec.get("question"), rec.get("answer")
+    return {
+        "batch_id": batch_id, "source": source, "file_sha": sha, "line_no": pl.line_no,
+        "content_hash": content_hash(q, a) if isinstance(q, str) and isinstance(a, str) else None,
+        "record_id": str(rec.get("id"))[:250] if rec.get("id") is not None else None,
+        "status": status, "check_name": check, "reason": reason,
+        "payload": json.dumps(pl.record, ensure_ascii=False) if pl.record is not None else None,
+        "raw": pl.raw if status != "collected" else None,
+    }
+
+
+def rows_for(batch_id: str, source: str, sha: str, lines: list[ParsedLine], truncated: bool) -> list[dict[str, Any]]:
+    out = []
+    for pl in lines:
+        if truncated:
+            out.append(_row(batch_id, source, sha, pl, "deferred", "truncated_file",
+                            "file still being written (truncated last record)"))
+        elif pl.record is None:
+            out.append(_row(batch_id, source, sha, pl, "quarantined", "parse", pl.error))
+        else:
+            out.append(_row(batch_id, source, sha, pl, "collected", None, None))
+    return out
+
+
+def _scan_inbox(settings: Settings, batch_id: str, done: set[str]) -> tuple[list[dict], list[dict]]:
+    rows: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
+    now = ledger.utcnow()
+    fs, listing = list_inbox(settings.inbox)
+    for f in listing:
+        if f.unsafe:
+            sha = hashlib.sha256(f"unsafe:{f.path}".encode()).hexdigest()
+            if sha in done:
+                continue
+            done.add(sha)
+            pl = ParsedLine(0, f.name.encode("utf-8", "backslashreplace")[:1000], None, f.unsafe)
+            rows.append(_row(batch_id, repr(f.name)[:1000], sha, pl, "quarantined", "unsafe_path", f.unsafe))
+            files.append({"file_sha": sha, "source": settings.inbox, "name": repr(f.name)[:1000], "size": 0,
+                          "status": "processed", "batch_id": batch_id, "seen_at": now})
             continue
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as err:
-            out.append(ParsedLine(i, raw, None, f"invalid JSON: {err.msg} (col {err.colno})"))
+        data = fs.cat_file(f.path)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha in done:
             continue
-        if not isinstance(obj, dict):
-            out.append(ParsedLine(i, raw, None, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        out.append(ParsedLine(i, raw, obj))
-    truncated = not ends_clean and bool(out) and out[-1].record is None
-    return out, truncated
+        done.add(sha)  # the same content under two names in one scan counts once
+        lines, truncated = parse_bytes(os.path.splitext(f.name)[1], data)
+        rows.extend(rows_for(batch_id, f.name, sha, lines, truncated))
+        files.append({"file_sha": sha, "source": settings.inbox, "name": f.name, "size": len(data),
+                      "status": "deferred" if truncated else "processed", "batch_id": batch_id, "seen_at": now})
+    return rows, files
 
 
-def list_inbox(inbox: Path) -> list[Path]:
-    if not inbox.is_dir():
-        raise FileNotFoundError(f"inbox folder {inbox} does not exist")
-    return sorted(p for p in inbox.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES)
+def _scan_sql(source: str, batch_id: str, engine: sa.Engine) -> tuple[list[dict], dict | None]:
+    """Rows of `url#table` updated after the stored watermark; returns (ledger rows, new watermark)."""
+    url, _, table = source.partition("#")
+    if not table:
+        raise ValueError(f"SQL source must look like 'sqlalchemy-url#table', got {source!r}")
+    safe_source = f"sql:{sa.engine.make_url(url).render_as_string(hide_password=True)}#{table}"
+    with engine.connect() as conn:
+        mark = conn.execute(sa.select(ledger.watermarks.c.value)
+                            .where(ledger.watermarks.c.source == safe_source)).scalar()
+    src = sa.create_engine(url)
+    tbl = sa.Table(table, sa.MetaData(), autoload_with=src)
+    q = sa.select(tbl).order_by(tbl.c.updated_at)
+    if mark is not None:
+        q = q.where(tbl.c.updated_at > mark)
+    with src.connect() as conn:
+        found = [dict(r) for r in conn.execute(q).mappings()]
+    src.dispose()
+    if not found:
+        return [], None
+    new_mark = str(found[-1]["updated_at"])
+    sha = hashlib.sha256(f"{safe_source}|{mark}|{new_mark}".encode()).hexdigest()
+    lines = []
+    for i, r in enumerate(found, start=1):
+        rec = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in r.items()}
+        lines.append(ParsedLine(i, json.dumps(rec, ensure_ascii=False).encode(), rec))
+    return rows_for(batch_id, safe_source, sha, lines, False), {"source": safe_source, "value": new_mark}
 
 
-def collect_batch(settings: Settings, batch_id: str) -> BatchRef:
+def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = None) -> BatchRef:
     engine = ledger.engine_for(settings.ledger_url)
     existing = ledger.batch_row(engine, batch_id)
     if existing is not None:
         log.info("batch %s already collected; returning it (retry)", batch_id)
         return BatchRef(batch_id=batch_id, **existing["counts"]["collect"])
 
-    inbox = Path(settings.inbox)
     with engine.connect() as conn:
         done = {sha for (sha,) in conn.execute(
             sa.select(ledger.inbox_files.c.file_sha).where(ledger.inbox_files.c.status == "processed"))}
-    rows: list[dict[str, Any]] = []
-    files: list[dict[str, Any]] = []
-    now = ledger.utcnow()
-    for path in list_inbox(inbox):
-        sha = file_sha256(path)
-        if sha in done:
-            continue
-        done.add(sha)  # the same content under two names in one scan counts once
-        data = path.read_bytes()
-        lines, truncated = parse_jsonl_bytes(data)
-        name = str(path.relative_to(inbox))
-        for pl in lines:
-            status, check, reason = "collected", None, None
-            if truncated:
-                status, check, reason = "deferred", "truncated_file", "file still being written (truncated last line)"
-            elif pl.record is None:
-                status, check, reason = "quarantined", "parse", pl.error
-            rec = pl.record or {}
-            q, a = rec.get("question"), rec.get("answer")
-            chash = content_hash(q, a) if isinstance(q, str) and isinstance(a, str) else None
-            rows.append({
-                "batch_id": batch_id, "source": name, "file_sha": sha, "line_no": pl.line_no,
-                "content_hash": chash, "record_id": str(rec.get("id")) if rec.get("id") is not None else None,
-                "status": status, "check_name": check, "reason": reason,
-                "payload": json.dumps(pl.record, ensure_ascii=False) if pl.record is not None else None,
-                "raw": pl.raw if status != "collected" else None,
-            })
-        files.append({"file_sha": sha, "source": str(inbox), "name": name, "size": len(data),
-                      "status": "deferred" if truncated else "processed", "batch_id": batch_id, "seen_at": now})
+    rows, files = _scan_inbox(settings, batch_id, done)
+    mark = None
+    if sql_source:
+        sql_rows, mark = _scan_sql(sql_source, batch_id, engine)
+        rows.extend(sql_rows)
 
     counts = {
         "files": len(files), "seen": len(rows),
@@ -138,11 +193,15 @@ def collect_batch(settings: Settings, batch_id: str) -> BatchRef:
         if rows:
             conn.execute(sa.insert(ledger.records), rows)
         for f in files:
-            # a deferred file may be seen again (same hash, still incomplete): update, don't duplicate
+            # a deferred file may be seen again (same hash, still incomplete): replace, don't duplicate
             conn.execute(sa.delete(ledger.inbox_files).where(ledger.inbox_files.c.file_sha == f["file_sha"]))
-            conn.execute(sa.insert(ledger.inbox_files), [f])
+        if files:
+            conn.execute(sa.insert(ledger.inbox_files), files)
+        if mark:
+            conn.execute(sa.delete(ledger.watermarks).where(ledger.watermarks.c.source == mark["source"]))
+            conn.execute(sa.insert(ledger.watermarks), [mark])
         conn.execute(sa.insert(ledger.batches), [{
-            "batch_id": batch_id, "created_at": now, "status": "collected",
+            "batch_id": batch_id, "created_at": ledger.utcnow(), "status": "collected",
             "counts": json.dumps({"collect": counts}),
         }])
     log.info("collected batch %s: %s", batch_id, counts)

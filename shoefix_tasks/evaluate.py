@@ -55,8 +55,24 @@ def answer_and_score(label: str, base_model: str, adapter_dir: Path | None, item
             "manifest": ans.manifest, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def run_judge(judge, items: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    """Add the LLM judge's scores to both sides; on failure record `judge_error` (gate fails closed)."""
+    from shoefix_tasks.judge import JudgeError, judge_side
+
+    try:
+        for who in ("champion", "challenger"):
+            answers = [s["answer"] for s in result[who]["scores"]]
+            judged = judge_side(judge, items, answers)
+            result[who]["judge"] = judged["per_question"]
+            result[who]["summary"].update(judged["summary"])
+    except JudgeError as err:
+        log.error("LLM judge failed: %s (the gate will fail closed)", err)
+        result["judge_error"] = str(err)
+
+
 def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapter: Path,
-             champion_adapter: Path | None, champion_label: str, training_run_id: str) -> dict[str, Any]:
+             champion_adapter: Path | None, champion_label: str, training_run_id: str,
+             judge=None) -> dict[str, Any]:
     """Score both models; log everything to an `evaluate` MLflow run; return a small reference."""
     import mlflow
     from shoefix_tasks import tracking
@@ -75,6 +91,8 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
         "decoding": {"do_sample": False, "max_new_tokens": recipe.eval.max_new_tokens,
                      "batch_size": recipe.eval.batch_size},
     }
+    if judge is not None:
+        run_judge(judge, items, result)
     out_dir = settings.run_dir(run_key)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "evaluation.json"
@@ -88,10 +106,12 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
         for k, v in result[who]["summary"].items():
             client.log_metric(run_id, f"{who}/{k}", float(v))
     client.log_metric(run_id, "eval_seconds", result["eval_seconds"])
+    if result.get("judge_error"):
+        client.set_tag(run_id, "shoefix.judge_error", result["judge_error"][:500])
     client.log_artifact(run_id, str(path))
     client.set_terminated(run_id)
     log.info("evaluation done in %.1fs: champion %s composite %.3f, challenger composite %.3f",
              result["eval_seconds"], champion_label, champion["summary"]["composite"],
              challenger["summary"]["composite"])
-    return {"eval_run_id": run_id, "evaluation_path": str(path), "holdout_hash": eval_hash,
+    return {"eval_run_id": run_id, "experiment_id": client.get_run(run_id).info.experiment_id, "evaluation_path": str(path), "holdout_hash": eval_hash,
             "champion": champion_label, "eval_seconds": result["eval_seconds"]}

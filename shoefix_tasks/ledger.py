@@ -8,6 +8,7 @@ Tables
 - `inbox_files`: every inbox file seen, by content hash; `processed` only after its rows commit.
 - `records`: one row per record seen (file, line, content hash, status, reason, raw bytes).
 - `corpus`: accepted records, unique by content hash; the training snapshot is built from it.
+- `watermarks`: how far each SQL source has been read.
 - `champion_history`: who held the `champion` alias, when and why (MLflow keeps no history).
 """
 
@@ -72,6 +73,12 @@ corpus = sa.Table(
     sa.Column("ledger_row", sa.Integer, nullable=False),
 )
 
+watermarks = sa.Table(
+    "watermarks", metadata,
+    sa.Column("source", sa.String(1000), primary_key=True),
+    sa.Column("value", sa.String(100), nullable=False),
+)
+
 champion_history = sa.Table(
     "champion_history", metadata,
     sa.Column("event_id", sa.Integer, primary_key=True, autoincrement=True),
@@ -127,7 +134,11 @@ def quarantine_reasons(engine: sa.Engine, batch_id: str) -> dict[str, int]:
          .where(records.c.batch_id == batch_id, records.c.status == "quarantined")
          .group_by(records.c.check_name))
     with engine.connect() as conn:
-        return {name: n for name, n in conn.execute(q)}
+        out: dict[str, int] = {}
+        for name, n in conn.execute(q):
+            key = (name or "unknown").split("(")[0]
+            out[key] = out.get(key, 0) + n
+        return out
 
 
 def corpus_rows(engine: sa.Engine, languages: list[str] | None = None) -> list[dict[str, Any]]:

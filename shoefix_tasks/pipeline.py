@@ -66,7 +66,8 @@ def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list
 
 
 def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], overrides: list[str] | None = None,
-                     settings: Settings | None = None) -> dict[str, Any]:
+                     settings: Settings | None = None, judge=None) -> dict[str, Any]:
+    """`judge` is an optional `JudgeConfig` (never logged or returned: it may hold an API key)."""
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.evaluate import evaluate
 
@@ -79,14 +80,14 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
-                   train_result["run_id"])
+                   train_result["run_id"], judge=judge)
     ref["champion_version"] = int(champ.version) if champ is not None else None
     return ref
 
 
 def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
-                     judge_error: str | None = None, settings: Settings | None = None) -> dict[str, Any]:
+                     settings: Settings | None = None) -> dict[str, Any]:
     import mlflow
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.gate import Scorecard, decide
@@ -103,7 +104,7 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
         return Scorecard({s["id"]: s["composite"] for s in scores}, {s["id"]: s["key_data_accuracy"] for s in scores},
                          evaluation[side]["summary"]["latency_p50_s"], guard)
 
-    decision = decide(card("champion"), card("challenger"), rec.gate, judge_error=judge_error)
+    decision = decide(card("champion"), card("challenger"), rec.gate, judge_error=evaluation.get("judge_error"))
     verdict = "promote" if decision.promote else "keep_champion"
     markdown = scorecard_markdown(evaluation, decision.to_dict())
     chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")

@@ -115,7 +115,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     client.log_metric(run_id, "train/runtime_s", float(result.metrics.get("train_runtime", 0.0)))
     client.log_artifacts(run_id, str(adapter_dir), "adapter")
     client.set_terminated(run_id)
-    out = {"run_id": run_id, "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash,
+    out = {"run_id": run_id, "experiment_id": client.get_run(run_id).info.experiment_id, "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash,
            "recipe": recipe.name, "train_records": len(dataset), "final_loss": float(result.training_loss),
            "resumed_from": str(resume) if resume else None}
     (output_dir / "train_result.json").write_text(json.dumps(out, indent=1))

@@ -22,7 +22,8 @@ import sqlalchemy as sa
 
 from shoefix_tasks import ledger
 from shoefix_tasks.config import LANGS, TOPICS, Settings
-from shoefix_tasks.records import load_eval_set, normalize_text, question_key, rows_hash, write_jsonl
+from shoefix_tasks.records import load_eval_set, question_key, rows_hash, write_jsonl
+from shoefix_tasks.screening import NearDupIndex, minhash, screen_record
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class ValidationResult:
     snapshot_hash: str | None = None
     snapshot_path: str | None = None
     snapshot_records: int = 0
+    data_docs: str | None = None
+    validate_run_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,44 +81,88 @@ def build_suite():
     return suite
 
 
-def run_suite(frame) -> dict[int, list[str]]:
-    """Run the suite; map row index -> failed check names (empty when the row passes)."""
+def run_suite(frame, docs_root: Path | None = None, run_name: str = "batch") -> tuple[dict[int, list[str]], str | None]:
+    """Run the suite; map row index -> failed check names. With `docs_root`, run it through a
+    file-backed GX project's checkpoint that also rebuilds the Data Docs; returns their index path."""
     import great_expectations as gx
 
-    context = gx.get_context(mode="ephemeral")
-    asset = context.data_sources.add_pandas("inbox").add_dataframe_asset("batch")
-    batch_def = asset.add_batch_definition_whole_dataframe("whole")
-    suite = context.suites.add(build_suite())
-    result = batch_def.get_batch(batch_parameters={"dataframe": frame}).validate(suite, result_format="COMPLETE")
+    if docs_root is None:
+        context = gx.get_context(mode="ephemeral")
+    else:
+        docs_root.mkdir(parents=True, exist_ok=True)
+        context = gx.get_context(mode="file", project_root_dir=str(docs_root))
+    source = context.data_sources.add_or_update_pandas("inbox")
+    asset = next((a for a in source.assets if a.name == "batch"), None) or source.add_dataframe_asset("batch")
+    batch_def = next((b for b in asset.batch_definitions if b.name == "whole"), None) \
+        or asset.add_batch_definition_whole_dataframe("whole")
+    suite = context.suites.add_or_update(build_suite())
+    validation = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name="shoefix_intake", data=batch_def, suite=suite))
+    actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs")] if docs_root is not None else []
+    checkpoint = context.checkpoints.add_or_update(gx.Checkpoint(
+        name="shoefix_intake", validation_definitions=[validation], actions=actions,
+        result_format={"result_format": "COMPLETE"}))
+    run_id = gx.core.run_identifier.RunIdentifier(run_name=run_name)
+    result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=run_id)
     failures: dict[int, list[str]] = {}
-    for er in result.results:
-        cfg = er.expectation_config
-        name = f"gx:{cfg.type}({cfg.kwargs.get('column')})"
-        for idx in er.result.get("unexpected_index_list") or []:
-            failures.setdefault(int(idx), []).append(name)
-    return failures
+    for validation_result in result.run_results.values():
+        for er in validation_result.results:
+            cfg = er.expectation_config
+            name = f"gx:{cfg.type}({cfg.kwargs.get('column')})"
+            for idx in er.result.get("unexpected_index_list") or []:
+                failures.setdefault(int(idx), []).append(name)
+    docs = None
+    if docs_root is not None:
+        docs = docs_root / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    return failures, str(docs) if docs else None
 
 
 def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], corpus_hashes: set[str],
-            frozen_questions: set[str]) -> dict[int, list[str]]:
+            frozen: FrozenSets, corpus_index: NearDupIndex) -> dict[int, list[str]]:
+    """Exact duplicates by hash-set lookup, near duplicates by MinHash LSH, content screening."""
     failures: dict[int, list[str]] = {}
     seen_in_batch: set[str] = set()
+    batch_index = NearDupIndex()
     for i, (p, h) in enumerate(zip(payloads, hashes, strict=True)):
-        q = p.get("question")
-        if isinstance(q, str) and question_key(q) in frozen_questions:
-            failures.setdefault(i, []).append("duplicate_of_holdout")
-        if h is None:
-            continue
-        if h in corpus_hashes:
-            failures.setdefault(i, []).append("duplicate_of_corpus")
-        elif h in seen_in_batch:
-            failures.setdefault(i, []).append("duplicate_in_batch")
-        seen_in_batch.add(h)
+        fails = screen_record(p)
+        q, a = p.get("question"), p.get("answer")
+        if isinstance(q, str):
+            if question_key(q) in frozen.keys:
+                fails.append("duplicate_of_holdout")
+            elif (hit := frozen.index.query(q)) is not None or (
+                    isinstance(a, str) and (hit := frozen.qa_index.query(q + " " + a)) is not None):
+                fails.append(f"near_duplicate_of_holdout({hit})")
+        if h is not None and isinstance(a, str):
+            text = q + " " + a
+            sig = minhash(text)
+            if h in corpus_hashes:
+                fails.append("duplicate_of_corpus")
+            elif h in seen_in_batch:
+                fails.append("duplicate_in_batch")
+            elif (hit := corpus_index.query(text, sig)) is not None:
+                fails.append(f"near_duplicate_of_corpus({hit})")
+            elif (hit := batch_index.query(text, sig)) is not None:
+                fails.append(f"near_duplicate_in_batch({hit})")
+            seen_in_batch.add(h)
+            if not fails:
+                batch_index.add(str(p.get("id")), text, sig)
+        if fails:
+            failures[i] = fails
     return failures
 
 
-def frozen_question_keys(data_dir: Path) -> set[str]:
-    return {question_key(r["question"]) for kind in ("holdout", "guard") for r in load_eval_set(data_dir, kind)}
+@dataclass
+class FrozenSets:
+    keys: set[str]  # exact (normalized) holdout/guard questions
+    index: NearDupIndex  # their questions
+    qa_index: NearDupIndex  # their questions with reference answers
+
+
+def frozen_sets(data_dir: Path) -> FrozenSets:
+    rows = [r for kind in ("holdout", "guard") for r in load_eval_set(data_dir, kind)]
+    return FrozenSets({question_key(r["question"]) for r in rows},
+                      NearDupIndex.of((r["id"], r["question"]) for r in rows),
+                      NearDupIndex.of((r["id"], r["question"] + " " + r["answer"]) for r in rows))
 
 
 def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, int]:
@@ -126,6 +173,26 @@ def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, in
     if not path.exists():
         write_jsonl(path, sorted(rows, key=lambda r: (r["id"], r["lang"])))
     return digest, path, len(rows)
+
+
+def log_validation(settings: Settings, result: ValidationResult) -> str:
+    """An MLflow `validate` run per batch: the counts, the reasons and the GX Data Docs (HTML)."""
+    import mlflow
+    from shoefix_tasks import tracking
+
+    tracking.configure(settings)
+    run_id = tracking.run_for("validate", result.batch_id, run_name="validate",
+                              tags={"shoefix.snapshot": result.snapshot_hash or ""})
+    client = mlflow.MlflowClient()
+    for k in ("seen", "accepted", "quarantined", "deferred", "quarantine_rate", "snapshot_records"):
+        client.log_metric(run_id, f"intake/{k}", float(getattr(result, k)))
+    client.log_dict(run_id, result.reasons, "quarantine_reasons.json")
+    if result.data_docs:
+        client.log_artifacts(run_id, str(Path(result.data_docs).parent), "data_docs")
+        log.info("GX Data Docs for batch %s: %s (also in MLflow run %s, artifacts/data_docs/index.html)",
+                 result.batch_id, result.data_docs, run_id)
+    client.set_terminated(run_id)
+    return run_id
 
 
 def validate_batch(settings: Settings, batch_id: str, max_quarantine_rate: float = 0.5) -> ValidationResult:
@@ -154,14 +221,21 @@ def _validate_and_commit(settings: Settings, engine: sa.Engine, batch_id: str,
             sa.select(ledger.records.c.row_id, ledger.records.c.payload, ledger.records.c.content_hash)
             .where(ledger.records.c.batch_id == batch_id, ledger.records.c.status == "collected")
             .order_by(ledger.records.c.row_id)).all()
-        corpus_hashes = {h for (h,) in conn.execute(sa.select(ledger.corpus.c.content_hash))}
+        corpus_hashes: set[str] = set()
+        corpus_index = NearDupIndex()
+        for h, payload in conn.execute(sa.select(ledger.corpus.c.content_hash, ledger.corpus.c.payload)):
+            corpus_hashes.add(h)
+            rec = json.loads(payload)
+            corpus_index.add(rec["id"], rec["question"] + " " + rec["answer"])
     payloads = [json.loads(p) for _, p, _ in pending]
     hashes = [h for _, _, h in pending]
     failures: dict[int, list[str]] = {}
+    data_docs = None
     if payloads:
-        for i, names in run_suite(build_frame(payloads)).items():
+        suite_failures, data_docs = run_suite(build_frame(payloads), settings.home / "gx", batch_id)
+        for i, names in suite_failures.items():
             failures.setdefault(i, []).extend(names)
-        for i, names in _screen(payloads, hashes, corpus_hashes, frozen_question_keys(settings.data_dir)).items():
+        for i, names in _screen(payloads, hashes, corpus_hashes, frozen_sets(settings.data_dir), corpus_index).items():
             failures.setdefault(i, []).extend(names)
 
     accepted_rows = []
@@ -185,20 +259,18 @@ def _validate_and_commit(settings: Settings, engine: sa.Engine, batch_id: str,
     status = ledger.status_counts(engine, batch_id)
     seen = sum(status.values())
     digest, path, n = write_snapshot(settings, engine)
+    # reasons are summarized by check name (the part before any "(...)" detail)
     result = ValidationResult(
         batch_id=batch_id, seen=seen, accepted=status.get("accepted", 0),
         quarantined=status.get("quarantined", 0), deferred=status.get("deferred", 0),
         quarantine_rate=round(status.get("quarantined", 0) / seen, 4) if seen else 0.0,
         reasons=ledger.quarantine_reasons(engine, batch_id),
-        snapshot_hash=digest, snapshot_path=str(path), snapshot_records=n,
+        snapshot_hash=digest, snapshot_path=str(path), snapshot_records=n, data_docs=data_docs,
     )
+    result.validate_run_id = log_validation(settings, result)
     assert result.accepted + result.quarantined + result.deferred == result.seen, "ledger does not reconcile"
     with engine.begin() as conn:
         conn.execute(sa.update(ledger.batches).where(ledger.batches.c.batch_id == batch_id).values(
             status="validated", snapshot_hash=digest,
             counts=json.dumps({**counts, "validate": result.to_dict()})))
     return result
-
-
-def normalized_questions(rows: list[dict[str, Any]]) -> set[str]:
-    return {normalize_text(r["question"]) for r in rows}

@@ -7,15 +7,19 @@ import json
 import pytest
 
 from shoefix_tasks import ledger
-from shoefix_tasks.collect import collect_batch, parse_jsonl_bytes
+from shoefix_tasks.collect import collect_batch
+from shoefix_tasks.formats import parse_jsonl as parse_jsonl_bytes
 from shoefix_tasks.validate import QuarantineRateExceeded, validate_batch
 from tests.conftest import FIXTURES, copy_fixture_corpus
 
+FIXTURE_ROWS = [json.loads(x) for x in (FIXTURES / "corpus_small.jsonl").read_text().splitlines()]
+
 
 def good(i: int, **kw) -> dict:
-    rec = {"id": f"t-{i}", "question": f"How should I store shoe pair number {i} over winter?",
-           "answer": "Clean them, let them dry for 24–48 hours, and store them below 60% relative humidity "
-                     f"with a silica gel sachet; variant {i}.", "topic": "mechanisms", "lang": "en"}
+    """A valid record, distinct from every other `good(j)` (taken from the fixture corpus)."""
+    base = FIXTURE_ROWS[i % len(FIXTURE_ROWS)]
+    rec = {k: base[k] for k in ("question", "answer", "topic", "lang")}
+    rec["id"] = f"t-{i}"
     rec.update(kw)
     return rec
 

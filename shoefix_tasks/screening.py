@@ -1,0 +1,154 @@
+"""Content screening beyond the GX suite: language, PII and secrets, markup and prompt injection,
+and near-duplicates by MinHash with banded LSH (no pairwise comparison over the corpus).
+
+Each check returns a reason string or None; `screen_record` returns every failed check name.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable
+
+import numpy as np
+
+from shoefix_tasks.records import normalize_text
+
+_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_LATIN = re.compile(r"[A-Za-z]")
+# Frequent characters that exist only in Simplified Chinese: a zh-TW record full of them is zh-CN.
+_SIMPLIFIED = set("这们说时会发对过还应该后与话问么边实现体网关国经页将门专业单温处鞋垫霉")
+_TRADITIONAL_TWINS = set("這們說時會發對過還應該後與話問麼邊實現體網關國經頁將門專業單溫處")
+_SIMPLIFIED -= set("鞋霉")  # shared by both scripts
+
+PII_PATTERNS = {
+    "email": re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+"),
+    "phone": re.compile(r"(?:\+?\d{1,3}[\s-]?)?(?:\(?\d{2,4}\)?[\s-]?)\d{3,4}[\s-]?\d{3,4}\b(?![\s]*(?:%|°|mm|cm|km|g\b|mg|ml|hours?|days?))"),
+    "tw_national_id": re.compile(r"\b[A-Z][12]\d{8}\b"),
+    "us_ssn": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
+    "credit_card": re.compile(r"\b(?:\d[ -]?){13,16}\b"),
+}
+SECRET_PATTERNS = {
+    "api_key": re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}|\bAKIA[0-9A-Z]{16}\b|\bgh[pousr]_[A-Za-z0-9]{20,}|"
+                          r"\bxox[abpr]-[A-Za-z0-9-]{10,}|\bAIza[0-9A-Za-z_-]{30,}"),
+    "private_key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "password_assignment": re.compile(r"(?i)\b(?:password|passwd|secret|token)\s*[:=]\s*\S{6,}"),
+}
+MARKUP = re.compile(r"(?i)<\s*(?:script|iframe|object|embed|style|img|svg|a|div|span|p|br|html|body)\b[^>]*>|"
+                    r"javascript:|\bon(?:load|error|click|mouseover)\s*=")
+INJECTION = re.compile(
+    r"(?i)\b(?:ignore|disregard|forget)\b.{0,30}\b(?:previous|prior|above|all|earlier)\b.{0,20}"
+    r"\b(?:instructions?|prompts?|rules?)\b|\byou are now\b|\bsystem prompt\b|\bjailbreak\b|"
+    r"<\|im_(?:start|end)\|>|\[/?INST\]|<<SYS>>|忽略(?:之前|先前|以上|所有).{0,6}(?:指令|指示|規則)|系統提示")
+
+
+def _luhn_ok(digits: str) -> bool:
+    nums = [int(d) for d in digits][::-1]
+    total = sum(nums[0::2]) + sum(sum(divmod(2 * d, 10)) for d in nums[1::2])
+    return total % 10 == 0
+
+
+def detect_language(text: str) -> str:
+    """'en', 'zh-TW', 'zh-CN' or 'unknown', from the script mix (enough to catch mislabels)."""
+    cjk = _CJK.findall(text)
+    latin = len(_LATIN.findall(text))
+    if len(cjk) >= 0.3 * (len(cjk) + latin) and cjk:
+        simp = sum(ch in _SIMPLIFIED for ch in cjk)
+        trad = sum(ch in _TRADITIONAL_TWINS for ch in cjk)
+        return "zh-CN" if simp > trad else "zh-TW"
+    if latin >= 20 and len(cjk) <= 0.02 * latin:
+        return "en"
+    return "unknown"
+
+
+def find_pii(text: str) -> list[str]:
+    found = [name for name, pat in PII_PATTERNS.items() if name != "credit_card" and pat.search(text)]
+    for m in PII_PATTERNS["credit_card"].finditer(text):
+        digits = re.sub(r"\D", "", m.group(0))
+        if 13 <= len(digits) <= 16 and _luhn_ok(digits):
+            found.append("credit_card")
+            break
+    found += [name for name, pat in SECRET_PATTERNS.items() if pat.search(text)]
+    return found
+
+
+def screen_record(rec: dict) -> list[str]:
+    """Failed content checks of one record (its strings only; types are the GX suite's job)."""
+    q, a = rec.get("question"), rec.get("answer")
+    if not isinstance(q, str) or not isinstance(a, str):
+        return []
+    failures = []
+    lang = rec.get("lang")
+    detected = detect_language(q + " " + a)
+    if isinstance(lang, str) and detected != "unknown" and detected != lang:
+        failures.append(f"language_mismatch({lang}!={detected})")
+    pii = find_pii(q + "\n" + a)
+    if pii:
+        failures.append(f"pii({','.join(sorted(set(pii)))})")
+    if MARKUP.search(q) or MARKUP.search(a):
+        failures.append("html_or_script")
+    if INJECTION.search(q) or INJECTION.search(a):
+        failures.append("prompt_injection")
+    return failures
+
+
+# --- near-duplicates -------------------------------------------------------------------------
+# 64 MinHash values over character 5-gram shingles; 16 bands of 4 rows. Two texts with shingle
+# Jaccard J share at least one band with probability 1 - (1 - J^4)^16: 0.9999 at J = 0.8,
+# 0.96 at J = 0.6, 0.08 at J = 0.3. Candidates are then confirmed by the estimated Jaccard.
+NUM_PERM, BANDS = 64, 16
+_ROWS = NUM_PERM // BANDS
+_PRIME = (1 << 61) - 1
+_rng = np.random.default_rng(20261129)
+_A = _rng.integers(1, _PRIME, NUM_PERM, dtype=np.uint64)
+_B = _rng.integers(0, _PRIME, NUM_PERM, dtype=np.uint64)
+NEAR_DUP_JACCARD = 0.7
+
+
+def _shingles(text: str, k: int = 5) -> set[int]:
+    t = re.sub(r"[\W_]+", " ", normalize_text(text)).strip()
+    if len(t) <= k:
+        return {zlib.crc32(t.encode())}
+    return {zlib.crc32(t[i:i + k].encode()) for i in range(len(t) - k + 1)}
+
+
+def minhash(text: str) -> np.ndarray:
+    h = np.fromiter(_shingles(text), dtype=np.uint64)
+    # (a*h + b) mod p on uint64 wraps; the wrap is a fixed permutation too, which is all MinHash needs
+    return ((np.outer(_A, h) + _B[:, None]) % np.uint64(_PRIME)).min(axis=1)
+
+
+class NearDupIndex:
+    """Banded LSH over MinHash signatures: add texts, query for a near-duplicate's key."""
+
+    def __init__(self) -> None:
+        self.buckets: list[dict[bytes, list[int]]] = [{} for _ in range(BANDS)]
+        self.sigs: list[np.ndarray] = []
+        self.keys: list[str] = []
+
+    def add(self, key: str, text: str, sig: np.ndarray | None = None) -> None:
+        sig = minhash(text) if sig is None else sig
+        idx = len(self.sigs)
+        self.sigs.append(sig)
+        self.keys.append(key)
+        for b in range(BANDS):
+            self.buckets[b].setdefault(sig[b * _ROWS:(b + 1) * _ROWS].tobytes(), []).append(idx)
+
+    def query(self, text: str, sig: np.ndarray | None = None) -> str | None:
+        sig = minhash(text) if sig is None else sig
+        seen: set[int] = set()
+        for b in range(BANDS):
+            for idx in self.buckets[b].get(sig[b * _ROWS:(b + 1) * _ROWS].tobytes(), ()):
+                if idx in seen:
+                    continue
+                seen.add(idx)
+                if float((self.sigs[idx] == sig).mean()) >= NEAR_DUP_JACCARD:
+                    return self.keys[idx]
+        return None
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[str, str]]) -> NearDupIndex:
+        index = cls()
+        for key, text in items:
+            index.add(key, text)
+        return index

@@ -23,8 +23,8 @@ class FakeOpenAI(BaseHTTPRequestHandler):
             self.end_headers()
             return
         n = len(FakeOpenAI.seen)
-        content = ("Sure! {\"completeness\": 7, \"key_data_accuracy\": %d, \"semantic_consistency\": 8, "
-                   "\"readability\": 9}" % (6 + n % 2)) if FakeOpenAI.mode == "ok" else "I refuse to grade."
+        scores = {"completeness": 7, "key_data_accuracy": 6 + n % 2, "semantic_consistency": 8, "readability": 9}
+        content = f"Sure! {json.dumps(scores)}" if FakeOpenAI.mode == "ok" else "I refuse to grade."
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

@@ -30,11 +30,23 @@ def _params() -> dict:
     return get_current_context()["params"]
 
 
+QUICK_GATE_QUESTIONS = 20
+
+
+def _overrides(p: dict) -> list[str]:
+    """Recipe overrides from params; a quick gate scores only the first holdout questions."""
+    out = list(p.get("overrides") or [])
+    if p.get("evaluation") == "quick":
+        out.append(f"eval.max_questions={QUICK_GATE_QUESTIONS}")
+    return out
+
+
 @task.short_circuit(execution_timeout=timedelta(minutes=30))
 def collect_qa() -> dict:
     from shoefix_tasks.pipeline import collect_qa as run
 
-    ref = run(_run_key())
+    p = _params()
+    ref = run(_run_key(), inbox=p.get("inbox") or None, files=p.get("files") or None)
     return ref if ref["collected"] else {}  # empty -> downstream skipped: nothing new
 
 
@@ -51,7 +63,7 @@ def train_adapter(validated: dict) -> dict:
     from shoefix_tasks.pipeline import train_adapter as run
 
     p = _params()
-    return run(_run_key(), p["recipe"], validated["snapshot_path"], p["overrides"])
+    return run(_run_key(), p["recipe"], validated["snapshot_path"], _overrides(p))
 
 
 JUDGE_CONN_ID = "shoefix_judge"
@@ -79,7 +91,7 @@ def evaluate_adapter(trained: dict) -> dict:
     from shoefix_tasks.pipeline import evaluate_adapter as run
 
     p = _params()
-    return run(_run_key(), p["recipe"], trained, p["overrides"], judge=_judge_config())
+    return run(_run_key(), p["recipe"], trained, _overrides(p), judge=_judge_config())
 
 
 @task(execution_timeout=timedelta(minutes=30), retries=3)
@@ -88,7 +100,7 @@ def gate_and_promote(trained: dict, evaluated: dict) -> dict:
 
     p = _params()
     ctx = get_current_context()
-    return run(_run_key(), p["recipe"], trained, evaluated, p["overrides"], actor=ctx["dag"].dag_id)
+    return run(_run_key(), p["recipe"], trained, evaluated, _overrides(p), actor=ctx["dag"].dag_id)
 
 
 def build_retrain_graph() -> None:

@@ -111,11 +111,21 @@ def rows_for(batch_id: str, source: str, sha: str, lines: list[ParsedLine], trun
     return out
 
 
-def _scan_inbox(settings: Settings, batch_id: str, done: set[str]) -> tuple[list[dict], list[dict]]:
+def _scan_inbox(settings: Settings, batch_id: str, done: set[str],
+                only: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     rows: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
     now = ledger.utcnow()
     fs, listing = list_inbox(settings.inbox)
+    if only is not None:
+        for name in only:
+            if why := unsafe_name(name):
+                raise ValueError(f"refusing file {name!r}: {why}")
+        wanted = set(only)
+        missing = wanted - {f.name for f in listing}
+        if missing:
+            raise FileNotFoundError(f"not in inbox {settings.inbox}: {sorted(missing)}")
+        listing = [f for f in listing if f.name in wanted]
     for f in listing:
         if f.unsafe:
             sha = hashlib.sha256(f"unsafe:{f.path}".encode()).hexdigest()
@@ -167,7 +177,9 @@ def _scan_sql(source: str, batch_id: str, engine: sa.Engine) -> tuple[list[dict]
     return rows_for(batch_id, safe_source, sha, lines, False), {"source": safe_source, "value": new_mark}
 
 
-def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = None) -> BatchRef:
+def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = None,
+                  only: list[str] | None = None) -> BatchRef:
+    """`only`: restrict to these inbox-relative file names (an urgent update names its files)."""
     engine = ledger.engine_for(settings.ledger_url)
     existing = ledger.batch_row(engine, batch_id)
     if existing is not None:
@@ -177,7 +189,7 @@ def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = No
     with engine.connect() as conn:
         done = {sha for (sha,) in conn.execute(
             sa.select(ledger.inbox_files.c.file_sha).where(ledger.inbox_files.c.status == "processed"))}
-    rows, files = _scan_inbox(settings, batch_id, done)
+    rows, files = _scan_inbox(settings, batch_id, done, only)
     mark = None
     if sql_source:
         sql_rows, mark = _scan_sql(sql_source, batch_id, engine)

@@ -19,11 +19,17 @@ from shoefix_tasks.config import REGISTERED_MODEL, Settings, load_recipe
 log = logging.getLogger(__name__)
 
 
-def collect_qa(run_key: str, settings: Settings | None = None) -> dict[str, Any]:
+def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None = None,
+               files: list[str] | None = None, sql_source: str | None = None) -> dict[str, Any]:
+    """`inbox` overrides the configured inbox (path or URI); `files` restricts to named files."""
+    import dataclasses
+
     from shoefix_tasks.collect import collect_batch
 
     settings = settings or Settings.from_env()
-    ref = collect_batch(settings, run_key).to_dict()
+    if inbox:
+        settings = dataclasses.replace(settings, inbox=inbox)
+    ref = collect_batch(settings, run_key, sql_source=sql_source, only=files or None).to_dict()
     if ref["seen"] == 0:
         log.info("nothing new in the inbox %s: no new Q&A since the last run", settings.inbox)
     return ref

@@ -61,3 +61,27 @@ def test_no_heavy_imports_at_parse_time(dag_file):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "HEAVY=", f"{dag_file} imports heavy modules at parse time"
+
+
+def _with(dag, conf: dict):
+    """The DAG's params with a trigger's conf applied, as Airflow does on trigger."""
+    import copy
+
+    params = copy.deepcopy(dag.params)
+    params.update(conf)
+    return params
+
+
+def test_manual_dags_require_typed_params(dagbag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for dag_id in ("shoefix_urgent_update", "shoefix_rollback"):
+        dag = dagbag.dags[dag_id]
+        assert dag.timetable.can_be_scheduled is False, dag_id
+        with pytest.raises(ParamValidationError):
+            _with(dag, {}).validate()  # no reason given
+    urgent = dagbag.dags["shoefix_urgent_update"]
+    assert _with(urgent, {"reason": "wrong drying temperature in v3"}).validate()["evaluation"] == "full"
+    with pytest.raises(ParamValidationError):
+        _with(urgent, {"reason": "a valid reason", "evaluation": "sloppy"}).validate()
+    assert set(urgent.task_ids) == set(dagbag.dags["shoefix_weekly_retrain"].task_ids)

@@ -46,10 +46,14 @@ def cmd_status(settings: Settings, _args) -> int:
     if evaluation is not None:
         print(f"\nScorecard of the last evaluation ({evaluation['champion']['label']} = before, challenger = after):\n")
         print(scorecard_text(evaluation))
-    print(f"\nRegistry {REGISTERED_MODEL}: champion = {'v' + champ.version if champ else 'none (base model)'}, "
-          f"challenger = {'v' + chall.version if chall else 'none'}")
+    champ_s = f"v{champ.version}" if champ else "none (the base model serves)"
+    chall_s = f"v{chall.version}" if chall else "none"
+    print(f"\nRegistry {REGISTERED_MODEL}: champion = {champ_s}, challenger = {chall_s}")
     if chall is not None:
-        print(f"  v{chall.version} gate decision: {chall.tags.get('gate_decision')}")
+        print(f"  v{chall.version} gate decision: {chall.tags.get('gate_decision')} (challenged {chall.tags.get('challenged')})")
+        gate = json.loads(chall.tags.get("gate_reasons", "[]"))
+        for reason in gate:
+            print(f"    - {reason}")
     print("\nBrowse the registry in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000\n"
           f"  then open http://127.0.0.1:5000/#/models/{REGISTERED_MODEL}")

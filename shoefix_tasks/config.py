@@ -146,6 +146,9 @@ class TrainConfig:
 class EvalConfig:
     languages: list[str] = field(default_factory=lambda: ["en"])
     max_new_tokens: int = 160
+    # Fixed decoding for champion and challenger alike: greedy, with a mild repetition penalty
+    # (small models otherwise loop on one sentence under greedy decoding; 1.0 = off).
+    repetition_penalty: float = 1.0
     batch_size: int = 16
     latency_samples: int = 4
     include_guard: bool = True

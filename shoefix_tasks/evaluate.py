@@ -43,9 +43,10 @@ def answer_and_score(label: str, base_model: str, adapter_dir: Path | None, item
                      guard_ids: set[str], recipe: Recipe, settings: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     ans = load_answerer(base_model, adapter_dir, settings, recipe.model.dtype, label=label)
-    gens = generate(ans, [it["question"] for it in items], recipe.eval.max_new_tokens, recipe.eval.batch_size)
-    latency = measure_latency(ans, [it["question"] for it in items[: recipe.eval.latency_samples]],
-                              recipe.eval.max_new_tokens)
+    ev = recipe.eval
+    gens = generate(ans, [it["question"] for it in items], ev.max_new_tokens, ev.batch_size, ev.repetition_penalty)
+    latency = measure_latency(ans, [it["question"] for it in items[: ev.latency_samples]], ev.max_new_tokens,
+                              ev.repetition_penalty)
     scores = [score_answer(it, g["answer"], guard=it["id"] in guard_ids).to_dict() for it, g in zip(items, gens, strict=True)]
     for s, g in zip(scores, gens, strict=True):
         s["answer"] = g["answer"]
@@ -89,7 +90,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
         "guard_ids": sorted(guard_ids), "champion": champion, "challenger": challenger,
         "eval_seconds": round(time.perf_counter() - t0, 2),
         "decoding": {"do_sample": False, "max_new_tokens": recipe.eval.max_new_tokens,
-                     "batch_size": recipe.eval.batch_size},
+                     "repetition_penalty": recipe.eval.repetition_penalty, "batch_size": recipe.eval.batch_size},
     }
     if judge is not None:
         run_judge(judge, items, result)

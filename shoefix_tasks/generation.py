@@ -54,7 +54,8 @@ def _encode(tokenizer, questions: list[str]):
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 
-def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_size: int) -> list[dict[str, Any]]:
+def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_size: int,
+             repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
     """Greedy answers for all questions; batches are formed from similar prompt lengths."""
     import torch
 
@@ -66,6 +67,7 @@ def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_siz
         t0 = time.perf_counter()
         with torch.inference_mode():
             gen = ans.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     repetition_penalty=repetition_penalty,
                                      pad_token_id=ans.tokenizer.pad_token_id)
         elapsed = time.perf_counter() - t0
         new = gen[:, enc["input_ids"].shape[1]:]
@@ -77,7 +79,8 @@ def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_siz
     return out  # type: ignore[return-value]
 
 
-def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int) -> dict[str, float]:
+def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int,
+                    repetition_penalty: float = 1.0) -> dict[str, float]:
     """Batch-1 wall time per answer. Generation runs to exactly `max_new_tokens` (EOS ignored), so
     a model is never 'faster' merely because it answers shorter."""
     import torch
@@ -90,7 +93,8 @@ def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int) ->
         t0 = time.perf_counter()
         with torch.inference_mode():
             ans.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                               do_sample=False, pad_token_id=ans.tokenizer.pad_token_id)
+                               do_sample=False, repetition_penalty=repetition_penalty,
+                               pad_token_id=ans.tokenizer.pad_token_id)
         times.append(time.perf_counter() - t0)
     times.sort()
     p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]

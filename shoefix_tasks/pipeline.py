@@ -124,16 +124,21 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
             client.log_metric(eval_ref["eval_run_id"], f"gate/{k}", float(v))
 
     champion_label = evaluation["champion"]["label"]
+    # The chart is the evaluation run's artifact; the tracking server serves it at this relative
+    # URL, so the MLflow UI shows it inline in the version's description.
     description = (f"## Scorecard vs {champion_label}\n\n{markdown}\n\n"
-                   f"![scorecard](scorecard.png) (artifact `scorecard.png` of the evaluation run "
-                   f"`{eval_ref['eval_run_id']}`)")
+                   f"![scorecard](get-artifact?path=scorecard.png&run_uuid={eval_ref['eval_run_id']})\n\n"
+                   f"(chart: artifact `scorecard.png` of evaluation run `{eval_ref['eval_run_id']}`)")
     tags = {"training_run": train_result["run_id"], "evaluation_run": eval_ref["eval_run_id"],
             "corpus_snapshot": train_result["snapshot_hash"], "holdout_hash": evaluation["holdout_hash"],
             "base_model": rec.model.base_model, "recipe": rec.name, "gate_decision": verdict,
             "challenged": champion_label, "pipeline_run": run_key,
-            "composite": str(evaluation["challenger"]["summary"]["composite"])}
+            "composite": str(evaluation["challenger"]["summary"]["composite"]),
+            "gate_reasons": json.dumps(decision.reasons)[:4900]}
     version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),
-                                        rec.model.base_model, tags, description, rec.eval.max_new_tokens)
+                                        rec.model.base_model, tags, description,
+                                        {"max_new_tokens": rec.eval.max_new_tokens,
+                                         "repetition_penalty": rec.eval.repetition_penalty, "dtype": rec.model.dtype})
     registry.set_challenger(int(version.version))
     if decision.promote:
         registry.set_champion(settings, int(version.version), "; ".join(decision.reasons), actor)

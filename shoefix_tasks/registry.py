@@ -75,7 +75,7 @@ def download_adapter(version, settings: Settings) -> Path:
 
 
 def register_version(training_run_id: str, adapter_dir: Path, base_model: str, tags: dict[str, str],
-                     description: str, max_new_tokens: int = 160) -> Any:
+                     description: str, decoding: dict[str, Any] | None = None) -> Any:
     """Log the pyfunc model (from code) into the training run and register it, once per run."""
     import mlflow
     from shoefix_tasks import serving
@@ -90,7 +90,7 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
         with mlflow.start_run(run_id=training_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir)},
-                model_config={"base_model": base_model, "max_new_tokens": max_new_tokens},
+                model_config={"base_model": base_model, **(decoding or {})},
                 pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors"],
             )
         version = client.create_model_version(REGISTERED_MODEL, source=info.model_uri, run_id=training_run_id,

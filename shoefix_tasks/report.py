@@ -60,7 +60,7 @@ def scorecard_chart(evaluation: dict[str, Any], path: Path) -> Path:
     before, after = evaluation["champion"]["summary"], evaluation["challenger"]["summary"]
     keys = [k for k, *_ in ROWS]
     labels = ["completeness", "key data", "semantic", "readability", "p50 latency (s)"]
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=110)
     x = range(len(keys))
     ax.bar([i - 0.2 for i in x], [before[k] for k in keys], width=0.4, label=evaluation["champion"]["label"])
     ax.bar([i + 0.2 for i in x], [after[k] for k in keys], width=0.4, label="challenger")

@@ -21,6 +21,7 @@ class ShoeFixExpert(PythonModel):
 
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 160))
+        self.repetition_penalty = float(cfg.get("repetition_penalty", 1.0))
         self.answerer = load_answerer(cfg["base_model"], Path(context.artifacts["adapter"]), Settings.from_env(),
                                       cfg.get("dtype", "float32"), label="registered")
 
@@ -35,7 +36,7 @@ class ShoeFixExpert(PythonModel):
         else:
             questions = [str(q) for q in model_input]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return [g["answer"] for g in generate(self.answerer, questions, max_new, batch_size=8)]
+        return [g["answer"] for g in generate(self.answerer, questions, max_new, 8, self.repetition_penalty)]
 
 
 mlflow.models.set_model(ShoeFixExpert())

@@ -52,9 +52,15 @@ def collect_qa() -> dict:
 
 @task.short_circuit(execution_timeout=timedelta(minutes=30))
 def validate_qa(batch: dict) -> dict:
-    from shoefix_tasks.pipeline import validate_qa as run
+    from airflow.sdk.exceptions import AirflowFailException
 
-    result = run(batch["batch_id"], float(_params()["max_quarantine_rate"]))
+    from shoefix_tasks.pipeline import validate_qa as run
+    from shoefix_tasks.validate import QuarantineRateExceeded
+
+    try:
+        result = run(batch["batch_id"], float(_params()["max_quarantine_rate"]))
+    except QuarantineRateExceeded as err:  # bad data: a retry would fail the same way
+        raise AirflowFailException(str(err)) from err
     return result if result["accepted"] else {}
 
 

@@ -18,7 +18,11 @@ merged adapter (0.5B shape), as `shoefix_tasks.generation.measure_latency` does.
     python benchmarks/gpu_train_throughput.py --size 1.5b --out /tmp/bench
     python benchmarks/gpu_train_throughput.py --size tiny --device cpu --out /tmp/bench   # smoke test
 
-Results: <out>/results-<size>.json (one object per variant) and a table on stdout.
+Results: <out>/results-<size>.json (one object per variant, with per-step times) and a table on stdout.
+On the device machine, benchmarks/run_gpu_bench.sh installs the carried wheels first; docs/benchmarks.md
+has the commands, the numbers and how to read them. Caveat found there: with padded batches every new
+padded length costs extra the first time a process sees it (see docs/benchmarks.md, "cold shapes"), so
+the order of variants in one process matters; --warmup does not remove it.
 """
 
 from __future__ import annotations
@@ -60,8 +64,8 @@ VARLEN_ATTN = "shoefix_varlen"
 VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "seed": ("seed", [], "seed recipe: fp32 weights + bf16 autocast, bs 8 x GA 2, padded, random order, "
                          "gradient checkpointing, adamw_8bit"),
-    "gpu": ("{gpu}", [], "GPU recipe: bf16, bs 32, length-grouped padded batches, no checkpointing, fused AdamW, "
-                         "Liger kernels"),
+    "gpu": ("{gpu}", [], "GPU recipe as committed: bf16, bs 32, length-grouped padded batches, no checkpointing, "
+                         "fused AdamW, no LoRA dropout"),
     "gpu-noliger": ("{gpu}", ["train.use_liger_kernel=false"], "GPU recipe without Liger kernels"),
     "gpu-liger": ("{gpu}", ["train.use_liger_kernel=true"], "GPU recipe with Liger kernels (RMSNorm, RoPE, SwiGLU)"),
     "gpu-bs64": ("{gpu}", ["train.per_device_train_batch_size=64"], "GPU recipe with 64-example micro-batches"),
@@ -397,6 +401,8 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
         real_tokens_per_s=round(tps, 1),
         epoch_real_tokens_per_s=round(real_all / (timer.ends[-1] - timer.t0), 1),
         mfu=round(tps * 4 * base_meta["n_params"] / PEAK_BF16_FLOPS, 4),
+        step_s=[round(b - a, 4) for a, b in zip([timer.t0, *timer.ends[:-1]], timer.ends, strict=True)],
+        step_real_tokens=[sum(counter.real[i * ga:(i + 1) * ga]) for i in range(steps)],
     )
     if keep_adapter is not None:
         trainer.model.save_pretrained(keep_adapter)
@@ -505,7 +511,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SHAPES), required=True)
-    p.add_argument("--variants", default="gpu,gpu-noliger,seed,gpu-packed-varlen,qlora,gpu-packed-sdpa",
+    p.add_argument("--variants", default="gpu,seed,gpu-packed-varlen,gpu-liger,qlora,gpu-packed-sdpa",
                    help=f"comma-separated, from {sorted(VARIANTS)}")
     p.add_argument("--n-train", type=int, default=1280)
     p.add_argument("--n-eval", type=int, default=128)

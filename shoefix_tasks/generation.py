@@ -43,15 +43,20 @@ def load_answerer(base_model: str, adapter_dir: Path | None, settings: Settings,
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False).merge_and_unload()
+    import torch
+
+    if torch.cuda.is_available():  # evaluate and serve on the GPU when the worker has one
+        model.to("cuda")
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
     return Answerer(model, tokenizer, label, manifest)
 
 
-def _encode(tokenizer, questions: list[str]):
-    texts = [tokenizer.apply_chat_template(prompt_messages(q), tokenize=False, add_generation_prompt=True)
+def _encode(ans: Answerer, questions: list[str]):
+    texts = [ans.tokenizer.apply_chat_template(prompt_messages(q), tokenize=False, add_generation_prompt=True)
              for q in questions]
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = ans.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc.to(ans.model.device)
 
 
 def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_size: int,
@@ -63,7 +68,7 @@ def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_siz
     out: list[dict[str, Any] | None] = [None] * len(questions)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = _encode(ans.tokenizer, [questions[i] for i in idx])
+        enc = _encode(ans, [questions[i] for i in idx])
         t0 = time.perf_counter()
         with torch.inference_mode():
             gen = ans.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -89,7 +94,7 @@ def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int,
         return {"p50_s": 0.0, "p95_s": 0.0, "tokens_per_s": 0.0, "n": 0}
     times = []
     for q in questions:
-        enc = _encode(ans.tokenizer, [q])
+        enc = _encode(ans, [q])
         t0 = time.perf_counter()
         with torch.inference_mode():
             ans.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -80,7 +81,11 @@ def shoefix_env(tmp_path, monkeypatch):
     monkeypatch.delenv("SHOEFIX_INBOX", raising=False)
     monkeypatch.delenv("SHOEFIX_LEDGER_URL", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db")
-    return Settings.from_env()
+    settings = Settings.from_env()
+    if "mlflow" in sys.modules:  # MLflow keeps process-global URIs: never let a test see the last one's store
+        sys.modules["mlflow"].set_tracking_uri(settings.tracking_uri)
+        sys.modules["mlflow"].set_registry_uri(settings.tracking_uri)
+    return settings
 
 
 @pytest.fixture()

@@ -89,3 +89,16 @@ def test_languages_agree_on_numbers(corpus):
         by_qid.setdefault(r["qid"], {})[r["lang"]] = set(nums.findall(r["answer"]))
     disagree = [q for q, v in by_qid.items() if v["en"] != v["zh-TW"]]
     assert len(disagree) <= 0.05 * len(by_qid), disagree[:10]
+
+
+def test_frozen_sets_match_their_recorded_hashes():
+    from shoefix_tasks.records import load_eval_set, rows_hash
+
+    recorded = {}
+    for line in (DATA / "FROZEN.sha256").read_text().splitlines():
+        if line and not line.startswith("#"):
+            kind, digest, n = line.split()
+            recorded[kind] = (digest, int(n))
+    for kind in ("holdout", "guard"):
+        rows = load_eval_set(DATA, kind)
+        assert (rows_hash(rows), len(rows)) == recorded[kind], f"{kind} changed without updating FROZEN.sha256"

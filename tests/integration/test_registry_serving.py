@@ -66,6 +66,10 @@ def test_registry_serve_tamper_rollback(shoefix_env, tiny_recipe, tmp_path):
     answers = model.predict(["How do I dry wet leather boots?"], params={"max_new_tokens": 8})
     assert len(answers) == 1 and isinstance(answers[0], str)
 
+    ask = subprocess.run([sys.executable, "-m", "shoefix_tasks.cli", "ask", "Is bleach safe on leather?",
+                          "--max-new-tokens", "6"], env=env_with(s), capture_output=True, text=True, cwd=ROOT)
+    assert ask.returncode == 0, ask.stderr[-2000:]
+
     # ... and over HTTP with `mlflow models serve`
     port = free_port()
     env = env_with(s)

@@ -44,8 +44,7 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, tmp_path):
     log1 = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
     assert "state=success" in log1
 
-    mlflow.set_tracking_uri(s.tracking_uri)
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
     versions = client.search_model_versions("name='shoefix-expert'")
     assert [int(v.version) for v in versions] == [1]
     v1 = versions[0]

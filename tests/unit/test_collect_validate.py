@@ -49,6 +49,8 @@ def test_ledger_reconciles_and_good_rows_proceed(shoefix_env):
     assert res.accepted == 2
     assert res.reasons["duplicate_in_batch"] == 1 and res.reasons["parse"] == 1
     assert res.snapshot_records == 2
+    # GX Data Docs are built for the validation and logged to the batch's MLflow `validate` run
+    assert res.data_docs and __import__("pathlib").Path(res.data_docs).is_file() and res.validate_run_id
     # every quarantined row keeps its raw bytes and a reason
     engine = ledger.engine_for(s.ledger_url)
     with engine.connect() as conn:

@@ -114,3 +114,16 @@ def env_with(settings, **extra) -> dict[str, str]:
            "MLFLOW_TRACKING_URI": settings.tracking_uri}
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+@pytest.fixture()
+def lenient_recipe(tiny_recipe) -> Path:
+    """The tiny recipe with a gate that promotes any non-tied challenger: integration tests that
+    need a champion to exist (a random tiny model never wins a fair gate) use it."""
+    import yaml
+
+    data = yaml.safe_load(tiny_recipe.read_text())
+    data["gate"] = {"min_effect": -100.0, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,
+                    "key_data_tolerance": 100.0}
+    tiny_recipe.write_text(yaml.safe_dump(data))
+    return tiny_recipe

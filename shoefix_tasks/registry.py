@@ -87,8 +87,13 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
         log.info("training run %s already registered as version %s (retry)", training_run_id, existing.version)
         version = existing
     else:
+        # the signature declares `max_new_tokens` as an inference-time param (else MLflow drops it)
+        signature = mlflow.models.infer_signature(
+            ["How do I keep boots dry?"], ["Dry them within 24–48 hours."],
+            params={"max_new_tokens": int((decoding or {}).get("max_new_tokens", 160))})
         with mlflow.start_run(run_id=training_run_id):
             info = mlflow.pyfunc.log_model(
+                signature=signature,
                 name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir)},
                 model_config={"base_model": base_model, **(decoding or {})},
                 pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors"],

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/intake_50k.py [--records 50000] [--files 50]
 
-Records are synthesized from the real corpus (each one made distinct: a numbered, reworded
-question and answer), spread over JSONL files, with ~2% bad rows mixed in (invalid JSON, unknown
+Records are synthesized from the real corpus: each answer is 4 sentences drawn at random from
+different corpus answers (so records are distinct, not near-duplicates, as real new Q&A would be),
+spread over JSONL files, with ~2% bad rows mixed in (invalid JSON, unknown
 topic, PII) so that quarantine paths are exercised too. Runs collect_qa and validate_qa exactly as
 the DAG does, against a fresh SQLite ledger in a temporary folder.
 """
@@ -25,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def synthesize(n: int, n_files: int, inbox: Path) -> int:
     base = [json.loads(line) for p in sorted((ROOT / "data" / "corpus").glob("*.jsonl"))
             for line in p.read_text().splitlines()]
+    base = [r for r in base if r["lang"] == "en"]
+    sentences = [s.strip() + "." for r in base for s in r["answer"].split(". ") if len(s) > 30]
     rng = random.Random(7)
     words = "mold humidity leather canvas insole odor sweat grip midsole silica ventilation storage".split()
     bad = 0
@@ -37,7 +40,7 @@ def synthesize(n: int, n_files: int, inbox: Path) -> int:
                 tag = " ".join(rng.choice(words) for _ in range(6))
                 r["id"] = f"syn-{k}"
                 r["question"] = f"Case {k} ({tag}): {r['question']}"
-                r["answer"] = f"For case {k}, {tag}. {r['answer']} Reference {k * 7919 % 100003}."
+                r["answer"] = " ".join(rng.sample(sentences, 4))
                 roll = rng.random()
                 if roll < 0.007:
                     fh.write('{"id": "broken", "question": \n')

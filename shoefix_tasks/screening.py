@@ -7,7 +7,6 @@ Each check returns a reason string or None; `screen_record` returns every failed
 from __future__ import annotations
 
 import re
-import zlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -105,15 +104,19 @@ _B = _rng.integers(0, _PRIME, NUM_PERM, dtype=np.uint64)
 NEAR_DUP_JACCARD = 0.7
 
 
-def _shingles(text: str, k: int = 5) -> set[int]:
+def _shingles(text: str, k: int = 5) -> np.ndarray:
+    """Hashes of the character k-grams. Python's str hash is salted per process, which is fine:
+    signatures are only ever compared within one process (indexes are rebuilt per validation),
+    and it is ~5x faster than crc32 over encoded bytes."""
     t = re.sub(r"[\W_]+", " ", normalize_text(text)).strip()
     if len(t) <= k:
-        return {zlib.crc32(t.encode())}
-    return {zlib.crc32(t[i:i + k].encode()) for i in range(len(t) - k + 1)}
+        return np.array([hash(t)], dtype=np.int64).view(np.uint64)
+    return np.fromiter((hash(t[i:i + k]) for i in range(len(t) - k + 1)), dtype=np.int64,
+                       count=len(t) - k + 1).view(np.uint64)
 
 
 def minhash(text: str) -> np.ndarray:
-    h = np.fromiter(_shingles(text), dtype=np.uint64)
+    h = _shingles(text)
     # (a*h + b) mod p on uint64 wraps; the wrap is a fixed permutation too, which is all MinHash needs
     return ((np.outer(_A, h) + _B[:, None]) % np.uint64(_PRIME)).min(axis=1)
 

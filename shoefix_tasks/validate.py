@@ -126,15 +126,16 @@ def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], corpus_has
     for i, (p, h) in enumerate(zip(payloads, hashes, strict=True)):
         fails = screen_record(p)
         q, a = p.get("question"), p.get("answer")
+        both = isinstance(q, str) and isinstance(a, str)
+        sig = minhash(q + " " + a) if both else None  # one signature serves every Q+A lookup
         if isinstance(q, str):
             if question_key(q) in frozen.keys:
                 fails.append("duplicate_of_holdout")
             elif (hit := frozen.index.query(q)) is not None or (
-                    isinstance(a, str) and (hit := frozen.qa_index.query(q + " " + a)) is not None):
+                    both and (hit := frozen.qa_index.query(q + " " + a, sig)) is not None):
                 fails.append(f"near_duplicate_of_holdout({hit})")
-        if h is not None and isinstance(a, str):
+        if h is not None and both:
             text = q + " " + a
-            sig = minhash(text)
             if h in corpus_hashes:
                 fails.append("duplicate_of_corpus")
             elif h in seen_in_batch:

@@ -137,10 +137,6 @@ class TrainConfig:
         if self.num_train_epochs <= 0 and self.max_steps <= 0:
             raise ValueError("set train.num_train_epochs > 0 or train.max_steps > 0")
 
-    @property
-    def effective_batch_size(self) -> int:
-        return self.per_device_train_batch_size * self.gradient_accumulation_steps
-
 
 @dataclass
 class EvalConfig:

@@ -147,12 +147,3 @@ def corpus_rows(engine: sa.Engine, languages: list[str] | None = None) -> list[d
         q = q.where(corpus.c.lang.in_(languages))
     with engine.connect() as conn:
         return [json.loads(p) for (p,) in conn.execute(q)]
-
-
-def recent_batches(engine: sa.Engine, limit: int = 10) -> list[dict[str, Any]]:
-    q = sa.select(batches).order_by(batches.c.created_at.desc()).limit(limit)
-    with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(q).mappings()]
-    for r in rows:
-        r["counts"] = json.loads(r["counts"] or "{}")
-    return rows

@@ -82,7 +82,9 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     tracking.configure(settings)
     champ = registry.version_by_alias(registry.CHAMPION)
     if champ is not None and champ.run_id == train_result["run_id"]:
-        champ = None  # a retry after promotion: compare against what it challenged, recorded below
+        # the whole run was cleared and re-run after this adapter was promoted: never compare an
+        # adapter with itself; score it against the base instead
+        champ = None
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,

@@ -62,6 +62,7 @@ def cmd_status(settings: Settings, _args) -> int:
 
 def cmd_ask(settings: Settings, args) -> int:
     import mlflow
+
     from shoefix_tasks import tracking
 
     tracking.configure(settings)

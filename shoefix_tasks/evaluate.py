@@ -76,6 +76,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
              judge=None) -> dict[str, Any]:
     """Score both models; log everything to an `evaluate` MLflow run; return a small reference."""
     import mlflow
+
     from shoefix_tasks import tracking
 
     tracking.configure(settings)

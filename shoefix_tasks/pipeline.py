@@ -97,6 +97,7 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
                      settings: Settings | None = None) -> dict[str, Any]:
     import mlflow
+
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.gate import Scorecard, decide
     from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text

@@ -78,6 +78,7 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
                      description: str, decoding: dict[str, Any] | None = None) -> Any:
     """Log the pyfunc model (from code) into the training run and register it, once per run."""
     import mlflow
+
     from shoefix_tasks import serving
 
     client = _client()

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mlflow.pyfunc import PythonModel
-
 import mlflow
+from mlflow.pyfunc import PythonModel
 
 
 class ShoeFixExpert(PythonModel):

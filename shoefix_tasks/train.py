@@ -41,9 +41,8 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
 
 def make_mlflow_callback(run_id: str):
     """Logs the loss curve (and lr, grad norm) into the run, step by step."""
-    from transformers import TrainerCallback
-
     import mlflow
+    from transformers import TrainerCallback
 
     client = mlflow.MlflowClient()
 
@@ -61,11 +60,11 @@ def make_mlflow_callback(run_id: str):
 
 
 def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings) -> dict[str, Any]:
+    import mlflow
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTTrainer
 
-    import mlflow
     from shoefix_tasks import tracking
     from shoefix_tasks.adapter import write_manifest
     from shoefix_tasks.base_model import base_identity, load_base

@@ -179,6 +179,7 @@ def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, in
 def log_validation(settings: Settings, result: ValidationResult) -> str:
     """An MLflow `validate` run per batch: the counts, the reasons and the GX Data Docs (HTML)."""
     import mlflow
+
     from shoefix_tasks import tracking
 
     tracking.configure(settings)

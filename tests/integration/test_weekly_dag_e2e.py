@@ -24,11 +24,17 @@ def airflow(env, *args, timeout=900):
 
 @pytest.mark.slow
 def test_weekly_dag_end_to_end(shoefix_env, lenient_recipe, tmp_path):
-    from safetensors.torch import load_file
+    from pathlib import Path
 
     import mlflow
+    import yaml
+    from safetensors.torch import load_file
+
+    from shoefix_tasks.base_model import compute_identity
 
     s = shoefix_env
+    base_dir = Path(yaml.safe_load(lenient_recipe.read_text())["model"]["base_model"])
+    base_before = compute_identity(base_dir, "tiny")["sha256"]
     # a lenient gate makes the first challenger the champion, so the third run meets a real one
     env = env_with(s, AIRFLOW_HOME=tmp_path / "airflow", AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
                    AIRFLOW__CORE__LOAD_EXAMPLES="False",
@@ -50,7 +56,10 @@ def test_weekly_dag_end_to_end(shoefix_env, lenient_recipe, tmp_path):
     assert int(client.get_model_version_by_alias("shoefix-expert", "champion").version) == 1
     adapter = client.download_artifacts(v1.run_id, "adapter", str(tmp_path / "dl"))
     weights = load_file(f"{adapter}/adapter_model.safetensors")
-    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # LoRA weights changed
+    assert compute_identity(base_dir, "tiny")["sha256"] == base_before  # base weights did not
+    manifest = json.loads((Path(adapter) / "shoefix_manifest.json").read_text())
+    assert manifest["base"]["sha256"] == base_before
 
     # nothing new: quick, no training, no new version
     log2 = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)

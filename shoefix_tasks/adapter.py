@@ -7,10 +7,11 @@ therefore never deserializes pickle and never uses a partially written or tamper
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from shoefix_tasks.records import sha256_file
 
 MANIFEST = "shoefix_manifest.json"
 ALLOWED_SUFFIXES = {".safetensors", ".json", ".md", ".txt", ".jinja"}
@@ -19,10 +20,6 @@ PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 class AdapterIntegrityError(RuntimeError):
     """The adapter folder does not match its manifest, or holds a forbidden file."""
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _payload_files(folder: Path) -> list[Path]:
@@ -38,7 +35,7 @@ def write_manifest(folder: Path, base: dict[str, Any], extra: dict[str, Any] | N
         raise AdapterIntegrityError(f"{folder} holds no safetensors weights")
     manifest = {
         "format": "shoefix-adapter/1",
-        "files": {str(p.relative_to(folder)): _sha256(p) for p in files},
+        "files": {str(p.relative_to(folder)): sha256_file(p) for p in files},
         "base": {k: base.get(k) for k in ("name", "spec", "sha256", "tokenizer_sha256")},
         **(extra or {}),
     }
@@ -64,6 +61,6 @@ def verify_adapter(folder: Path) -> dict[str, Any]:
         raise AdapterIntegrityError(f"{folder}: files differ from manifest (missing {sorted(missing)}, "
                                     f"unexpected {sorted(extra)})")
     for name, digest in listed.items():
-        if _sha256(present[name]) != digest:
+        if sha256_file(present[name]) != digest:
             raise AdapterIntegrityError(f"{folder}: {name} does not match its sha256 in the manifest")
     return manifest

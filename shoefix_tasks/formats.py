@@ -1,8 +1,10 @@
-"""Inbox file formats: JSONL, CSV and a simple Markdown Q&A format, parsed from bytes.
+"""Inbox file formats: JSONL, CSV and a simple Markdown Q&A format, parsed as streams.
 
-Every parser returns `(lines, truncated)`: one `ParsedLine` per record seen (parsed or not,
-with its position and raw bytes), and whether the file looks unfinished (still being written).
-No parser raises on bad input: a record that cannot be read becomes a ParsedLine with an error.
+A file is read twice, never whole: `inspect_stream` hashes it and decides whether it looks
+unfinished (still being written), then `iter_records` yields one `ParsedLine` per record seen
+(parsed or not, with its position and raw bytes). Memory is bounded by `max_record_bytes`, not by
+the file: a record longer than that is reported as an error with only its first `RAW_KEEP`
+bytes kept, and the rest of it is skipped unread into memory. No parser raises on bad input.
 
 Markdown format (records separated by a line `---`):
 
@@ -17,11 +19,18 @@ Markdown format (records separated by a line `---`):
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
+
+MAX_RECORD_BYTES = 1 << 20  # 1 MiB: a valid record is < 5,000 characters (TEXT_BOUNDS) plus metadata
+RAW_KEEP = 64 << 10  # bytes of an oversize record kept in the ledger, for the audit
+_CHUNK = 4 << 20
+_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass
@@ -32,6 +41,13 @@ class ParsedLine:
     error: str | None = None
 
 
+@dataclass
+class FileFacts:
+    sha256: str
+    size: int
+    truncated: bool  # the last record is incomplete and the file does not end with a newline
+
+
 def _decode(raw: bytes) -> tuple[str | None, str | None]:
     try:
         return raw.decode("utf-8"), None
@@ -39,110 +55,230 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"malformed UTF-8 at byte {err.start}"
 
 
-def parse_jsonl(data: bytes) -> tuple[list[ParsedLine], bool]:
-    chunks = data.split(b"\n")
-    ends_clean = data.endswith(b"\n") or not data
-    if ends_clean and chunks and chunks[-1] == b"":
-        chunks.pop()
-    out: list[ParsedLine] = []
-    for i, raw in enumerate(chunks, start=1):
-        raw = raw.rstrip(b"\r")
-        if not raw.strip():
-            continue
-        if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
-        text, err = _decode(raw)
-        if text is None:
-            out.append(ParsedLine(i, raw, None, err))
-            continue
-        try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            out.append(ParsedLine(i, raw, None, f"invalid JSON: {getattr(exc, 'msg', exc)}"))
-            continue
-        if not isinstance(obj, dict):
-            out.append(ParsedLine(i, raw, None, f"expected a JSON object, got {type(obj).__name__}"))
-            continue
-        out.append(ParsedLine(i, raw, obj))
-    truncated = not ends_clean and bool(out) and out[-1].record is None
-    return out, truncated
+def _oversize(n: int, limit: int) -> str:
+    return f"record of {n:,} bytes exceeds the {limit:,}-byte limit (first {RAW_KEEP:,} bytes kept)"
 
 
-def parse_csv(data: bytes) -> tuple[list[ParsedLine], bool]:
-    """RFC 4180 CSV with a header row; BOM, CRLF and quoted embedded newlines are fine. Extra
-    columns are kept as extra fields (validation ignores unknown fields)."""
-    text, err = _decode(data[3:] if data.startswith(b"\xef\xbb\xbf") else data)
+def _jsonl_line(i: int, raw: bytes) -> ParsedLine:
+    if i == 1 and raw.startswith(_BOM):
+        raw = raw[3:]
+    text, err = _decode(raw)
     if text is None:
-        # decode per physical line so that one bad line does not sink the file
-        text = data.decode("utf-8", errors="replace")
-        bad_file_error = err
-    else:
-        bad_file_error = None
-    truncated = bool(data) and not data.endswith((b"\n", b"\r")) and text.count('"') % 2 == 1
-    out: list[ParsedLine] = []
+        return ParsedLine(i, raw, None, err)
     try:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return ParsedLine(i, raw, None, f"invalid JSON: {getattr(exc, 'msg', exc)}")
+    if not isinstance(obj, dict):
+        return ParsedLine(i, raw, None, f"expected a JSON object, got {type(obj).__name__}")
+    return ParsedLine(i, raw, obj)
+
+
+def inspect_stream(suffix: str, fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> FileFacts:
+    """One pass over the bytes: sha256, size, and whether the file looks unfinished.
+
+    JSONL: it does not end with a newline and its last line does not parse. CSV: it does not end
+    with a newline and an odd number of quotes leaves a field open. Markdown: never.
+    """
+    digest, size, quotes = hashlib.sha256(), 0, 0
+    tail, lines_seen, tail_too_long, last = b"", 0, False, b""
+    while block := fh.read(_CHUNK):
+        digest.update(block)
+        last = block[-1:]
+        size += len(block)
+        quotes += block.count(b'"')
+        cut = block.rfind(b"\n")
+        if cut >= 0:
+            lines_seen += block.count(b"\n")
+            tail, tail_too_long = block[cut + 1:], False
+        else:
+            tail += block
+        if len(tail) > max_record_bytes:  # keep only what is needed to know the line is too long
+            tail, tail_too_long = tail[:max_record_bytes], True
+    truncated = False
+    if suffix == ".jsonl" and size and tail.strip():
+        truncated = tail_too_long or _jsonl_line(lines_seen + 1, tail.rstrip(b"\r")).record is None
+    elif suffix == ".csv" and size and last not in (b"\n", b"\r"):
+        truncated = quotes % 2 == 1
+    return FileFacts(digest.hexdigest(), size, truncated)
+
+
+def _bounded_lines(fh: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
+    """(line, full length) per physical line; a line longer than `limit` is cut to RAW_KEEP bytes
+    and the rest is read and dropped in chunks, so no line is ever held whole."""
+    while line := fh.readline(limit + 1):
+        if len(line) <= limit or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        n = len(line)
+        while (more := fh.readline(_CHUNK)) and not more.endswith(b"\n"):
+            n += len(more)
+        yield line[:RAW_KEEP], n + len(more)
+
+
+def iter_jsonl(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
+    for i, (line, n) in enumerate(_bounded_lines(fh, max_record_bytes), start=1):
+        raw = line.rstrip(b"\n").rstrip(b"\r")
+        if n > max_record_bytes:
+            yield ParsedLine(i, raw, None, _oversize(n, max_record_bytes))
+        elif raw.strip():
+            yield _jsonl_line(i, raw)
+
+
+class _RecordLines:
+    """Physical lines (text) for csv.reader, remembering the lines of the record being read and
+    refusing to let one record grow past the limit (csv.reader pulls lines only as it needs them)."""
+
+    def __init__(self, text: IO[str], limit: int) -> None:
+        self.text, self.limit = text, limit
+        self.lines: list[str] = []
+        self.chars = 0
+        self.exhausted = False
+
+    def __iter__(self) -> _RecordLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.text.readline(self.limit + 1)
+        if not line:
+            self.exhausted = True
+            raise StopIteration
+        self.chars += len(line)
+        if self.chars > self.limit:
+            n = self.chars
+            while not line.endswith(("\n", "\r")) and (line := self.text.readline(_CHUNK)):
+                n += len(line)
+            raise _TooLong(n)
+        self.lines.append(line)
+        return line
+
+    def take(self) -> bytes:
+        raw = "".join(self.lines).rstrip("\r\n").encode("utf-8", errors="replace")
+        self.lines, self.chars = [], 0
+        return raw
+
+
+class _TooLong(Exception):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+
+def iter_csv(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
+    """RFC 4180 CSV with a header row; BOM, CRLF and quoted embedded newlines are fine. Extra
+    columns are kept as extra fields (validation ignores unknown fields). A row with bytes that
+    are not UTF-8 (decoded as U+FFFD) is an error; the other rows of the file proceed."""
+    text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")
+    src = _RecordLines(text, max_record_bytes)
+    reader = csv.reader(src)
+    header: list[str] | None = None
+    n = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except _TooLong as big:
+            n += 1
+            yield ParsedLine(n, src.take()[:RAW_KEEP], None, _oversize(big.n, max_record_bytes))
+            continue
+        except csv.Error as exc:
+            n += 1
+            yield ParsedLine(n, src.take()[:RAW_KEEP], None, f"CSV error: {exc}")
+            if src.exhausted:
+                return
+            continue
+        raw = src.take()
         if header is None:
-            return [], False
-        header = [h.strip().lower() for h in header]
-        for n, row in enumerate(reader, start=1):
-            raw = ",".join(row).encode("utf-8", errors="replace")
-            if not any(cell.strip() for cell in row):
-                continue
-            if bad_file_error and "\ufffd" in "".join(row):
-                out.append(ParsedLine(n, raw, None, bad_file_error))
-                continue
-            if len(row) < len(header):
-                out.append(ParsedLine(n, raw, None, f"row has {len(row)} columns, header has {len(header)}"))
-                continue
-            rec: dict[str, Any] = dict(zip(header, row, strict=False))
-            for key in ("key_points", "key_facts", "source"):
-                if isinstance(rec.get(key), str) and rec[key].strip():
-                    rec[key] = [p.strip() for p in rec[key].split("|") if p.strip()]
-            out.append(ParsedLine(n, raw, rec))
-    except csv.Error as exc:
-        out.append(ParsedLine(len(out) + 1, b"", None, f"CSV error: {exc}"))
-    return out, truncated
+            header = [h.strip().lower() for h in row]
+            continue
+        if not any(cell.strip() for cell in row):
+            continue
+        n += 1
+        if "\ufffd" in raw.decode("utf-8"):
+            yield ParsedLine(n, raw, None, "malformed UTF-8 in row")
+            continue
+        if len(row) < len(header):
+            yield ParsedLine(n, raw, None, f"row has {len(row)} columns, header has {len(header)}")
+            continue
+        rec: dict[str, Any] = dict(zip(header, row, strict=False))
+        for key in ("key_points", "key_facts", "source"):
+            if isinstance(rec.get(key), str) and rec[key].strip():
+                rec[key] = [p.strip() for p in rec[key].split("|") if p.strip()]
+        yield ParsedLine(n, raw, rec)
 
 
 _MD_KEY = re.compile(r"^(q|a|question|answer|topic|lang|id|qid|source|contributor|created)\s*:\s?(.*)$", re.I)
 _MD_ALIASES = {"q": "question", "a": "answer"}
+_MD_SEP = re.compile(rb"^---\s*$")
 
 
-def parse_markdown(data: bytes) -> tuple[list[ParsedLine], bool]:
+def _md_block(n: int, lines: list[bytes], size: int, limit: int) -> ParsedLine | None:
+    data = b"".join(lines)
+    if size > limit:
+        return ParsedLine(n, data.strip()[:RAW_KEEP], None, _oversize(size, limit))
     text, err = _decode(data)
     if text is None:
-        return [ParsedLine(1, data[:4096], None, err)], False
-    out: list[ParsedLine] = []
-    blocks = re.split(r"(?m)^---\s*$", text)
-    for n, block in enumerate(blocks, start=1):
-        if not block.strip():
+        return ParsedLine(n, data.strip(), None, err)
+    if not text.strip():
+        return None
+    rec: dict[str, Any] = {}
+    current = None
+    for line in text.splitlines():
+        m = _MD_KEY.match(line.strip()) if not line.startswith((" ", "\t")) or current is None else None
+        if m:
+            current = _MD_ALIASES.get(m.group(1).lower(), m.group(1).lower())
+            rec[current] = m.group(2).strip()
+        elif current in ("question", "answer") and line.strip():
+            rec[current] = (rec[current] + " " + line.strip()).strip()
+        elif line.strip() and not line.lstrip().startswith("#"):
+            current = None
+    raw = text.strip().encode("utf-8")
+    if "question" not in rec and "answer" not in rec:
+        return ParsedLine(n, raw, None, "markdown block has no 'Q:' or 'A:' line")
+    return ParsedLine(n, raw, rec)
+
+
+def iter_markdown(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
+    """Blocks between `---` lines; a block is decoded on its own, so one bad byte sinks one block."""
+    n, lines, size = 1, [], 0
+    for line, full in _bounded_lines(fh, max_record_bytes):
+        if _MD_SEP.match(line.rstrip(b"\r\n")) and full == len(line):
+            if (pl := _md_block(n, lines, size, max_record_bytes)) is not None:
+                yield pl
+            n, lines, size = n + 1, [], 0
             continue
-        rec: dict[str, Any] = {}
-        current = None
-        for line in block.splitlines():
-            m = _MD_KEY.match(line.strip()) if not line.startswith((" ", "\t")) or current is None else None
-            if m:
-                current = _MD_ALIASES.get(m.group(1).lower(), m.group(1).lower())
-                rec[current] = m.group(2).strip()
-            elif current in ("question", "answer") and line.strip():
-                rec[current] = (rec[current] + " " + line.strip()).strip()
-            elif line.strip() and not line.lstrip().startswith("#"):
-                current = None
-        raw = block.strip().encode("utf-8")
-        if "question" not in rec and "answer" not in rec:
-            out.append(ParsedLine(n, raw, None, "markdown block has no 'Q:' or 'A:' line"))
-        else:
-            out.append(ParsedLine(n, raw, rec))
-    return out, False
+        size += full
+        if size <= max_record_bytes:
+            lines.append(line)
+        elif sum(map(len, lines)) < RAW_KEEP:
+            lines.append(line[:RAW_KEEP])
+    if (pl := _md_block(n, lines, size, max_record_bytes)) is not None:
+        yield pl
 
 
-PARSERS = {".jsonl": parse_jsonl, ".csv": parse_csv, ".md": parse_markdown}
+PARSERS = {".jsonl": iter_jsonl, ".csv": iter_csv, ".md": iter_markdown}
 
 
-def parse_bytes(suffix: str, data: bytes) -> tuple[list[ParsedLine], bool]:
+def iter_records(suffix: str, fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
     parser = PARSERS.get(suffix.lower())
     if parser is None:
         raise ValueError(f"unsupported inbox format {suffix!r}; supported: {sorted(PARSERS)}")
-    return parser(data)
+    return parser(fh, max_record_bytes)
+
+
+def parse_bytes(suffix: str, data: bytes, max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[list[ParsedLine], bool]:
+    """Parse an in-memory file: (records, truncated). The streaming path, on a BytesIO."""
+    facts = inspect_stream(suffix.lower(), io.BytesIO(data), max_record_bytes)
+    return list(iter_records(suffix, io.BytesIO(data), max_record_bytes)), facts.truncated
+
+
+def parse_jsonl(data: bytes) -> tuple[list[ParsedLine], bool]:
+    return parse_bytes(".jsonl", data)
+
+
+def parse_csv(data: bytes) -> tuple[list[ParsedLine], bool]:
+    return parse_bytes(".csv", data)
+
+
+def parse_markdown(data: bytes) -> tuple[list[ParsedLine], bool]:
+    return parse_bytes(".md", data)

@@ -140,6 +140,9 @@ def load_base(base_model: str, settings: Settings, dtype: str = "float32", quant
         tokenizer.pad_token = tokenizer.eos_token
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
+        from shoefix_tasks.training_setup import register_attention
+
+        register_attention(attn_implementation)  # ours (shoefix_varlen) must be registered before loading
         kwargs["attn_implementation"] = attn_implementation
     if quant is not None and quant.load_in_4bit:
         from shoefix_tasks.training_setup import build_quant_config

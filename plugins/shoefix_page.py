@@ -1,0 +1,184 @@
+"""The ShoeFix page: a FastAPI app mounted by the api-server at /shoefix (see shoefix_plugin.py).
+
+GET  /shoefix/      the champion and its scorecard, the champion history, recent batches'
+                    quarantine counts, and a box to ask the champion a question
+POST /shoefix/ask   the same page with the champion's answer (form field `question`)
+
+Auth: the api-server does not protect plugin apps, so every route depends on Airflow's own
+`get_user` (the UI's `_token` cookie or an `Authorization: Bearer` JWT) and asks the configured
+auth manager whether the user may see the custom view "ShoeFix" (401/403 otherwise). The cookie is
+SameSite=Lax, so another site cannot POST a question with it.
+
+Server-rendered HTML without scripts or external resources; every value passes through
+`html.escape`, and a strict Content-Security-Policy blocks scripts even if something slipped.
+Listed in plugins/.airflowignore: imported on the first request, never when plugins load.
+"""
+
+from __future__ import annotations
+
+import logging
+from html import escape
+from typing import Annotated, Any
+
+from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import Depends, FastAPI, Form, HTTPException
+from fastapi.responses import HTMLResponse
+
+from shoefix_tasks.config import Settings
+
+log = logging.getLogger(__name__)
+RESOURCE = "ShoeFix"
+MAX_QUESTION_CHARS = 2000
+HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                               "frame-ancestors 'self'; base-uri 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
+CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:0;padding:20px 28px;color:#1d2733;background:#f6f8fa}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:16px;margin:0 0 10px}
+.sub{color:#5b6876;margin-bottom:18px}
+.card{background:#fff;border:1px solid #d8dee4;border-radius:8px;padding:16px 18px;margin-bottom:16px}
+.grid{display:grid;grid-template-columns:1fr 1fr;gap:16px}
+table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:5px 8px;border-bottom:1px solid #eaeef2;
+vertical-align:top}th{color:#5b6876;font-weight:600;font-size:12px;text-transform:uppercase}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+.big{font-size:28px;font-weight:700}.pill{display:inline-block;padding:1px 8px;border-radius:10px;
+font-size:12px;background:#e7f0fe;color:#1f5fbf}.ok{background:#e6f6ea;color:#1a7f37}
+.bad{background:#fdecea;color:#b42318}.muted{color:#5b6876}.err{color:#b42318;font-weight:600}
+textarea{width:100%;box-sizing:border-box;font:inherit;padding:8px;border:1px solid #c5ced8;border-radius:6px}
+button{margin-top:8px;padding:6px 16px;font:inherit;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
+.answer{white-space:pre-wrap;background:#f6f8fa;border-left:3px solid #1f5fbf;padding:10px 12px;margin-top:12px}
+code{font-size:12px}ul{margin:6px 0 0 18px;padding:0}.nw{white-space:nowrap}
+"""
+
+
+def _e(value: Any) -> str:
+    return escape("" if value is None else str(value), quote=True)
+
+
+def _when(value: Any) -> str:
+    return _e(f"{value:%Y-%m-%d %H:%M} UTC" if hasattr(value, "strftime") else value or "unknown")
+
+
+def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) -> str:
+    if champ is None:
+        return ('<div class="card"><h2>Champion</h2><p class="err">No champion yet.</p><p class="muted">'
+                "No registry version holds alias <code>champion</code>; the base model without adapter "
+                "is what a first challenger is compared against.</p></div>")
+    tags = champ["tags"]
+    decision = tags.get("gate_decision") or "unknown"
+    facts = "".join(f"<tr><th>{_e(k.replace('_', ' '))}</th><td><code>{_e(tags.get(k))}</code></td></tr>"
+                    for k in ("recipe", "base_model", "training_run", "pipeline_run") if tags.get(k))
+    if tags.get("corpus_snapshot"):
+        facts += f'<tr><th>corpus snapshot</th><td><code>{_e(tags["corpus_snapshot"][:16])}…</code></td></tr>'
+    why = "" if champ["action"] in (None, "promote") else f'<p>why: {_e(champ["reason"])}</p>'
+    out = [f'<div class="card"><h2>Champion</h2><div class="big">v{_e(champ["version"])}</div>',
+           f'<p>since {_when(champ["since"])} · {_e(champ["action"] or "promote")} by {_e(champ["actor"])} · '
+           f'gate <span class="pill {"ok" if decision == "promote" else "bad"}">{_e(decision)}</span> '
+           f'against {_e(tags.get("challenged"))}</p>',
+           f'{why}<table>{facts}</table></div>']
+    if card is not None:
+        rows = "".join(f'<tr><td>{_e(name)}</td><td class="n">{before:.2f}</td><td class="n">{after:.2f}</td>'
+                       f'<td class="n">{_e(change)}</td></tr>' for name, before, after, change in card["rows"])
+        reasons = "".join(f"<li>{_e(r)}</li>" for r in champ["gate_reasons"])
+        out.append(f'<div class="card"><h2>Scorecard of v{_e(champ["version"])} when it was evaluated</h2>'
+                   f'<table><tr><th>metric</th><th>{_e(card["champion_label"])} (before)</th><th>v'
+                   f'{_e(champ["version"])} (after)</th><th>change</th></tr>{rows}</table>'
+                   f'<p class="muted">{_e(card["questions"])} holdout + {_e(card["guard"])} guard questions; '
+                   f'holdout <code>{_e(card["holdout_hash"][:12])}</code></p>'
+                   f'{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}</div>')
+    return "".join(out)
+
+
+def _history_card(events: list[dict[str, Any]]) -> str:
+    rows = "".join(f'<tr><td class="nw">{_when(h["at"])}</td><td>v{_e(h["version"])}</td><td>'
+                   f'{_e("v" + str(h["previous_version"]) if h["previous_version"] else "base")}</td>'
+                   f'<td>{_e(h["action"])}</td><td>{_e(h["actor"])}</td><td>{_e(h["reason"])}</td></tr>'
+                   for h in events)
+    body = (f"<table><tr><th>when</th><th>champion</th><th>replaced</th><th>action</th><th>by</th>"
+            f"<th>reason</th></tr>{rows}</table>") if events else '<p class="muted">No champion change yet.</p>'
+    return f'<div class="card"><h2>Champion history</h2>{body}</div>'
+
+
+def _batches_card(batches: list[dict[str, Any]]) -> str:
+    if not batches:
+        return '<div class="card"><h2>Recent batches</h2><p class="muted">No batch collected yet.</p></div>'
+    rows = []
+    for b in batches:
+        c = b["counts"]
+        seen = sum(c.values())
+        reasons = ", ".join(f"{_e(k)} {_e(n)}" for k, n in sorted(b["reasons"].items(), key=lambda kv: -kv[1]))
+        rows.append(f'<tr><td><code>{_e(b["batch_id"])}</code><br><span class="muted">{_when(b["created_at"])}'
+                    f'</span></td><td>{_e(b["status"])}</td><td class="n">{seen}</td>'
+                    f'<td class="n">{_e(c.get("accepted", 0))}</td><td class="n">{_e(c.get("quarantined", 0))}</td>'
+                    f'<td class="n">{_e(c.get("deferred", 0))}</td><td>{reasons or "—"}</td></tr>')
+    samples = "".join(f'<li><code>{_e(s["record_id"] or "(no id)")}</code> {_e(s["source"])}:{_e(s["line_no"])} — '
+                      f'{_e(s["check_name"])}: {_e((s["reason"] or "")[:200])}</li>' for s in batches[0]["samples"])
+    return ('<div class="card"><h2>Recent batches: quarantine</h2><table><tr><th>batch</th><th>status</th>'
+            '<th>records</th><th>accepted</th><th>quarantined</th><th>deferred</th><th>why quarantined</th></tr>'
+            + "".join(rows) + "</table>"
+            + (f'<p><b>Quarantined in the latest batch</b></p><ul>{samples}</ul>' if samples else "") + "</div>")
+
+
+def _ask_card(question: str, reply: dict[str, Any] | None, error: str | None) -> str:
+    out = ['<div class="card"><h2>Ask the champion</h2><form method="post" action="ask">',
+           f'<textarea name="question" rows="3" maxlength="{MAX_QUESTION_CHARS}" required '
+           f'placeholder="How do I keep leather boots from going moldy in storage?">{_e(question)}</textarea>',
+           '<button type="submit">Ask</button></form>']
+    if error:
+        out.append(f'<p class="err">{_e(error)}</p>')
+    if reply:
+        out.append(f'<div class="answer">{_e(reply["answer"])}</div><p class="muted">answered by '
+                   f'v{_e(reply["version"])} in {_e(reply["seconds"])} s</p>')
+    return "".join(out) + "</div>"
+
+
+def render(settings: Settings, question: str = "", reply: dict[str, Any] | None = None, error: str | None = None) -> str:
+    from shoefix_tasks import dashboard
+
+    champ = dashboard.champion(settings)
+    card = dashboard.scorecard(settings, champ["tags"].get("evaluation_run")) if champ else None
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ShoeFix</title>'
+            f"<style>{CSS}</style></head><body><h1>ShoeFix expert</h1>"
+            f'<div class="sub">registry model <code>shoefix-expert</code> · state <code>{_e(settings.home)}</code>'
+            f'</div><div class="grid"><div>{_champion_card(champ, card)}</div><div>'
+            f"{_ask_card(question, reply, error)}</div></div>{_history_card(dashboard.history(settings, 20))}"
+            f"{_batches_card(dashboard.recent_batches(settings))}</body></html>")
+
+
+def build_app() -> FastAPI:
+    def allowed(method: str):
+        def check(user: GetUserDep):
+            if not get_auth_manager().is_authorized_custom_view(method=method, resource_name=RESOURCE, user=user):
+                raise HTTPException(status_code=403, detail="not allowed to use the ShoeFix page")
+            return user
+        return check
+
+    app = FastAPI(title="ShoeFix", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(allowed("GET"))])
+    def page() -> HTMLResponse:
+        return HTMLResponse(render(Settings.from_env()), headers=HEADERS)
+
+    @app.post("/ask", response_class=HTMLResponse, dependencies=[Depends(allowed("POST"))])
+    def ask(question: Annotated[str, Form(max_length=MAX_QUESTION_CHARS)]) -> HTMLResponse:
+        from shoefix_tasks import dashboard
+
+        settings = Settings.from_env()
+        question = question.strip()
+        if not question:
+            return HTMLResponse(render(settings, error="Type a question first."), status_code=400, headers=HEADERS)
+        try:
+            reply = dashboard.answer(settings, question)
+        except dashboard.NoChampion as err:
+            return HTMLResponse(render(settings, question, error=str(err)), status_code=409, headers=HEADERS)
+        except Exception:  # the model failed to load or answer: say so, details in the api-server log
+            log.exception("the champion could not answer")
+            return HTMLResponse(render(settings, question, error="The champion could not answer; see the "
+                                       "api-server log."), status_code=500, headers=HEADERS)
+        return HTMLResponse(render(settings, question, reply), headers=HEADERS)
+
+    return app

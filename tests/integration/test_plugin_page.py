@@ -1,0 +1,240 @@
+"""The ShoeFix page in a real `airflow api-server`: auth enforced, champion / history / quarantine
+shown and escaped, the ask box answered by the champion, and a headless Chromium screenshot.
+
+Run as a script to screenshot any running api-server (how docs/screenshots/shoefix-page.png is made):
+  python -m tests.integration.test_plugin_page --base http://127.0.0.1:8080 --token JWT --out page.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES, ROOT, env_with
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+XSS_ID = "<img src=x onerror=\"document.title='pwned'\">"
+XSS_QUESTION = "<script>document.title='pwned'</script> Why do my boots smell?"
+
+
+def http(url: str, token: str | None = None, form: dict | None = None, timeout: float = 600) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def screenshot(base: str, token: str, out: Path, question: str | None = None, width: int = 1400) -> dict:
+    """Open the page in headless Chromium with the UI's `_token` cookie (set over the DevTools
+    protocol, as a logged-in browser holds it), optionally ask a question through the form, and
+    save a full-page PNG. Returns the page's title and visible text."""
+    import websocket  # websocket-client
+
+    profile = tempfile.mkdtemp(prefix="shoefix-chromium-")
+    proc = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, "--remote-debugging-port=0", f"--user-data-dir={profile}",
+                             f"--window-size={width},1000", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        port_file = Path(profile) / "DevToolsActivePort"
+        deadline = time.time() + 60
+        while not port_file.is_file() or not port_file.read_text().strip():
+            assert time.time() < deadline and proc.poll() is None, "Chromium did not start"
+            time.sleep(0.2)
+        port = port_file.read_text().split()[0]
+        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+        ws = websocket.create_connection(next(p for p in pages if p["type"] == "page")["webSocketDebuggerUrl"],
+                                         timeout=600)
+        ids = iter(range(1, 10_000))
+
+        def cdp(method: str, **params) -> dict:
+            msg_id = next(ids)
+            ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+            while True:
+                msg = json.loads(ws.recv())
+                if msg.get("id") == msg_id:
+                    assert "error" not in msg, msg
+                    return msg.get("result", {})
+
+        def wait_loaded() -> None:
+            deadline = time.time() + 600
+            while time.time() < deadline:
+                ready = cdp("Runtime.evaluate", expression="document.readyState + ' ' + location.href",
+                            returnByValue=True)["result"]["value"]
+                if ready.startswith("complete") and "/shoefix/" in ready:
+                    return
+                time.sleep(0.3)
+            raise AssertionError("page did not load")
+
+        cdp("Network.enable")
+        cdp("Network.setCookie", name="_token", value=token, url=base, httpOnly=True)
+        cdp("Page.enable")
+        cdp("Page.navigate", url=f"{base}/shoefix/")
+        wait_loaded()
+        if question is not None:
+            cdp("Runtime.evaluate", expression=f"document.querySelector('textarea').value = {json.dumps(question)};"
+                                               "document.querySelector('form').submit()")
+            time.sleep(0.5)
+            deadline = time.time() + 600
+            while "answered by" not in cdp("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
+                                           returnByValue=True)["result"]["value"]:
+                assert time.time() < deadline, "no answer"
+                time.sleep(0.5)
+            wait_loaded()
+        height = cdp("Runtime.evaluate", expression="document.documentElement.scrollHeight",
+                     returnByValue=True)["result"]["value"]
+        cdp("Emulation.setDeviceMetricsOverride", width=width, height=int(height), deviceScaleFactor=1, mobile=False)
+        png = base64.b64decode(cdp("Page.captureScreenshot", format="png")["data"])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(png)
+        info = cdp("Runtime.evaluate", expression="JSON.stringify({title: document.title, text: document.body.innerText,"
+                                                  " images: document.images.length})",
+                   returnByValue=True)["result"]["value"]
+        ws.close()
+        return json.loads(info)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def api_server(shoefix_env, tmp_path):
+    """A real `airflow api-server` (SimpleAuthManager, one user with a password) over the test's state."""
+    home = tmp_path / "airflow"
+    home.mkdir()
+    password = base64.urlsafe_b64encode(os.urandom(12)).decode()
+    (home / "passwords.json").write_text(json.dumps({"shoefix": password}))
+    port = free_port()
+    env = env_with(shoefix_env, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
+                   AIRFLOW__CORE__PLUGINS_FOLDER=ROOT / "plugins", AIRFLOW__CORE__LOAD_EXAMPLES="False",
+                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="shoefix:admin",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=home / "passwords.json",
+                   AIRFLOW__API__WORKERS=1, AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}")
+    migrate = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    log = open(tmp_path / "api-server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["airflow", "api-server", "-p", str(port), "-H", "127.0.0.1"], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if http(f"{base}/api/v2/monitor/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "api-server.log").read_text()[-3000:]
+            assert time.time() < deadline, "api-server did not come up"
+            time.sleep(1)
+        req = urllib.request.Request(f"{base}/auth/token", json.dumps({"username": "shoefix", "password": password})
+                                     .encode(), headers={"Content-Type": "application/json"})
+        token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
+        yield {"base": base, "token": token, "log": tmp_path / "api-server.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+@pytest.mark.slow
+def test_shoefix_page(shoefix_env, lenient_recipe, api_server, tmp_path):
+    from tests.integration.test_registry_serving import run_pipeline
+
+    s, base, token = shoefix_env, api_server["base"], api_server["token"]
+    page = f"{base}/shoefix/"
+
+    # Airflow's auth applies: no token, a forged token -> refused
+    assert http(page)[0] == 401
+    assert http(page, token="not-a-jwt")[0] in (401, 403)
+    assert http(f"{base}/shoefix/ask", form={"question": "hi"})[0] == 401
+    # the UI lists the view in its navigation
+    status, body = http(f"{base}/api/v2/plugins", token)
+    views = [v for p in json.loads(body)["plugins"] for v in p["external_views"]]
+    assert any(v["name"] == "ShoeFix" and v["href"] == "shoefix/" and v["url_route"] == "shoefix" for v in views)
+
+    # nothing registered yet: the page says so, and asking gives a clear error (not a stack trace)
+    status, body = http(page, token)
+    assert status == 200 and "No champion yet" in body
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet boots?"})
+    assert status == 409 and "nothing registered to ask" in body
+
+    # a batch with hostile record text, quarantined; then a real pipeline promotes v1
+    shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "a.jsonl")
+    bad = {"id": XSS_ID, "question": XSS_QUESTION, "answer": "too short", "topic": "odor", "lang": "en"}
+    (s.home / "inbox" / "b.jsonl").write_text(json.dumps(bad) + "\n" + "{not json\n")
+    first = run_pipeline(s, str(lenient_recipe), "run-page-1")
+    assert first["champion"] == 1
+
+    status, body = http(page, token)
+    assert status == 200
+    assert '<div class="big">v1</div>' in body and "by test" in body and "Scorecard of v1" in body
+    assert "content completeness" in body and "base (before)" in body
+    assert "run-page-1" in body  # the batch row
+    quarantined = body.split("run-page-1", 1)[1].split("</tr>", 1)[0]
+    assert '<td class="n">2</td>' in quarantined  # the short answer and the broken JSON line
+    assert "<script>" not in body and "<img" not in body and "&lt;img src=x" in body  # escaped, never markup
+
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet leather boots?"})
+    assert status == 200 and "answered by v1" in body and '<div class="answer">' in body
+
+    # the browser: logged in with the UI's cookie, the page renders, the hostile text stays text
+    if chromium() is None:
+        pytest.skip("no Chromium on this machine")
+    shot = tmp_path / "shoefix-page.png"
+    info = screenshot(base, token, shot, question="Is bleach safe on leather?")
+    assert info["title"] == "ShoeFix" and info["images"] == 0
+    assert "answered by v1" in info["text"] and XSS_ID in info["text"]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Screenshot the ShoeFix page of a running api-server.")
+    p.add_argument("--base", required=True, help="api-server URL, e.g. http://127.0.0.1:8080")
+    p.add_argument("--token", required=True, help="an Airflow JWT (POST /auth/token)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--question", default=None, help="also ask this through the form")
+    print(json.dumps(screenshot(**{k: v for k, v in vars(p.parse_args()).items()}))[:400])
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@
 #   MLFLOW_ARTIFACTS_DESTINATION  s3://bucket/path (MinIO: also MLFLOW_S3_ENDPOINT_URL, AWS_*) or a folder
 #   MLFLOW_AUTH_ADMIN_USERNAME    the admin user (default `admin`)
 #   MLFLOW_AUTH_ADMIN_PASSWORD    its password: required, >= 12 characters, not a known default
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  signs the UI's sessions and CSRF tokens: required, random
 #   MLFLOW_AUTH_DATABASE_URI      users and permissions (default: the backend store)
 #   MLFLOW_HOST / MLFLOW_PORT     where to listen (0.0.0.0:5000)
 #   MLFLOW_ALLOWED_HOSTS          Host headers to accept besides localhost (e.g. `mlflow:5000` in compose)
@@ -15,6 +16,7 @@ set -euo pipefail
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql+psycopg://...)}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/path or a folder)}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD}"
+: "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (random, same on every replica)}"
 case "${MLFLOW_AUTH_ADMIN_PASSWORD,,}" in
   password1234|password|admin|mlflow|changeme|secret)
     echo "refusing to start: MLFLOW_AUTH_ADMIN_PASSWORD is a well-known default" >&2; exit 1 ;;

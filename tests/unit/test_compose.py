@@ -31,6 +31,7 @@ GOOD_ENV = {
     "MLFLOW_AUTH_ADMIN_PASSWORD": "ml-28d5f0c3a7e19b46",
     "MLFLOW_PIPELINE_USERNAME": "shoefix-pipeline",
     "MLFLOW_PIPELINE_PASSWORD": "pp-b93a4e07c1d65f28",
+    "MLFLOW_SECRET_KEY": "fk-61e0b8d2c47a93f5",
 }
 
 
@@ -138,7 +139,8 @@ def test_secret_check_rejects_defaults(var, value):
 @pytest.mark.parametrize("password", ["password1234", "short-pw"])
 def test_mlflow_serve_refuses_default_admin_password(password, tmp_path):
     env = {"PATH": os.environ["PATH"], "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path}/m.db",
-           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "a"), "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+           "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "a"), "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": "fk-61e0b8d2c47a93f5"}
     proc = subprocess.run(["bash", str(ROOT / "mlflow" / "serve.sh")], env=env, capture_output=True, text=True,
                           timeout=30)
     assert proc.returncode == 1 and "refusing to start" in proc.stderr

@@ -19,6 +19,24 @@ from shoefix_tasks.records import load_eval_set, rows_hash
 log = logging.getLogger(__name__)
 
 
+class CandidateRejected(RuntimeError):
+    """The challenger cannot be evaluated at all: tampered, pickle, or made for another base or
+    tokenizer. Retrying cannot help; the candidate is never promoted."""
+
+
+def check_candidate(adapter_dir: Path, recipe: Recipe, settings: Settings) -> dict[str, Any]:
+    """The challenger's manifest verified and its base identity matched, before any model loads."""
+    from shoefix_tasks.adapter import AdapterIntegrityError, verify_adapter
+    from shoefix_tasks.base_model import BaseModelMismatch, base_identity, check_compatible
+
+    try:
+        manifest = verify_adapter(adapter_dir)
+        check_compatible(manifest["base"], base_identity(recipe.model.base_model, settings), "the challenger")
+    except (AdapterIntegrityError, BaseModelMismatch) as err:
+        raise CandidateRejected(f"candidate rejected: {err}") from err
+    return manifest
+
+
 def eval_items(settings: Settings, recipe: Recipe) -> tuple[list[dict[str, Any]], set[str], str]:
     """(items, guard ids, holdout+guard hash) for the recipe's evaluation languages."""
     holdout = load_eval_set(settings.data_dir, "holdout", recipe.eval.languages)
@@ -71,15 +89,37 @@ def run_judge(judge, items: list[dict[str, Any]], result: dict[str, Any]) -> Non
         result["judge_error"] = str(err)
 
 
+def _record_rejection(run_key: str, training_run_id: str, err: CandidateRejected) -> None:
+    import mlflow
+
+    from shoefix_tasks import tracking
+
+    run_id = tracking.run_for("evaluate", run_key, run_name="evaluate",
+                              tags={"shoefix.training_run": training_run_id})
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "shoefix.gate_decision", "rejected")
+    client.set_tag(run_id, "shoefix.rejected", str(err)[:4900])
+    client.set_terminated(run_id, status="FAILED")
+
+
 def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapter: Path,
              champion_adapter: Path | None, champion_label: str, training_run_id: str,
-             judge=None) -> dict[str, Any]:
-    """Score both models; log everything to an `evaluate` MLflow run; return a small reference."""
+             judge=None, require_judge: bool = False) -> dict[str, Any]:
+    """Score both models; log everything to an `evaluate` MLflow run; return a small reference.
+
+    Raises CandidateRejected (recorded on the evaluate run) when the challenger fails its checks.
+    """
     import mlflow
 
     from shoefix_tasks import tracking
 
     tracking.configure(settings)
+    try:
+        check_candidate(challenger_adapter, recipe, settings)
+    except CandidateRejected as err:
+        log.error("%s", err)
+        _record_rejection(run_key, training_run_id, err)
+        raise
     items, guard_ids, eval_hash = eval_items(settings, recipe)
     t0 = time.perf_counter()
     champion = answer_and_score(champion_label, recipe.model.base_model, champion_adapter, items, guard_ids,
@@ -95,6 +135,8 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     }
     if judge is not None:
         run_judge(judge, items, result)
+    elif require_judge:  # the first evaluation was judged: a re-evaluation without the judge fails closed
+        result["judge_error"] = "the LLM judge scored the first evaluation but is not available now"
     out_dir = settings.run_dir(run_key)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "evaluation.json"

@@ -71,8 +71,9 @@ def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list
 
 
 def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], overrides: list[str] | None = None,
-                     settings: Settings | None = None, judge=None) -> dict[str, Any]:
-    """`judge` is an optional `JudgeConfig` (never logged or returned: it may hold an API key)."""
+                     settings: Settings | None = None, judge=None, require_judge: bool = False) -> dict[str, Any]:
+    """`judge` is an optional `JudgeConfig` (never logged or returned: it may hold an API key);
+    `require_judge` makes a missing judge a recorded judge failure (the gate then fails closed)."""
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.evaluate import evaluate
 
@@ -87,23 +88,53 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
-                   train_result["run_id"], judge=judge)
+                   train_result["run_id"], judge=judge, require_judge=require_judge)
     ref["champion_version"] = int(champ.version) if champ is not None else None
+    ref["judged"] = judge is not None
     return ref
 
 
 def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
-                     settings: Settings | None = None) -> dict[str, Any]:
-    import mlflow
+                     settings: Settings | None = None, judge=None) -> dict[str, Any]:
+    """Decide, register and (maybe) promote, all under the promotion lease.
 
+    Inside the lease the champion is read again. If it changed since `eval_ref` was scored (another
+    run promoted, or an operator rolled back), the candidate is evaluated again against the champion
+    of *now* before deciding: scores are only comparable when both models answer in one process with
+    the same decoding, so reusing the other run's numbers would mix machines and loads. This costs
+    one evaluation, and only when two runs actually collide. `judge` is the evaluation's LLM judge,
+    needed for such a re-evaluation (without it, one that was judged fails closed).
+    """
     from shoefix_tasks import registry, tracking
-    from shoefix_tasks.gate import Scorecard, decide
-    from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text
 
     settings = settings or Settings.from_env()
     rec = load_recipe(recipe, overrides)
     tracking.configure(settings)
+    with registry.promotion_lock(settings, f"{actor}:{run_key}") as lease:
+        champ = registry.version_by_alias(registry.CHAMPION)
+        mine = registry.version_for_run(train_result["run_id"])
+        now = int(champ.version) if champ is not None else None
+        reevaluated = None
+        if now != eval_ref.get("champion_version") and (mine is None or now != int(mine.version)):
+            log.warning("champion changed from %s to %s since this candidate was evaluated: evaluating again",
+                        eval_ref.get("champion_version"), now)
+            judged = eval_ref.get("judged", False)
+            eval_ref = evaluate_adapter(f"{run_key}.vs-v{now}", recipe, train_result, overrides, settings,
+                                        judge=judge, require_judge=judged)
+            reevaluated = now
+        out = _decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease)
+    return {**out, "reevaluated_against": reevaluated, "lock_waited_s": round(lease.waited_s, 2)}
+
+
+def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_ref: dict[str, Any], actor: str,
+                         settings: Settings, lease) -> dict[str, Any]:
+    import mlflow
+
+    from shoefix_tasks import registry
+    from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text
+
     evaluation = json.loads(Path(eval_ref["evaluation_path"]).read_text())
     guard = frozenset(evaluation["guard_ids"])
 
@@ -140,13 +171,14 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
     version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),
                                         rec.model.base_model, tags, description,
                                         {"max_new_tokens": rec.eval.max_new_tokens,
-                                         "repetition_penalty": rec.eval.repetition_penalty, "dtype": rec.model.dtype})
+                                         "repetition_penalty": rec.eval.repetition_penalty, "dtype": rec.model.dtype},
+                                        settings=settings)
     registry.set_challenger(int(version.version))
     if decision.promote:
-        registry.set_champion(settings, int(version.version), "; ".join(decision.reasons), actor)
+        registry.set_champion(settings, int(version.version), "; ".join(decision.reasons), actor, lease=lease)
     champ = registry.version_by_alias(registry.CHAMPION)
     log.info("gate decision for version %s: %s\n%s", version.version, verdict.upper(), "\n".join(decision.reasons))
     log.info("scorecard (%s vs challenger v%s):\n%s", champion_label, version.version, scorecard_text(evaluation))
     return {"version": int(version.version), "decision": verdict, "reasons": decision.reasons,
             "numbers": decision.numbers, "champion": int(champ.version) if champ else None,
-            "model": REGISTERED_MODEL}
+            "challenged": champion_label, "model": REGISTERED_MODEL}

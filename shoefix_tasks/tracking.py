@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from shoefix_tasks.config import EXPERIMENT, Settings
@@ -18,6 +19,9 @@ def configure(settings: Settings) -> str:
     """
     import mlflow
 
+    # Never unpickle a model: ours are models-from-code, so a pickled one is foreign (MLflow allows
+    # it by default; this makes `pyfunc.load_model` refuse cloudpickle-format models).
+    os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
     if settings.tracking_uri.startswith("sqlite:///"):
         Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)

@@ -47,20 +47,35 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def _identity_files(folder: Path) -> list[Path]:
+    return sorted({p for g in _IDENTITY_GLOBS for p in folder.glob(g)})
+
+
+def _stat_key(folder: Path) -> dict[str, list[int]]:
+    """Size and mtime of each identity file: a cached identity is only trusted while these hold."""
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in _identity_files(folder)}
+
+
 def compute_identity(folder: Path, name: str) -> dict[str, Any]:
-    files = sorted({p for g in _IDENTITY_GLOBS for p in folder.glob(g)})
-    hashes = {p.name: sha256_file(p) for p in files}
+    hashes = {p.name: sha256_file(p) for p in _identity_files(folder)}
     combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
     tokenizer = hashes.get("tokenizer.json", "")
-    return {"name": name, "sha256": combined, "tokenizer_sha256": tokenizer, "files": hashes}
+    return {"name": name, "sha256": combined, "tokenizer_sha256": tokenizer, "files": hashes,
+            "stat": _stat_key(folder)}
 
 
 def identity_of(folder: Path, name: str | None = None) -> dict[str, Any]:
-    """Cached identity of a local base folder (computed once, stored beside the weights)."""
+    """Cached identity of a local base folder (stored beside the weights, hashed again whenever a
+    file's size or mtime changed: a tokenizer swapped in place must not keep the old identity)."""
     cached = folder / IDENTITY_FILE
     if cached.is_file():
-        return json.loads(cached.read_text())
-    ident = compute_identity(folder, name or folder.name)
+        old = json.loads(cached.read_text())
+        if old.get("stat") == _stat_key(folder):
+            return old
+        log.warning("files of base model %s changed since its identity was cached: hashing them again", folder)
+        ident = {**old, **compute_identity(folder, old.get("name") or name or folder.name)}
+    else:
+        ident = compute_identity(folder, name or folder.name)
     try:
         cached.write_text(json.dumps(ident, indent=1))
     except OSError:  # read-only model folder: fine, just not cached

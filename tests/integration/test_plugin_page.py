@@ -11,6 +11,7 @@ import argparse
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -209,9 +210,12 @@ def test_shoefix_page(shoefix_env, lenient_recipe, api_server, tmp_path):
     assert status == 200
     assert '<div class="big">v1</div>' in body and "by test" in body and "Scorecard of v1" in body
     assert "content completeness" in body and "base (before)" in body
-    assert "run-page-1" in body  # the batch row
-    quarantined = body.split("run-page-1", 1)[1].split("</tr>", 1)[0]
-    assert '<td class="n">2</td>' in quarantined  # the short answer and the broken JSON line
+    row = body.split("Recent batches", 1)[1].split("run-page-1", 1)[1].split("</tr>", 1)[0]
+    records, accepted, quarantined, deferred = map(int, re.findall(r'<td class="n">(\d+)</td>', row))
+    n = len((FIXTURES / "corpus_small.jsonl").read_text().splitlines())
+    # every fixture record accepted; the short answer and the broken JSON line quarantined
+    assert (records, accepted, quarantined, deferred) == (n + 2, n, 2, 0)
+    assert "parse" in row  # the reason of the broken line
     assert "<script>" not in body and "<img" not in body and "&lt;img src=x" in body  # escaped, never markup
 
     status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet leather boots?"})

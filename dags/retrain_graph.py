@@ -5,13 +5,29 @@ collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promo
 Each task pulls the run id and params, calls one `shoefix_tasks.pipeline` function and returns
 a small dict. `collect_qa` and `validate_qa` short-circuit the rest when nothing new was
 accepted, so an idle week neither trains nor creates a registry version.
+
+Assets (data-aware scheduling): `collect_qa` emits `shoefix://inbox/collected` and `validate_qa`
+emits `shoefix://corpus/accepted`, each with the batch id and counts as the event's extra, and
+only when there was something new (through an AssetAlias: a plain outlet would fire on every
+successful run, idle ones included). `shoefix://inbox/new` is announced by `shoefix_inbox_watch`;
+with SHOEFIX_ASSET_TRIGGER=on the weekly DAG also runs when it fires.
+Notifications: every task notifies on failure, `gate_and_promote` on a promotion (shoefix_notify).
 """
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
-from airflow.sdk import get_current_context, task
+from airflow.sdk import (
+    Asset,
+    AssetAlias,
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    get_current_context,
+    task,
+)
+from shoefix_notify import ShoeFixNotifier
 
 DEFAULT_ARGS = {
     "owner": "shoefix",
@@ -19,7 +35,31 @@ DEFAULT_ARGS = {
     "retry_delay": timedelta(minutes=2),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
+    "on_failure_callback": ShoeFixNotifier("failure"),  # after the last retry; silent without a connection
 }
+
+INBOX_NEW = Asset("shoefix://inbox/new")  # unprocessed files in the inbox (shoefix_inbox_watch, or a REST POST)
+COLLECTED = Asset("shoefix://inbox/collected")  # a batch was ledgered
+ACCEPTED = Asset("shoefix://corpus/accepted")  # validated Q&A joined the corpus
+COLLECTED_ALIAS, ACCEPTED_ALIAS = AssetAlias("shoefix_collected"), AssetAlias("shoefix_accepted")
+WEEKLY_CRON = "0 3 * * 1"
+TIMEZONE = "Asia/Taipei"
+
+
+def asset_trigger_enabled() -> bool:
+    """SHOEFIX_ASSET_TRIGGER=on: retrain when new Q&A lands, not only weekly (off by default)."""
+    return os.environ.get("SHOEFIX_ASSET_TRIGGER", "off").strip().lower() in ("1", "on", "true", "yes")
+
+
+def weekly_schedule():
+    """The weekly cron, or (setting on) the cron OR an event on `shoefix://inbox/new`."""
+    if not asset_trigger_enabled():
+        return WEEKLY_CRON
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(WEEKLY_CRON, timezone=TIMEZONE), assets=INBOX_NEW)
+
+
+def _emit(alias: AssetAlias, asset: Asset, extra: dict) -> None:
+    get_current_context()["outlet_events"][alias].add(asset, extra=extra)
 
 
 def _run_key() -> str:
@@ -41,16 +81,18 @@ def _overrides(p: dict) -> list[str]:
     return out
 
 
-@task.short_circuit(execution_timeout=timedelta(minutes=30))
+@task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[COLLECTED_ALIAS])
 def collect_qa() -> dict:
     from shoefix_tasks.pipeline import collect_qa as run
 
     p = _params()
     ref = run(_run_key(), inbox=p.get("inbox") or None, files=p.get("files") or None)
+    if ref["collected"]:
+        _emit(COLLECTED_ALIAS, COLLECTED, ref)
     return ref if ref["collected"] else {}  # empty -> downstream skipped: nothing new
 
 
-@task.short_circuit(execution_timeout=timedelta(minutes=30))
+@task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[ACCEPTED_ALIAS])
 def validate_qa(batch: dict) -> dict:
     from airflow.sdk.exceptions import AirflowFailException
 
@@ -61,6 +103,9 @@ def validate_qa(batch: dict) -> dict:
         result = run(batch["batch_id"], float(_params()["max_quarantine_rate"]))
     except QuarantineRateExceeded as err:  # bad data: a retry would fail the same way
         raise AirflowFailException(str(err)) from err
+    if result["accepted"]:
+        _emit(ACCEPTED_ALIAS, ACCEPTED, {k: result.get(k) for k in (
+            "batch_id", "seen", "accepted", "quarantined", "deferred", "snapshot_hash", "snapshot_records")})
     return result if result["accepted"] else {}
 
 
@@ -146,7 +191,7 @@ def evaluate_adapter(trained: dict) -> dict:
     return run(_run_key(), p["recipe"], trained, _overrides(p), judge=_judge_config())
 
 
-@task(execution_timeout=timedelta(minutes=30), retries=3)
+@task(execution_timeout=timedelta(minutes=30), retries=3, on_success_callback=ShoeFixNotifier("champion"))
 def gate_and_promote(trained: dict, evaluated: dict) -> dict:
     from shoefix_tasks.pipeline import gate_and_promote as run
 

@@ -4,7 +4,8 @@
 - Inputs: params `version` (the registry version of `shoefix-expert` to serve again) and `reason`.
 - Outputs: the rollback record (new champion, previous champion, reason).
 - Side effects: moves alias `champion` after checking the target's adapter against its manifest,
-  reads the alias back, and appends the change to the champion history.
+  reads the alias back, and appends the change to the champion history. Notifies the change (and a
+  failure) through the `shoefix_slack` / `shoefix_smtp` connections when they exist.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from datetime import timedelta
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
+from shoefix_notify import ShoeFixNotifier
 
 
-@task(retries=2, retry_delay=timedelta(seconds=30), execution_timeout=timedelta(minutes=15))
+@task(retries=2, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True,
+      execution_timeout=timedelta(minutes=15), on_failure_callback=ShoeFixNotifier("failure"),
+      on_success_callback=ShoeFixNotifier("champion"))
 def rollback_champion() -> dict:
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.config import Settings

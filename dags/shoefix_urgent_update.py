@@ -5,7 +5,8 @@
   (inbox-relative names; empty = everything new), `recipe`, `evaluation` (`full` holdout or a
   `quick` gate on the first 20 questions), `overrides`.
 - Outputs and side effects: as `shoefix_weekly_retrain` (same task graph): a ledgered batch, a
-  training run, an evaluation, a registry version; `champion` moves only if the gate passes.
+  training run, an evaluation, a registry version; `champion` moves only if the gate passes;
+  the same asset events and failure / promotion notifications.
 """
 
 from __future__ import annotations

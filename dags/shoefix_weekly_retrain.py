@@ -1,26 +1,29 @@
 """Weekly retraining of the ShoeFix expert.
 
-- Trigger: every Monday 03:00 Asia/Taipei (cron), or manually.
+- Trigger: every Monday 03:00 Asia/Taipei (cron), or manually; with SHOEFIX_ASSET_TRIGGER=on also
+  when Asset `shoefix://inbox/new` gets an event (new Q&A landed, see `shoefix_inbox_watch`).
 - Inputs: new expert Q&A files in the inbox ($SHOEFIX_INBOX); params `recipe`, `overrides`,
   `max_quarantine_rate`.
 - Outputs: a ledgered, validated batch; a corpus snapshot; an MLflow training run with the LoRA
   adapter; an evaluation run with the scorecard; a version of `shoefix-expert`.
 - Side effects: moves alias `challenger` to the new version, and alias `champion` only if the
   gate passes (history kept in the ledger). Skips everything after collection when nothing new
-  arrived.
+  arrived. Asset events `shoefix://inbox/collected` and `shoefix://corpus/accepted` (batch id and
+  counts) when something new was collected / accepted. Notifies (Slack `shoefix_slack` and/or SMTP
+  `shoefix_smtp`) when a task fails for good and when a new champion is promoted.
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag
-from retrain_graph import DEFAULT_ARGS, build_retrain_graph
+from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, weekly_schedule
 
 
 @dag(
     dag_id="shoefix_weekly_retrain",
-    schedule="0 3 * * 1",
-    start_date=pendulum.datetime(2026, 1, 5, tz="Asia/Taipei"),
+    schedule=weekly_schedule(),
+    start_date=pendulum.datetime(2026, 1, 5, tz=TIMEZONE),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,

@@ -132,3 +132,20 @@ def answer(settings: Settings, question: str, max_new_tokens: int = 160) -> dict
     start = time.perf_counter()
     text = model.predict([question], params={"max_new_tokens": max_new_tokens})[0]
     return {"version": champ["version"], "answer": str(text), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def pending_inbox_files(settings: Settings) -> list[dict[str, Any]]:
+    """Inbox files not processed yet, judged by (name, size) against the ledger: a cheap check for
+    announcing new Q&A (no file is read). `collect_qa` still decides by content hash, so a false
+    positive costs one run that finds nothing new."""
+    from shoefix_tasks.collect import list_inbox
+
+    fs, listing = list_inbox(settings.inbox)
+    f_t = ledger.inbox_files
+    with ledger.engine_for(settings.ledger_url).connect() as conn:
+        done = set(conn.execute(sa.select(f_t.c.name, f_t.c.size).where(f_t.c.status == "processed")).tuples())
+    out = []
+    for f in listing:
+        if f.unsafe is None and (f.name, size := int(fs.size(f.path))) not in done:
+            out.append({"name": f.name, "size": size})
+    return out

@@ -44,6 +44,12 @@ def test_house_style(dagbag):
             assert t.execution_timeout is not None and t.execution_timeout <= timedelta(hours=6), t.task_id
 
 
+def test_one_run_at_a_time(dagbag):
+    assert {"shoefix_weekly_retrain", "shoefix_urgent_update", "shoefix_rollback", "shoefix_inbox_watch"} <= set(dagbag.dags)
+    for dag_id, dag in dagbag.dags.items():
+        assert dag.max_active_runs == 1, dag_id
+
+
 def test_weekly_graph(dagbag):
     dag = dagbag.dags["shoefix_weekly_retrain"]
     assert dag.max_active_runs == 1

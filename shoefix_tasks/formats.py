@@ -29,7 +29,7 @@ from typing import IO, Any
 
 MAX_RECORD_BYTES = 1 << 20  # 1 MiB: a valid record is < 5,000 characters (TEXT_BOUNDS) plus metadata
 RAW_KEEP = 64 << 10  # bytes of an oversize record kept in the ledger, for the audit
-_CHUNK = 4 << 20
+_CHUNK = 1 << 20
 _BOM = b"\xef\xbb\xbf"
 
 

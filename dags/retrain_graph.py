@@ -185,10 +185,16 @@ def _judge_config():
 
 @task(execution_timeout=timedelta(hours=2))
 def evaluate_adapter(trained: dict) -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from shoefix_tasks.evaluate import CandidateRejected
     from shoefix_tasks.pipeline import evaluate_adapter as run
 
     p = _params()
-    return run(_run_key(), p["recipe"], trained, _overrides(p), judge=_judge_config())
+    try:
+        return run(_run_key(), p["recipe"], trained, _overrides(p), judge=_judge_config())
+    except CandidateRejected as err:  # tampered or made for another base: a retry would fail the same way
+        raise AirflowFailException(str(err)) from err
 
 
 @task(execution_timeout=timedelta(minutes=30), retries=3, on_success_callback=ShoeFixNotifier("champion"))
@@ -197,7 +203,9 @@ def gate_and_promote(trained: dict, evaluated: dict) -> dict:
 
     p = _params()
     ctx = get_current_context()
-    return run(_run_key(), p["recipe"], trained, evaluated, _overrides(p), actor=ctx["dag"].dag_id)
+    # the judge: needed if the champion moved and the candidate must be evaluated again
+    return run(_run_key(), p["recipe"], trained, evaluated, _overrides(p), actor=ctx["dag"].dag_id,
+               judge=_judge_config())
 
 
 def build_retrain_graph() -> None:

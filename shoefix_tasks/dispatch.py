@@ -34,6 +34,7 @@ GPU_QUEUE = "gpu"
 GPU_POOL = "gpu"
 TRAINER_MODULE = "shoefix_tasks.train"
 XCOM_RESULT = "/airflow/xcom/return.json"  # where KPO's xcom sidecar reads the task's result
+STOP_GRACE_S = 120  # SIGTERM -> SIGKILL for a trainer we must stop: time to finish a step and checkpoint
 # Plain (non-secret) settings a trainer pod gets from the Airflow side; credentials come from the
 # Kubernetes Secret named by SHOEFIX_K8S_SECRET (MLFLOW_TRACKING_USERNAME/PASSWORD,
 # SHOEFIX_LEDGER_URL, AWS_* for the artifact store), never from here.
@@ -76,7 +77,7 @@ class DispatchConfig:
     service_account: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[dict[str, Any]] = field(default_factory=list)
-    grace_period_s: int = 120  # SIGTERM -> SIGKILL in the pod: time to write a checkpoint
+    grace_period_s: int = STOP_GRACE_S  # SIGTERM -> SIGKILL in the pod: time to write a checkpoint
     timeout_s: int = 6 * 3600  # the task's execution_timeout; the pod's own deadline adds the grace
 
     def __post_init__(self) -> None:
@@ -187,9 +188,13 @@ def run_trainer(cmd: list[str], env: Mapping[str, str] | None = None) -> tuple[i
                 log.info("trainer: %s", line)
         proc.wait()
     finally:
-        if proc.poll() is None:  # we are being torn down: do not leave the trainer behind
-            proc.terminate()
-            proc.wait(timeout=60)
+        if proc.poll() is None:  # torn down (e.g. Airflow's execution timeout): leave no trainer behind
+            proc.terminate()  # it checkpoints at its next step ...
+            try:
+                proc.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:  # ... or is killed; the retry resumes from the last complete one
+                proc.kill()
+                proc.wait()
         if threading.current_thread() is threading.main_thread() and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     return proc.returncode, result

@@ -309,6 +309,7 @@ def _log_params(client, run_id: str, recipe: Recipe, snapshot: Path, rows: list,
         frame = pd.DataFrame([{"id": r["id"], "lang": r["lang"], "topic": r["topic"]} for r in rows])
         mlflow.log_input(mlflow.data.from_pandas(frame, source=str(snapshot), name=f"corpus-{snapshot.stem[:12]}"),
                          context="training")
+    client.update_run(run_id, status="RUNNING")  # leaving the fluent run marked it FINISHED: not yet
 
 
 def train_with_backoff(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings,

@@ -27,10 +27,12 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 rand() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 log() { echo "[stack] $*" >&2; }
 
-# Start a long-running process in its own session; its pid is the process group we stop later.
+# Start a long-running process in its own session, under a loop that restarts it when it exits
+# (what `restart: unless-stopped` does in compose). The loop's pid is the process group we stop.
 spawn() {  # name, command...
   local name=$1; shift
-  setsid "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
+  setsid bash -c 'while :; do "$@"; echo "[stack] exited with $?, restarting in 3 s"; sleep 3; done' \
+    "$name" "$@" >>"$LOGS/$name.log" 2>&1 < /dev/null &
   echo $! >"$PIDS/$name.pid"
 }
 
@@ -215,11 +217,8 @@ EOF
     "${AS_PG[@]}" "$PG_BIN/pg_ctl" -D "$STATE/pgdata" -l "$LOGS/postgres.log" -w -t 60 \
       -o "-p $PG_PORT -k $STATE/pgdata -c listen_addresses=127.0.0.1" start >/dev/null
     ;;
-  restart-scheduler)  # fault injection: SIGKILL the scheduler, then start a new one
-    write_config
-    kill -KILL -- "-$(cat "$PIDS/scheduler.pid")" 2>/dev/null || true
-    sleep "${DOWN_S:-5}"
-    spawn scheduler airflow scheduler
+  kill-scheduler)  # fault injection: SIGKILL the scheduler; its loop starts a new one 3 s later
+    for child in $(pgrep -P "$(cat "$PIDS/scheduler.pid")"); do kill -KILL "$child"; done
     ;;
   status)
     for f in "$PIDS"/*.pid; do
@@ -227,5 +226,5 @@ EOF
       n=$(basename "$f" .pid); kill -0 "$(cat "$f")" 2>/dev/null && echo "$n: running" || echo "$n: dead"
     done
     ;;
-  *) echo "usage: $0 start|stop|status|restart-scheduler|restart-postgres [STATE_DIR]" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|kill-scheduler|restart-postgres [STATE_DIR]" >&2; exit 2 ;;
 esac

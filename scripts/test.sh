@@ -5,9 +5,14 @@ cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # The Postgres ledger test starts a throwaway server from Debian's `postgresql` package: install
 # it when we can (root with apt), otherwise that one test says it was skipped and why.
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null \
-    || echo "could not install postgresql: the Postgres ledger test will be skipped" >&2
+# The full-stack tests (tests/stack) also need redis-server, and the compose test `docker-compose`.
+missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
+    || echo "could not install ${missing[*]}: the tests that need them will be skipped" >&2
 fi
 ruff check dags plugins shoefix_tasks tests
 exec pytest "$@"

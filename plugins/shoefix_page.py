@@ -110,13 +110,13 @@ def _batches_card(batches: list[dict[str, Any]]) -> str:
     for b in batches:
         c = b["counts"]
         seen = sum(c.values())
-        reasons = ", ".join(f"{_e(k)} {_e(n)}" for k, n in sorted(b["reasons"].items(), key=lambda kv: -kv[1]))
+        reasons = "<br>".join(f"{_e(n)} × {_e(k)}" for k, n in sorted(b["reasons"].items(), key=lambda kv: -kv[1]))
         rows.append(f'<tr><td><code>{_e(b["batch_id"])}</code><br><span class="muted">{_when(b["created_at"])}'
                     f'</span></td><td>{_e(b["status"])}</td><td class="n">{seen}</td>'
                     f'<td class="n">{_e(c.get("accepted", 0))}</td><td class="n">{_e(c.get("quarantined", 0))}</td>'
                     f'<td class="n">{_e(c.get("deferred", 0))}</td><td>{reasons or "—"}</td></tr>')
     samples = "".join(f'<li><code>{_e(s["record_id"] or "(no id)")}</code> {_e(s["source"])}:{_e(s["line_no"])} — '
-                      f'{_e(s["check_name"])}: {_e((s["reason"] or "")[:200])}</li>' for s in batches[0]["samples"])
+                      f'{_e((s["reason"] or s["check_name"] or "")[:200])}</li>' for s in batches[0]["samples"])
     return ('<div class="card"><h2>Recent batches: quarantine</h2><table><tr><th>batch</th><th>status</th>'
             '<th>records</th><th>accepted</th><th>quarantined</th><th>deferred</th><th>why quarantined</th></tr>'
             + "".join(rows) + "</table>"

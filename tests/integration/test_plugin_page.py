@@ -50,10 +50,12 @@ def chromium() -> str | None:
     return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 
 
-def screenshot(base: str, token: str, out: Path, question: str | None = None, width: int = 1400) -> dict:
-    """Open the page in headless Chromium with the UI's `_token` cookie (set over the DevTools
-    protocol, as a logged-in browser holds it), optionally ask a question through the form, and
-    save a full-page PNG. Returns the page's title and visible text."""
+def screenshot(base: str, token: str, out: Path, question: str | None = None, width: int = 1400,
+               path: str = "/shoefix/", settle_s: float = 0.0) -> dict:
+    """Open `path` in headless Chromium with the UI's `_token` cookie (set over the DevTools
+    protocol, as a logged-in browser holds it), optionally ask a question through the page's form,
+    and save a full-page PNG. Returns the page's title and visible text. (`path=/plugin/shoefix`
+    shows the page inside the Airflow UI; `settle_s` gives the UI's scripts time to render.)"""
     import websocket  # websocket-client
 
     profile = tempfile.mkdtemp(prefix="shoefix-chromium-")
@@ -86,7 +88,7 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
             while time.time() < deadline:
                 ready = cdp("Runtime.evaluate", expression="document.readyState + ' ' + location.href",
                             returnByValue=True)["result"]["value"]
-                if ready.startswith("complete") and "/shoefix/" in ready:
+                if ready.startswith("complete") and path in ready:
                     return
                 time.sleep(0.3)
             raise AssertionError("page did not load")
@@ -94,8 +96,9 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
         cdp("Network.enable")
         cdp("Network.setCookie", name="_token", value=token, url=base, httpOnly=True)
         cdp("Page.enable")
-        cdp("Page.navigate", url=f"{base}/shoefix/")
+        cdp("Page.navigate", url=f"{base}{path}")
         wait_loaded()
+        time.sleep(settle_s)
         if question is not None:
             cdp("Runtime.evaluate", expression=f"document.querySelector('textarea').value = {json.dumps(question)};"
                                                "document.querySelector('form').submit()")
@@ -237,6 +240,9 @@ def main() -> None:
     p.add_argument("--token", required=True, help="an Airflow JWT (POST /auth/token)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--question", default=None, help="also ask this through the form")
+    p.add_argument("--path", default="/shoefix/", help="/plugin/shoefix: the page inside the Airflow UI")
+    p.add_argument("--settle-s", type=float, default=0.0)
+    p.add_argument("--width", type=int, default=1400)
     print(json.dumps(screenshot(**{k: v for k, v in vars(p.parse_args()).items()}))[:400])
 
 

@@ -9,6 +9,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES=False
 export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="${AIRFLOW__DATABASE__SQL_ALCHEMY_CONN:-sqlite:///$AIRFLOW_HOME/airflow.db}"
 export MLFLOW_TRACKING_URI="${MLFLOW_TRACKING_URI:-sqlite:///$SHOEFIX_HOME/mlflow/mlflow.db}"
 export TOKENIZERS_PARALLELISM=false
+export MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false  # models are from code: never unpickle one (also `mlflow models serve`)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export PATH="$ROOT/.venv/bin:$PATH"
 mkdir -p "$AIRFLOW_HOME" "$SHOEFIX_HOME/mlflow"

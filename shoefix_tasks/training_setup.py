@@ -90,8 +90,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     kernel = _varlen_kernel() if query.is_cuda else None
     if kernel is not None:
         cu = cu.to(device=query.device, dtype=torch.int32)
+        # flash kernels take half precision only; under QLoRA the norms are upcast to fp32 (PEFT's
+        # prepare_model_for_kbit_training), so q/k/v can arrive in fp32: run in the autocast dtype
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = (x.to(half) if x.dtype == torch.float32 else x for x in (q, k, v))
         out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, max_len, max_len, scale=scaling,
-                     window_size=(-1, 0))  # (-1, 0): every earlier token, none later = causal
+                     window_size=(-1, 0)).to(query.dtype)  # (-1, 0): every earlier token, none later = causal
     else:  # CPU (tests, the embedded default): one causal sdpa per example, same result
         bounds = cu.tolist()
         parts = [F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),

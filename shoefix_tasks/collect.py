@@ -25,24 +25,21 @@ import io
 import json
 import logging
 import os
-import re
-import stat
-import unicodedata
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from shoefix_tasks import ledger
 from shoefix_tasks.config import Settings
-from shoefix_tasks.formats import MAX_RECORD_BYTES, PARSERS, ParsedLine, inspect_stream, iter_records
+from shoefix_tasks.formats import MAX_RECORD_BYTES, ParsedLine, inspect_stream, iter_records
+from shoefix_tasks.inbox import HashingReader, InboxFile, list_inbox, open_file, unsafe_name
 from shoefix_tasks.records import content_hash
 
 log = logging.getLogger(__name__)
 CHUNK_ROWS = 5_000  # ledger rows per INSERT: bounds memory, amortizes round trips
-MAX_NAME_BYTES = 1000  # the ledger's name columns are String(1000)
 
 
 @dataclass
@@ -56,96 +53,6 @@ class BatchRef:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class InboxFile:
-    name: str  # relative to the inbox root
-    path: str  # as the filesystem knows it
-    unsafe: str | None = None  # why it is refused, if it is
-    real: str | None = None  # local files: the resolved path that is opened (never a symlink)
-
-
-def unsafe_name(name: str) -> str | None:
-    """Why an inbox-relative name is refused, or None. Unicode letters and spaces are fine (experts
-    name files in Chinese); what could escape the inbox, spoof a log line or pass for an option is not."""
-    if not name:
-        return "empty file name"
-    if any(unicodedata.category(c) == "Cs" for c in name):
-        return "file name is not valid UTF-8"
-    if any(unicodedata.category(c) in ("Cc", "Cf") for c in name):
-        return "file name contains control or invisible formatting characters"
-    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
-        return f"file name longer than {MAX_NAME_BYTES} bytes"
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
-        return "file name escapes the inbox"
-    if any(p.startswith("-") for p in parts):
-        return "a path component starts with '-' (it would read as a command-line option)"
-    return None
-
-
-def _is_local(fs: Any) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
-    return bool({"file", "local"} & set(protocols))
-
-
-def list_inbox(inbox: str) -> tuple[Any, list[InboxFile]]:
-    """(filesystem, files) for a path or URI, sorted by name; refusals are listed too."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(inbox)
-    if not fs.exists(root):
-        raise FileNotFoundError(f"inbox {inbox} does not exist")
-    root = root.rstrip("/")
-    local = _is_local(fs)
-    real_root = os.path.realpath(root) if local else root
-    out = []
-    for path in sorted(fs.find(root)):
-        name = path[len(root):].lstrip("/")
-        if os.path.splitext(name)[1].lower() not in PARSERS:
-            continue
-        why, real = unsafe_name(name), None
-        if why is None and local:
-            real = os.path.realpath(path)
-            if os.path.commonpath([real, real_root]) != real_root:
-                why = "symlink points outside the inbox"
-            elif not os.path.isfile(real):
-                why = "not a regular file"
-        out.append(InboxFile(name, path, why, real))
-    return fs, out
-
-
-class _Tee(io.RawIOBase):
-    """Reads at most `limit` bytes of `fh`, hashing what it reads: the parse pass proves it read
-    exactly the bytes the first pass hashed (a file rewritten in between is caught)."""
-
-    def __init__(self, fh: IO[bytes], limit: int) -> None:
-        self.fh, self.left, self.digest = fh, limit, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        if self.left <= 0:
-            return 0
-        data = self.fh.read(min(len(buf), self.left))
-        buf[:len(data)] = data
-        self.digest.update(data)
-        self.left -= len(data)
-        return len(data)
-
-
-def _open(fs: Any, f: InboxFile) -> IO[bytes]:
-    """Read-only. A local file is opened by its checked real path without following a symlink and
-    without blocking (a FIFO swapped in after listing is refused, not waited on)."""
-    if f.real is None:
-        return fs.open(f.path, "rb")
-    fd = os.open(f.real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OSError(f"{f.name!r} is no longer a regular file")
-    return os.fdopen(fd, "rb")
 
 
 def _row(batch_id: str, source: str, sha: str, pl: ParsedLine, status: str, check: str | None,
@@ -201,7 +108,7 @@ def _scan_file(fs: Any, f: InboxFile, batch_id: str, sink: _Sink, done: set[str]
     is skipped (already processed, unreadable, or changed while it was read: seen next run)."""
     suffix = os.path.splitext(f.name)[1].lower()
     try:
-        with _open(fs, f) as fh:
+        with open_file(fs, f) as fh:
             facts = inspect_stream(suffix, fh, max_record_bytes)
     except OSError as err:
         log.warning("skipping inbox file %r this run: %s", f.name, err)
@@ -211,8 +118,8 @@ def _scan_file(fs: Any, f: InboxFile, batch_id: str, sink: _Sink, done: set[str]
     before = sink.counts.copy()
     problem = None
     try:
-        with _open(fs, f) as fh:
-            tee = _Tee(fh, facts.size)
+        with open_file(fs, f) as fh:
+            tee = HashingReader(fh, facts.size)
             for pl in iter_records(suffix, io.BufferedReader(tee, 1 << 20), max_record_bytes):
                 sink.add(row_for(batch_id, f.name, facts.sha256, pl, facts.truncated))
             while tee.read(1 << 20):  # a parser may stop early (a CSV error at the end): hash the rest

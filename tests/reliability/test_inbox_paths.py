@@ -17,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from shoefix_tasks import ledger
-from shoefix_tasks.collect import collect_batch, unsafe_name
+from shoefix_tasks.collect import collect_batch
+from shoefix_tasks.inbox import unsafe_name
 from shoefix_tasks.pipeline import collect_qa
 from tests.conftest import FIXTURES
 

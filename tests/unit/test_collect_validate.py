@@ -162,7 +162,7 @@ def test_collect_inserts_in_chunks_and_a_file_changed_while_read_is_left_for_the
     monkeypatch.setattr(collect, "CHUNK_ROWS", 3)
     write(s, "a.jsonl", [good(i) for i in range(10)])
     write(s, "b.jsonl", [good(20 + i) for i in range(4)])
-    real_open = collect._open
+    real_open = collect.open_file
     opened: list[str] = []
 
     def rewrite_b_between_passes(fs, f):
@@ -171,7 +171,7 @@ def test_collect_inserts_in_chunks_and_a_file_changed_while_read_is_left_for_the
             write(s, "b.jsonl", [good(30 + i) for i in range(4)])
         return real_open(fs, f)
 
-    monkeypatch.setattr(collect, "_open", rewrite_b_between_passes)
+    monkeypatch.setattr(collect, "open_file", rewrite_b_between_passes)
     ref = collect_batch(s, "run-1")
     assert (ref.files, ref.seen, ref.collected) == (1, 10, 10)  # b's rows were taken out again
     assert ledger.status_counts(ledger.engine_for(s.ledger_url), "run-1") == {"collected": 10}

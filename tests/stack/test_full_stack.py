@@ -1,0 +1,106 @@
+"""Issue 6's deployment, natively: the weekly DAG through the real scheduler and a Celery worker,
+training observed on queue `gpu`; MLflow reached over HTTP with auth; the ledger in Postgres; an
+urgent update triggered through the api-server's REST API with a JWT, its params validated.
+
+Tests run in file order and share one stack: each builds on the registry the last one left.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.stack.conftest import inbox_file
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+WEEKLY, URGENT = "shoefix_weekly_retrain", "shoefix_urgent_update"
+
+
+def _mlflow_client(stack):
+    import os
+
+    import mlflow
+
+    # the pipeline's own (non-admin) user, from the environment, as the workers use it
+    os.environ.update({k: stack.env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    return mlflow.MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
+
+
+def _ledger(stack):
+    from shoefix_tasks import ledger
+
+    return ledger.engine_for(stack.env["SHOEFIX_LEDGER_URL"])
+
+
+def test_weekly_dag_completes_through_scheduler_with_training_on_gpu_queue(stack, stack_recipe):
+    import requests
+    import sqlalchemy as sa
+
+    from shoefix_tasks import ledger
+
+    inbox_file(stack, "corpus_small.jsonl", "week1.jsonl")
+    stack.wait_for_dag(WEEKLY)
+    out = stack.airflow("dags", "trigger", WEEKLY, "-c", json.dumps({"recipe": str(stack_recipe)}), "-o", "json")
+    # the CLI's JSON is its last line (warnings go to stdout before it)
+    run_id = json.loads([ln for ln in out.splitlines() if ln.startswith("[{")][-1])[0]["dag_run_id"]
+    assert stack.wait_run(WEEKLY, run_id) == "success"
+
+    tis = stack.task_instances(WEEKLY, run_id)
+    assert {t: ti["state"] for t, ti in tis.items()} == dict.fromkeys(
+        ["collect_qa", "validate_qa", "train_adapter", "evaluate_adapter", "gate_and_promote"], "success")
+    assert tis["train_adapter"]["queue"] == "gpu" and tis["train_adapter"]["pool"] == "gpu"
+    assert {tis[t]["queue"] for t in tis if t != "train_adapter"} == {"default"}
+    worker_log = (stack.state / "logs" / "worker.log").read_text()
+    received = [ln for ln in worker_log.splitlines() if "Executing workload" in ln and "task_id=train_adapter" in ln]
+    assert received and all("queue='gpu'" in ln for ln in received)
+
+    # MLflow over HTTP: the version and both runs are on the server, written by the pipeline's user
+    client = _mlflow_client(stack)
+    versions = client.search_model_versions("name='shoefix-expert'")
+    assert [int(v.version) for v in versions] == [1]
+    v1 = versions[0]
+    assert v1.tags["pipeline_run"] == run_id and v1.tags["gate_decision"] == "promote"
+    assert int(client.get_model_version_by_alias("shoefix-expert", "champion").version) == 1
+    train_run = client.get_run(v1.tags["training_run"])
+    assert train_run.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied, not a worker's disk
+    assert any(p.name.endswith(".safetensors") for p in (stack.state / "mlflow-artifacts").rglob("*"))
+    names = {f.path for f in client.list_artifacts(train_run.info.run_id, "adapter")}
+    assert "adapter/shoefix_manifest.json" in names
+    # the pipeline's own user created (so owns) the model; it is not the admin
+    admin = stack.secrets["MLFLOW_AUTH_ADMIN_USERNAME"], stack.secrets["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    perm = requests.get(f"{stack.mlflow}/api/2.0/mlflow/registered-models/permissions/get", auth=admin, timeout=30,
+                        params={"name": "shoefix-expert", "username": stack.env["MLFLOW_TRACKING_USERNAME"]})
+    assert perm.status_code == 200 and perm.json()["registered_model_permission"]["permission"] == "MANAGE"
+    # ... and nobody without credentials gets in, nor with wrong ones
+    url = f"{stack.mlflow}/api/2.0/mlflow/registered-models/get"
+    assert requests.get(url, params={"name": "shoefix-expert"}, timeout=30).status_code == 401
+    assert requests.get(url, params={"name": "shoefix-expert"}, auth=("shoefix-pipeline", "wrong"),
+                        timeout=30).status_code == 401
+    assert stack.rest("GET", "/dags", auth=False).status_code == 401
+
+    # the ledger in Postgres: the batch of this run, every record accounted for
+    engine = _ledger(stack)
+    assert engine.dialect.name == "postgresql"
+    counts = ledger.status_counts(engine, run_id)
+    assert counts["accepted"] == 12 and sum(counts.values()) == 12
+    with engine.connect() as c:
+        files = c.execute(sa.select(ledger.inbox_files.c.name, ledger.inbox_files.c.batch_id)).all()
+    assert [(f.name, f.batch_id) for f in files] == [("week1.jsonl", run_id)]
+
+
+def test_urgent_update_params_are_validated_by_the_rest_api(stack, stack_recipe):
+    """The urgent run itself is triggered through REST in test_restart_midrun (under faults)."""
+    stack.wait_for_dag(URGENT)
+    path = f"/dags/{URGENT}/dagRuns"
+    good = {"reason": "v1 gives wrong drying temperatures", "files": ["urgent/fix.jsonl"],
+            "evaluation": "quick", "recipe": str(stack_recipe)}
+    assert stack.rest("POST", path, json={"logical_date": None, "conf": good}, auth=False).status_code == 401
+    # without the required `reason`, or with an `evaluation` outside its enum: refused, no run created
+    bad = {k: v for k, v in good.items() if k != "reason"}
+    resp = stack.rest("POST", path, json={"logical_date": None, "conf": bad})
+    assert resp.status_code == 400, resp.text
+    assert "reason" in resp.text
+    resp = stack.rest("POST", path, json={"logical_date": None, "conf": {**good, "evaluation": "sometimes"}})
+    assert resp.status_code == 400, resp.text
+    assert stack.rest("GET", path).json()["total_entries"] == 0

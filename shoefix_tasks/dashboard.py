@@ -143,7 +143,7 @@ def pending_inbox_files(settings: Settings) -> list[dict[str, Any]]:
     """Inbox files not processed yet, judged by (name, size) against the ledger: a cheap check for
     announcing new Q&A (no file is read). `collect_qa` still decides by content hash, so a false
     positive costs one run that finds nothing new."""
-    from shoefix_tasks.collect import list_inbox
+    from shoefix_tasks.inbox import list_inbox
 
     fs, listing = list_inbox(settings.inbox)
     f_t = ledger.inbox_files

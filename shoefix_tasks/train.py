@@ -16,111 +16,35 @@ anything else, an error worth a retry.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from shoefix_tasks.config import Recipe, Settings, TrainConfig, load_recipe
+from shoefix_tasks.config import Recipe, Settings, load_recipe
+from shoefix_tasks.train_recovery import (
+    OomFloorError,
+    TrainingStopped,
+    backed_off,
+    batch_shape,
+    catching_stop_signals,
+    last_complete_checkpoint,
+    make_stop_callback,
+    rank_and_world,
+    record_backoff,
+)
 
 log = logging.getLogger("shoefix_tasks.train")
-COMPLETE_MARKERS = ("trainer_state.json", "adapter_model.safetensors")
-BACKOFF_FILE = "oom_backoff.json"
 RESULT_FILE = "train_result.json"
 EXIT_STOPPED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 EXIT_PREFLIGHT = 78  # sysexits EX_CONFIG: wrong node for this recipe
 EXIT_OOM_FLOOR = 79
 NO_RETRY_EXIT_CODES = (EXIT_PREFLIGHT, EXIT_OOM_FLOOR)
-
-
-class TrainingStopped(RuntimeError):
-    """A stop signal arrived; a checkpoint was written at the next step."""
-
-
-class OomFloorError(RuntimeError):
-    """Out of memory at micro-batch 1: the back-off has nowhere left to go."""
-
-
-def _rank() -> tuple[int, int]:
-    """(rank, world size) as set by `accelerate launch` / torchrun; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest `checkpoint-N` holding every file a resume needs; partial ones are ignored.
-
-    The Trainer writes `trainer_state.json` last, so a checkpoint cut short (killed, disk full)
-    has none, or a truncated one: it must parse and name step N.
-    """
-    best: tuple[int, Path] | None = None
-    for path in output_dir.glob("checkpoint-*"):
-        try:
-            step = int(path.name.split("-", 1)[1])
-        except ValueError:
-            continue
-        if not all((path / m).is_file() and (path / m).stat().st_size > 0 for m in COMPLETE_MARKERS):
-            continue
-        try:
-            if json.loads((path / "trainer_state.json").read_text()).get("global_step") != step:
-                continue
-        except (ValueError, OSError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, path)
-    return best[1] if best else None
-
-
-# -- out-of-memory back-off ------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class BatchShape:
-    micro_batch: int
-    grad_accum: int
-
-    def __str__(self) -> str:
-        return f"{self.micro_batch}x{self.grad_accum}"
-
-
-def batch_shape(output_dir: Path, cfg: TrainConfig) -> BatchShape:
-    """The recipe's micro-batch x accumulation, or the backed-off one persisted for this run."""
-    path = output_dir / BACKOFF_FILE
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return BatchShape(int(data["micro_batch"]), int(data["grad_accum"]))
-    return BatchShape(cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-
-
-def backed_off(shape: BatchShape) -> BatchShape:
-    """Divide the micro-batch by its smallest prime factor, multiply accumulation by it: the
-    effective batch (micro x accum) stays exactly the same. 8x1 -> 4x2 -> 2x4 -> 1x8; 6x1 -> 3x2;
-    5x1 -> 1x5."""
-    mb = shape.micro_batch
-    if mb <= 1:
-        raise OomFloorError(
-            f"out of memory at micro-batch 1 (x{shape.grad_accum} accumulation): shorten train.max_length, "
-            "enable train.gradient_checkpointing or quant.load_in_4bit, or use a larger GPU")
-    factor = next(p for p in range(2, mb + 1) if mb % p == 0)
-    return BatchShape(mb // factor, shape.grad_accum * factor)
-
-
-def record_backoff(output_dir: Path, old: BatchShape, new: BatchShape, step: int | None) -> None:
-    """Persist the new shape beside the checkpoints, so an Airflow retry (another process, maybe
-    another worker on the shared volume) starts from it instead of running out of memory again."""
-    path = output_dir / BACKOFF_FILE
-    history = json.loads(path.read_text())["history"] if path.is_file() else []
-    history.append({"from": str(old), "to": str(new), "after_step": step, "time": time.time()})
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"micro_batch": new.micro_batch, "grad_accum": new.grad_accum,
-                               "history": history}, indent=1))
-    tmp.replace(path)
 
 
 # -- callbacks ---------------------------------------------------------------------------------
@@ -143,63 +67,6 @@ def make_mlflow_callback(run_id: str):
                 client.log_metric(run_id, k, v, timestamp=ts, step=state.global_step)
 
     return MlflowLossCallback()
-
-
-def make_stop_callback():
-    """On SIGTERM/SIGINT: save a checkpoint at the end of the current step, then stop.
-
-    The handler only sets a flag (a signal can arrive mid-kernel); the Trainer acts on it at the
-    next step boundary. Under DDP the flag is max-reduced so every rank saves and stops at the same
-    step (a rank saving alone would wait forever in the save's barrier). Repeated SIGTERMs are
-    harmless (Airflow signals the task's process group and the task forwards it too); a second
-    SIGINT (Ctrl-C twice) ends the process at once.
-    """
-    from transformers import TrainerCallback
-
-    class GracefulStop(TrainerCallback):
-        def __init__(self) -> None:
-            self.requested: str | None = None
-            self.stopped_at: int | None = None
-
-        def request(self, signum, frame) -> None:
-            self.requested = signal.Signals(signum).name
-            if signum == signal.SIGINT:
-                signal.signal(signum, signal.default_int_handler)
-            log.warning("%s received: writing a checkpoint at the end of this step, then stopping", self.requested)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            asked = self.requested is not None
-            if _rank()[1] > 1:
-                import torch
-                import torch.distributed as dist
-
-                flag = torch.tensor([1.0 if asked else 0.0], device=args.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                asked = flag.item() > 0
-            if asked:
-                control.should_save = True
-                control.should_training_stop = True
-                self.stopped_at = state.global_step
-            return control
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                log.info("checkpoint-%d complete", state.global_step)
-
-    return GracefulStop()
-
-
-@contextlib.contextmanager
-def _catching_stop_signals(stop):
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers can only be set from the main thread (e.g. not inside a worker thread)
-        return
-    previous = {s: signal.signal(s, stop.request) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 # -- the adapter -------------------------------------------------------------------------------
@@ -242,7 +109,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     from shoefix_tasks.records import read_jsonl
     from shoefix_tasks.training_setup import build_dataset, build_lora_config, build_sft_config
 
-    rank, _ = _rank()
+    rank, _ = rank_and_world()
     shape = batch_shape(output_dir, recipe.train)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(
         recipe.train, per_device_train_batch_size=shape.micro_batch, gradient_accumulation_steps=shape.grad_accum))
@@ -274,7 +141,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     resume = last_complete_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s with micro-batch x accumulation %s", resume, shape)
-    with _catching_stop_signals(stop):
+    with catching_stop_signals(stop):
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop.stopped_at is not None:
         raise TrainingStopped(f"stopped by {stop.requested} at step {stop.stopped_at}; "
@@ -333,7 +200,7 @@ def train_with_backoff(recipe: Recipe, snapshot: Path, output_dir: Path, run_key
             record_backoff(output_dir, shape, smaller, int(done.name.split("-")[1]) if done else None)
             log.warning("CUDA out of memory at micro-batch x accumulation %s (%s); retrying at %s from %s",
                         shape, str(err).splitlines()[0][:200], smaller, done or "the start")
-            if _rank()[1] > 1:
+            if rank_and_world()[1] > 1:
                 raise
         gc.collect()  # outside the except block: the traceback no longer pins the step's tensors
         if torch.cuda.is_available():

@@ -27,15 +27,13 @@ import yaml
 
 from shoefix_tasks.adapter import verify_adapter
 from shoefix_tasks.config import load_recipe
-from shoefix_tasks.train import (
+from shoefix_tasks.train import EXIT_STOPPED, train, train_with_backoff
+from shoefix_tasks.train_recovery import (
     BACKOFF_FILE,
-    EXIT_STOPPED,
     BatchShape,
     OomFloorError,
     backed_off,
     last_complete_checkpoint,
-    train,
-    train_with_backoff,
 )
 from tests.conftest import ROOT, copy_fixture_corpus, env_with
 

@@ -115,16 +115,31 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
         champ = registry.version_by_alias(registry.CHAMPION)
         mine = registry.version_for_run(train_result["run_id"])
         now = int(champ.version) if champ is not None else None
+        judged = eval_ref.get("judged", False)
+        if mine is not None and mine.tags.get("evaluation_run", eval_ref["eval_run_id"]) != eval_ref["eval_run_id"]:
+            # an earlier attempt decided on a re-evaluation: a retry decides on the same one
+            eval_ref = _evaluation_of(mine, settings)
         reevaluated = None
         if now != eval_ref.get("champion_version") and (mine is None or now != int(mine.version)):
             log.warning("champion changed from %s to %s since this candidate was evaluated: evaluating again",
                         eval_ref.get("champion_version"), now)
-            judged = eval_ref.get("judged", False)
-            eval_ref = evaluate_adapter(f"{run_key}.vs-v{now}", recipe, train_result, overrides, settings,
+            eval_ref = evaluate_adapter(f"{run_key}.vs-{f'v{now}' if now else 'base'}", recipe, train_result, overrides, settings,
                                         judge=judge, require_judge=judged)
             reevaluated = now
         out = _decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease)
     return {**out, "reevaluated_against": reevaluated, "lock_waited_s": round(lease.waited_s, 2)}
+
+
+def _evaluation_of(version, settings: Settings) -> dict[str, Any]:
+    """The evaluation a version was registered with (its tags), fetched from its MLflow run."""
+    import mlflow
+
+    run_id, challenged = version.tags["evaluation_run"], version.tags.get("challenged", "base")
+    dst = settings.run_dir(f"evaluation-{run_id}")
+    dst.mkdir(parents=True, exist_ok=True)
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation.json", dst_path=str(dst))
+    return {"eval_run_id": run_id, "evaluation_path": path,
+            "champion_version": int(challenged[1:]) if challenged.startswith("v") else None}
 
 
 def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_ref: dict[str, Any], actor: str,

@@ -90,12 +90,16 @@ RACER = textwrap.dedent("""
     from pathlib import Path
     from shoefix_tasks import pipeline
     from shoefix_tasks.config import Settings
+    from shoefix_tasks import registry
     actor, recipe, trained, barrier = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
+    behind = sys.argv[5] if len(sys.argv) > 5 else ""
     s = Settings.from_env()
     ref = pipeline.evaluate_adapter(f"race-{actor}", recipe, trained, settings=s)
     (barrier / actor).touch()
     while len(list(barrier.iterdir())) < 2:   # both evaluated against the same (no) champion
         time.sleep(0.05)
+    while behind and not (registry.promotion_lock(s, "probe").holder_now() or "").startswith(behind):
+        time.sleep(0.02)                      # arrive while the other run holds the lease
     out = pipeline.gate_and_promote(f"race-{actor}", recipe, trained, ref, actor=actor, settings=s)
     print("RESULT " + json.dumps(out))
 """)
@@ -131,26 +135,30 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
 
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    procs = {actor: subprocess.Popen([sys.executable, "-c", RACER, actor, recipe, json.dumps(trained), str(barrier)],
-                                     env=env_with(s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
-             for actor, trained in (("weekly", strong), ("urgent", weak))}
+    # the urgent run reaches the gate while the weekly run holds the lease: it must wait, then find
+    # the champion moved under it (both were scored against the base)
+    procs = {actor: subprocess.Popen([sys.executable, "-c", RACER, actor, recipe, json.dumps(trained), str(barrier),
+                                      behind], env=env_with(s), cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+             for actor, trained, behind in (("weekly", strong, ""), ("urgent", weak, "weekly"))}
     results = {}
     for actor, p in procs.items():
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-4000:]
         results[actor] = json.loads(out.split("RESULT ", 1)[1])
 
-    # serialized: exactly one run found the champion moved under it, waited, and compared again
-    first, second = sorted(results, key=lambda a: results[a]["lock_waited_s"])
+    print("RACE", json.dumps({a: {k: r[k] for k in ("version", "decision", "challenged", "reevaluated_against",
+                                                    "lock_waited_s")} for a, r in results.items()}))
+    # serialized: the urgent run waited for the lease, found the champion moved, and compared again
+    first, second = "weekly", "urgent"
     assert results[first]["reevaluated_against"] is None
     assert results[second]["lock_waited_s"] > 0
     direct = direct_client(mlflow_http)
     versions = {int(v.version): v.run_id for v in direct.search_model_versions("name='shoefix-expert'")}
     assert sorted(versions.values()) == sorted([strong["run_id"], weak["run_id"]])  # one version per run
-    if results[first]["decision"] == "promote":
-        assert results[second]["reevaluated_against"] == results[first]["version"]
-        assert results[second]["challenged"] == f"v{results[first]['version']}"
+    assert results[first]["decision"] == "promote"  # the strong candidate beats the base
+    assert results[second]["reevaluated_against"] == results[first]["version"]
+    assert results[second]["challenged"] == f"v{results[first]['version']}"
 
     # exactly one champion, and it is the better candidate by a head-to-head the test runs itself
     champ = direct.get_model_version_by_alias("shoefix-expert", "champion")
@@ -165,3 +173,42 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
     history = registry.champion_history(s)
     assert history[-1]["version"] == int(champ.version)
     assert len(history) == sum(r["decision"] == "promote" for r in results.values())
+
+
+@pytest.mark.integration
+def test_gate_evaluates_again_when_the_champion_moved_after_evaluation(shoefix_env, lenient_recipe, tmp_path):
+    """The deterministic half of the race: whichever way two runs interleave, the one that gets the
+    lease second must be compared with the champion of *now*, not the one it was scored against."""
+    import mlflow
+
+    from shoefix_tasks import pipeline, registry, tracking
+    from tests.reliability.test_registry_faults import make_adapter, register, training_run
+
+    s, recipe = shoefix_env, str(lenient_recipe)
+    tracking.configure(s)
+    base = Path(yaml.safe_load(lenient_recipe.read_text())["model"]["base_model"])
+    late = training_run(s, "late", make_adapter(base, s, tmp_path / "late", seed=2))
+    ref = pipeline.evaluate_adapter("late", recipe, late, settings=s)
+    assert ref["champion_version"] is None  # scored against the base model
+
+    # meanwhile another run promotes v1
+    v1 = int(register(s, base, training_run(s, "other", make_adapter(base, s, tmp_path / "other", seed=1))).version)
+    with registry.promotion_lock(s, "other") as lease:
+        registry.set_champion(s, v1, "other run", "other", lease=lease)
+
+    out = pipeline.gate_and_promote("late", recipe, late, ref, actor="late", settings=s)
+    assert out["reevaluated_against"] == v1 and out["challenged"] == f"v{v1}"
+    version = mlflow.MlflowClient().get_model_version("shoefix-expert", str(out["version"]))
+    assert version.tags["challenged"] == f"v{v1}" and version.tags["evaluation_run"] != ref["eval_run_id"]
+    history = registry.champion_history(s)
+    assert history[-1]["version"] == out["champion"]
+    if out["decision"] == "promote":
+        assert history[-1]["previous_version"] == v1
+
+    again = pipeline.gate_and_promote("late", recipe, late, ref, actor="late", settings=s)  # the task's retry
+    assert (again["version"], again["decision"], again["champion"]) == (out["version"], out["decision"],
+                                                                        out["champion"])
+    exp = mlflow.MlflowClient().get_experiment_by_name("shoefix").experiment_id
+    reevals = mlflow.MlflowClient().search_runs([exp], f"tags.`shoefix.run_key` = 'late.vs-v{v1}'")
+    assert len(reevals) == 1  # the retry reused the re-evaluation
+    assert len(registry.champion_history(s)) == len(history)

@@ -24,7 +24,7 @@ URGENT = "shoefix_urgent_update"
 UNFINISHED = {"running", "queued", "scheduled", "restarting", "up_for_retry", "up_for_reschedule", "deferred"}
 
 
-def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, stack_recipe):
+def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, stack_recipe, monkeypatch):
     import mlflow
     import sqlalchemy as sa
 
@@ -72,15 +72,16 @@ def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, 
     assert len(lines) == len(set(lines)), "a line of an inbox file was ledgered twice"
 
     # no duplicate registry version: one per training run, and exactly one for this pipeline run
-    import os
-
-    os.environ.update({k: stack.env[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, stack.env[key])
     client = mlflow.MlflowClient(tracking_uri=stack.mlflow, registry_uri=stack.mlflow)
     versions = client.search_model_versions("name='shoefix-expert'")
     assert len({v.tags["training_run"] for v in versions}) == len(versions)
     assert [v.tags["pipeline_run"] for v in versions].count(run_id) == 1
     mine = next(v for v in versions if v.tags["pipeline_run"] == run_id)
-    assert mine.tags["challenged"] == "v1"  # scored against the weekly run's champion
+    v1 = client.get_model_version("shoefix-expert", "1")
+    # scored against the champion the weekly run left (v1 if its gate promoted it, else the base)
+    assert mine.tags["challenged"] == ("v1" if v1.tags["gate_decision"] == "promote" else "base")
     train_runs = client.search_runs([client.get_experiment_by_name("shoefix").experiment_id],
                                     filter_string=f"tags.`shoefix.stage` = 'train' and tags.`shoefix.run_key` = '{run_id}'")
     assert len(train_runs) == 1

@@ -6,7 +6,7 @@ Records are synthesized from the real corpus: each answer is 4 sentences drawn a
 different corpus answers (so records are distinct, not near-duplicates, as real new Q&A would be),
 spread over JSONL files, with ~2% bad rows mixed in (invalid JSON, unknown
 topic, PII) so that quarantine paths are exercised too. Runs collect_qa and validate_qa exactly as
-the DAG does, against a fresh SQLite ledger in a temporary folder.
+the DAG does, against a fresh SQLite ledger in a temporary folder (deleted afterwards).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -62,6 +63,13 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=50)
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="shoefix-bench-"))
+    try:
+        run(home, args)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run(home: Path, args: argparse.Namespace) -> None:
     (home / "inbox").mkdir()
     os.environ.update(SHOEFIX_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
     bad = synthesize(args.records, args.files, home / "inbox")

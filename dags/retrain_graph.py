@@ -83,10 +83,15 @@ def _overrides(p: dict) -> list[str]:
 
 @task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[COLLECTED_ALIAS])
 def collect_qa() -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
     from shoefix_tasks.pipeline import collect_qa as run
 
     p = _params()
-    ref = run(_run_key(), inbox=p.get("inbox") or None, files=p.get("files") or None)
+    try:
+        ref = run(_run_key(), inbox=p.get("inbox") or None, files=p.get("files") or None)
+    except ValueError as err:  # a refused `files` entry or a malformed source: retrying cannot help
+        raise AirflowFailException(str(err)) from err
     if ref["collected"]:
         _emit(COLLECTED_ALIAS, COLLECTED, ref)
     return ref if ref["collected"] else {}  # empty -> downstream skipped: nothing new
@@ -197,7 +202,8 @@ def evaluate_adapter(trained: dict) -> dict:
         raise AirflowFailException(str(err)) from err
 
 
-@task(execution_timeout=timedelta(minutes=30), retries=3, on_success_callback=ShoeFixNotifier("champion"))
+# generous: under the promotion lock it may wait for another run's gate, then evaluate again
+@task(execution_timeout=timedelta(hours=3), retries=3, on_success_callback=ShoeFixNotifier("champion"))
 def gate_and_promote(trained: dict, evaluated: dict) -> dict:
     from shoefix_tasks.pipeline import gate_and_promote as run
 

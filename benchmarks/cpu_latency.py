@@ -24,10 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--static-samples", type=int, default=3, help="also time the static-cache path (0 = skip)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from peft import get_peft_model
 
     from shoefix_tasks.adapter import write_manifest

@@ -64,6 +64,7 @@ def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, 
 
     # no file processed twice: each inbox file once, each of its lines in exactly one batch
     engine = ledger.engine_for(stack.env["SHOEFIX_LEDGER_URL"])
+    engine.dispose()  # this test process's pooled connections died with the server they came from
     with engine.connect() as c:
         files = c.execute(sa.select(ledger.inbox_files.c.name, ledger.inbox_files.c.batch_id,
                                     ledger.inbox_files.c.status)).all()

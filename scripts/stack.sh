@@ -193,6 +193,9 @@ stop_postgres() {
 case "$cmd" in
   start)
     mkdir -p "$LOGS" "$PIDS"
+    if [[ -f "$PIDS/api-server.pid" ]] && kill -0 "$(cat "$PIDS/api-server.pid")" 2>/dev/null; then
+      log "already running (state: $STATE); \`$0 stop $STATE\` first"; exit 1
+    fi
     write_config
     start_postgres
     start_redis

@@ -178,8 +178,18 @@ def _base_shape(recipe: Recipe, settings: Settings) -> tuple[int, dict[str, Any]
     return safetensors_param_count(resolved), json.loads((resolved / "config.json").read_text())
 
 
+def probe_liger() -> str | None:
+    """None when Liger's kernels import (liger-kernel is optional: only recipes that turn it on need it)."""
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception as err:  # ImportError, or Triton failing to initialise
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def check_node(recipe: Recipe, settings: Settings, gpu_probe: Callable[[], GpuProbe] = probe_gpu,
-               bnb_probe: Callable[[], str | None] = probe_bitsandbytes) -> dict[str, Any]:
+               bnb_probe: Callable[[], str | None] = probe_bitsandbytes,
+               liger_probe: Callable[[], str | None] = probe_liger) -> dict[str, Any]:
     """Raise PreflightError if this node cannot run `recipe`; return what was checked."""
     gpu_node = os.environ.get("SHOEFIX_REQUIRE_GPU", "") in ("1", "true", "yes")
     if not needs_cuda(recipe, gpu_node):
@@ -190,6 +200,9 @@ def check_node(recipe: Recipe, settings: Settings, gpu_probe: Callable[[], GpuPr
     gpu = gpu_probe()
     bnb_error = bnb_probe() if needs.bitsandbytes and gpu.cuda else None
     problems = decide(needs, gpu, bnb_error)
+    liger_error = liger_probe() if recipe.train.use_liger_kernel else None
+    if liger_error:
+        problems.append(f"the recipe uses Liger kernels and they do not load (pip install liger-kernel on the trainer image): {liger_error}")
     report = {"skipped": False, "gpu": gpu.name, "free_gib": round(gpu.free_bytes / GIB, 1),
               "needs_gib": round(needs.min_bytes / GIB, 1), "bitsandbytes": needs.bitsandbytes, "problems": problems}
     if problems:

@@ -88,6 +88,13 @@ def test_gpu_recipe_on_a_local_base(shoefix_env, tiny_model, monkeypatch):
         check_node(rec, shoefix_env, gpu_probe=lambda: tight, bnb_probe=bnb_ok)
     with pytest.raises(PreflightError, match="bitsandbytes"):
         check_node(rec, shoefix_env, gpu_probe=lambda: H200, bnb_probe=lambda: "ImportError: no libbitsandbytes")
+    # a recipe with Liger kernels: the real probe (liger-kernel is not installed on this CPU machine)
+    # makes the node unfit, with the reason
+    liger = load_recipe("qwen2.5-1.5b-gpu", [f"model.base_model={tiny_model}", "train.use_liger_kernel=true"])
+    with pytest.raises(PreflightError, match="Liger kernels"):
+        check_node(liger, shoefix_env, gpu_probe=lambda: H200, bnb_probe=bnb_ok)
+    assert check_node(liger, shoefix_env, gpu_probe=lambda: H200, bnb_probe=bnb_ok,
+                      liger_probe=lambda: None)["problems"] == []
 
 
 def test_real_probes_on_this_machine():

@@ -82,7 +82,10 @@ def main() -> int:
         model = build_tiny_model(state / "models" / "tiny-llama")
         recipe = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
         recipe["model"]["base_model"] = str(model)
-        recipe["train"].update(num_train_epochs=1, per_device_train_batch_size=4, max_length=256, save_steps=2)
+        # a high learning rate so that two steps on a few records change the random model's greedy
+        # answers: otherwise every challenger ties its champion and no run ever promotes
+        recipe["train"].update(num_train_epochs=1, per_device_train_batch_size=4, max_length=256, save_steps=2,
+                               learning_rate=5e-2)
         recipe["eval"].update(max_new_tokens=12, batch_size=8, latency_samples=1)
         # a gate that promotes any non-tied challenger: the random tiny model rarely wins a fair one
         recipe["gate"] = {"min_effect": -100.0, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,

@@ -146,14 +146,13 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     languages: list[str] = field(default_factory=lambda: ["en"])
+    # The least new tokens an answer may use; evaluation raises it to cover the longest reference
+    # answer (policy `evaluation.token_margin`), so no answer is scored after being cut short.
     max_new_tokens: int = 160
     # Fixed decoding for champion and challenger alike: greedy, with a mild repetition penalty
     # (small models otherwise loop on one sentence under greedy decoding; 1.0 = off).
     repetition_penalty: float = 1.0
     batch_size: int = 16
-    latency_samples: int = 4
-    include_guard: bool = True
-    max_questions: int = 0  # 0 = the whole holdout; a quick gate sets a small number
 
     def __post_init__(self) -> None:
         bad = set(self.languages) - set(LANGS)
@@ -164,23 +163,6 @@ class EvalConfig:
 
 
 @dataclass
-class GateConfig:
-    min_effect: float = 0.1  # composite points (1-10 scale) the CI's lower bound must exceed
-    bootstrap_samples: int = 2000
-    confidence: float = 0.95
-    max_latency_ratio: float = 1.25  # challenger p50 / champion p50
-    guard_tolerance: float = 1.0  # a guard question "regresses" if its composite drops more than this
-    key_data_tolerance: float = 0.0  # mean key-data accuracy may not drop by more than this
-    seed: int = 8888
-
-    def __post_init__(self) -> None:
-        if not 0.5 < self.confidence < 1:
-            raise ValueError("gate.confidence must be in (0.5, 1)")
-        if self.max_latency_ratio <= 0:
-            raise ValueError("gate.max_latency_ratio must be positive")
-
-
-@dataclass
 class Recipe:
     name: str
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -188,7 +170,6 @@ class Recipe:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self) -> None:
         if self.quant.load_in_4bit and self.model.dtype == "float32":
@@ -211,7 +192,7 @@ class Recipe:
 
 _SECTION_CLASSES = {
     "model": ModelConfig, "lora": LoraConfig, "quant": QuantConfig,
-    "train": TrainConfig, "eval": EvalConfig, "gate": GateConfig,
+    "train": TrainConfig, "eval": EvalConfig,
 }
 
 
@@ -257,14 +238,30 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, attr, yaml.safe_load(raw)
 
 
+def recipe_dirs() -> list[Path]:
+    """Where recipe names are looked up: the package's recipes, then the policy's `trigger.recipe_dirs`."""
+    from shoefix_tasks.policy import load_policy
+
+    return [RECIPE_DIR, *(Path(d) for d in load_policy().trigger.recipe_dirs)]
+
+
+def recipe_path(name: str) -> Path:
+    """The YAML file of recipe `name` (a name, never a path: see `load_recipe`)."""
+    for folder in recipe_dirs():
+        path = folder / f"{name}.yaml"
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no recipe {name!r}; known recipes: {list_recipes()}")
+
+
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load `recipes/<name>.yaml` (or a YAML path) and apply `section.key=value` overrides."""
+    """Load recipe `name` (or, for operators and tests calling Python directly, a YAML path) and
+    apply `section.key=value` overrides. DAG triggers only ever pass names (shoefix_tasks.trigger)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = RECIPE_DIR / f"{name_or_path}.yaml"
+        path = recipe_path(name_or_path)
     if not path.is_file():
-        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"no recipe {name_or_path!r}; known recipes: {known}")
+        raise FileNotFoundError(f"no recipe {name_or_path!r}; known recipes: {list_recipes()}")
     data = yaml.safe_load(path.read_text()) or {}
     for text in overrides or []:
         section, attr, value = _parse_override(text)
@@ -273,4 +270,4 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+    return sorted({p.stem for folder in recipe_dirs() for p in folder.glob("*.yaml")})

@@ -14,6 +14,7 @@ from typing import Any
 from shoefix_tasks.config import Recipe, Settings
 from shoefix_tasks.generation import generate, load_answerer, measure_latency
 from shoefix_tasks.metrics import QUALITY_METRICS, score_answer
+from shoefix_tasks.policy import Policy, load_policy
 from shoefix_tasks.records import load_eval_set, rows_hash
 
 log = logging.getLogger(__name__)
@@ -37,12 +38,39 @@ def check_candidate(adapter_dir: Path, recipe: Recipe, settings: Settings) -> di
     return manifest
 
 
-def eval_items(settings: Settings, recipe: Recipe) -> tuple[list[dict[str, Any]], set[str], str]:
-    """(items, guard ids, holdout+guard hash) for the recipe's evaluation languages."""
+def quick_sample(holdout: list[dict[str, Any]], n: int, seed: int) -> list[dict[str, Any]]:
+    """A seeded sample of `n` holdout questions, stratified by topic (round-robin over topics, so
+    every topic is represented), in id order. Both languages of a question go together."""
+    import random
+
+    by_topic: dict[str, list[str]] = {}
+    for row in holdout:
+        qids = by_topic.setdefault(row["topic"], [])
+        if row["qid"] not in qids:
+            qids.append(row["qid"])
+    rng = random.Random(seed)
+    for qids in by_topic.values():
+        rng.shuffle(qids)
+    per_qid = len(holdout) / max(1, sum(len(q) for q in by_topic.values()))
+    chosen: list[str] = []
+    topics = sorted(by_topic)
+    while len(chosen) * per_qid < n and any(by_topic.values()):
+        for topic in topics:
+            if by_topic[topic] and len(chosen) * per_qid < n:
+                chosen.append(by_topic[topic].pop())
+    keep = set(chosen)
+    return [row for row in holdout if row["qid"] in keep]
+
+
+def eval_items(settings: Settings, recipe: Recipe, quick: bool = False,
+               policy: Policy | None = None) -> tuple[list[dict[str, Any]], set[str], str]:
+    """(items, guard ids, holdout+guard hash) for the recipe's evaluation languages. The guard set
+    is always evaluated in full; `quick` samples the holdout as the policy says."""
+    policy = policy or load_policy()
     holdout = load_eval_set(settings.data_dir, "holdout", recipe.eval.languages)
-    if recipe.eval.max_questions:
-        holdout = holdout[: recipe.eval.max_questions]
-    guard = load_eval_set(settings.data_dir, "guard", recipe.eval.languages) if recipe.eval.include_guard else []
+    if quick:
+        holdout = quick_sample(holdout, policy.evaluation.quick_questions, policy.evaluation.quick_seed)
+    guard = load_eval_set(settings.data_dir, "guard", recipe.eval.languages)
     if not holdout:
         raise ValueError(f"no holdout questions in {settings.data_dir / 'holdout'} for {recipe.eval.languages}")
     return holdout + guard, {g["id"] for g in guard}, rows_hash(holdout + guard)
@@ -63,7 +91,7 @@ def answer_and_score(label: str, base_model: str, adapter_dir: Path | None, item
     ans = load_answerer(base_model, adapter_dir, settings, recipe.model.dtype, label=label)
     ev = recipe.eval
     gens = generate(ans, [it["question"] for it in items], ev.max_new_tokens, ev.batch_size, ev.repetition_penalty)
-    latency = measure_latency(ans, [it["question"] for it in items[: ev.latency_samples]], ev.max_new_tokens,
+    latency = measure_latency(ans, [it["question"] for it in items[: load_policy().evaluation.latency_samples]], ev.max_new_tokens,
                               ev.repetition_penalty)
     scores = [score_answer(it, g["answer"], guard=it["id"] in guard_ids).to_dict() for it, g in zip(items, gens, strict=True)]
     for s, g in zip(scores, gens, strict=True):
@@ -104,7 +132,7 @@ def _record_rejection(run_key: str, training_run_id: str, err: CandidateRejected
 
 def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapter: Path,
              champion_adapter: Path | None, champion_label: str, training_run_id: str,
-             judge=None, require_judge: bool = False) -> dict[str, Any]:
+             judge=None, require_judge: bool = False, quick: bool = False) -> dict[str, Any]:
     """Score both models; log everything to an `evaluate` MLflow run; return a small reference.
 
     Raises CandidateRejected (recorded on the evaluate run) when the challenger fails its checks.
@@ -120,7 +148,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
         log.error("%s", err)
         _record_rejection(run_key, training_run_id, err)
         raise
-    items, guard_ids, eval_hash = eval_items(settings, recipe)
+    items, guard_ids, eval_hash = eval_items(settings, recipe, quick=quick)
     t0 = time.perf_counter()
     champion = answer_and_score(champion_label, recipe.model.base_model, champion_adapter, items, guard_ids,
                                 recipe, settings)

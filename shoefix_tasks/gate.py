@@ -17,7 +17,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from shoefix_tasks.config import GateConfig
+from shoefix_tasks.policy import GateConfig
 
 
 @dataclass

@@ -71,9 +71,11 @@ def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list
 
 
 def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], overrides: list[str] | None = None,
-                     settings: Settings | None = None, judge=None, require_judge: bool = False) -> dict[str, Any]:
+                     settings: Settings | None = None, judge=None, require_judge: bool = False,
+                     quick: bool = False) -> dict[str, Any]:
     """`judge` is an optional `JudgeConfig` (never logged or returned: it may hold an API key);
-    `require_judge` makes a missing judge a recorded judge failure (the gate then fails closed)."""
+    `require_judge` makes a missing judge a recorded judge failure (the gate then fails closed);
+    `quick` evaluates the policy's stratified sample of the holdout (the guard set always in full)."""
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.evaluate import evaluate
 
@@ -88,7 +90,7 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
-                   train_result["run_id"], judge=judge, require_judge=require_judge)
+                   train_result["run_id"], judge=judge, require_judge=require_judge, quick=quick)
     ref["champion_version"] = int(champ.version) if champ is not None else None
     ref["judged"] = judge is not None
     return ref
@@ -96,7 +98,7 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
 
 def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
-                     settings: Settings | None = None, judge=None) -> dict[str, Any]:
+                     settings: Settings | None = None, judge=None, quick: bool = False) -> dict[str, Any]:
     """Decide, register and (maybe) promote, all under the promotion lease.
 
     Inside the lease the champion is read again. If it changed since `eval_ref` was scored (another
@@ -124,7 +126,7 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
             log.warning("champion changed from %s to %s since this candidate was evaluated: evaluating again",
                         eval_ref.get("champion_version"), now)
             eval_ref = evaluate_adapter(f"{run_key}.vs-{f'v{now}' if now else 'base'}", recipe, train_result, overrides, settings,
-                                        judge=judge, require_judge=judged)
+                                        judge=judge, require_judge=judged, quick=quick)
             reevaluated = now
         out = _decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease)
     return {**out, "reevaluated_against": reevaluated, "lock_waited_s": round(lease.waited_s, 2)}
@@ -158,7 +160,9 @@ def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_r
         return Scorecard({s["id"]: s["composite"] for s in scores}, {s["id"]: s["key_data_accuracy"] for s in scores},
                          evaluation[side]["summary"]["latency_p50_s"], guard)
 
-    decision = decide(card("champion"), card("challenger"), rec.gate, judge_error=evaluation.get("judge_error"))
+    from shoefix_tasks.policy import load_policy
+
+    decision = decide(card("champion"), card("challenger"), load_policy().gate, judge_error=evaluation.get("judge_error"))
     verdict = "promote" if decision.promote else "keep_champion"
     markdown = scorecard_markdown(evaluation, decision.to_dict())
     chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")

@@ -1,0 +1,126 @@
+"""Meta-evaluation: is the scorecard right? Is the safety floor right?
+
+A score that decides promotions must rank answers we know are bad below answers we know are good.
+For every holdout and guard item this scores the reference, hand-written faithful paraphrases
+(`<data_dir>/meta_eval/paraphrases.jsonl`) and the systematic degradations of shoefix_tasks.degrade,
+and checks every item's safety claims on the reference (states its must_state claims, no forbidden
+claim), on its paraphrase (no forbidden claim) and on its reversed advice (a forbidden claim).
+
+  python -m shoefix_tasks.meta_eval claims      # the safety-claim check, item by item
+  python -m shoefix_tasks.meta_eval scorecard   # the ranking table (docs/scorecard.md)
+
+The test suite runs the same functions (tests/unit/test_meta_eval.py); figures live in docs/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.claims import Claim, load_claims, states
+from shoefix_tasks.degrade import reverse_advice
+from shoefix_tasks.records import load_eval_set, read_jsonl
+
+# A holdout item needs safety claims when it is about health or gives advice about a hazardous chemical.
+CHEMICAL = re.compile(r"bleach|ammonia|chlorine|chloramine|ozone|dimethyl fumarate|isothiazolinone|biocide|"
+                      r"fungicide|mothball|naphthalene|peroxide|disinfectant|pesticide|chemical", re.I)
+
+
+def eval_items(data_dir: Path) -> list[dict[str, Any]]:
+    """Holdout then guard items, both languages, in id order."""
+    return load_eval_set(data_dir, "holdout") + load_eval_set(data_dir, "guard")
+
+
+def needs_claims(item: dict[str, Any], english: dict[str, dict[str, Any]]) -> bool:
+    """Guard items always; holdout items on health or chemicals (decided on the English version, so
+    both languages of a question agree)."""
+    en = english.get(item["qid"], item)
+    return item["id"].startswith("guard-") or en["topic"] == "health" or bool(CHEMICAL.search(en["answer"]))
+
+
+def paraphrases(data_dir: Path) -> dict[str, str]:
+    path = data_dir / "meta_eval" / "paraphrases.jsonl"
+    return {r["id"]: r["paraphrase"] for r in read_jsonl(path)} if path.is_file() else {}
+
+
+def _forbidden_hits(text: str, lang: str, ids: list[str], claims: dict[str, Claim]) -> list[str]:
+    return [cid for cid in ids if states(claims[cid], text, lang)]
+
+
+def claim_report(data_dir: Path) -> dict[str, Any]:
+    """Per item: problems with its claims. Returns {"items": [...], "problems": [...], "summary": {...}}."""
+    claims = load_claims(data_dir)
+    items = eval_items(data_dir)
+    english = {it["qid"]: it for it in items if it["lang"] == "en"}
+    para = paraphrases(data_dir)
+    all_forbidden = sorted(c for c, v in claims.items() if v.kind == "must_not_state")
+    rows, problems = [], []
+    for it in items:
+        must, must_not = list(it.get("must_state", ())), list(it.get("must_not_state", ()))
+        required = needs_claims(it, english)
+        row: dict[str, Any] = {"id": it["id"], "required": required, "must_state": must, "must_not_state": must_not}
+        unknown = [c for c in must + must_not if c not in claims]
+        wrong_kind = [c for c in must if c in claims and claims[c].kind != "must_state"] + \
+                     [c for c in must_not if c in claims and claims[c].kind != "must_not_state"]
+        if unknown or wrong_kind:
+            problems.append(f"{it['id']}: unknown claims {unknown} / wrong kind {wrong_kind}")
+            rows.append(row)
+            continue
+        if required and not (must and must_not):
+            problems.append(f"{it['id']}: needs must_state and must_not_state claims")
+        lang = it["lang"]
+        row["ref_missed"] = [c for c in must if not states(claims[c], it["answer"], lang)]
+        row["ref_forbidden"] = _forbidden_hits(it["answer"], lang, all_forbidden, claims)
+        reversed_text = reverse_advice(it["answer"], lang)
+        row["reversed_forbidden"] = _forbidden_hits(reversed_text, lang, must_not, claims)
+        if it["id"] in para:
+            row["paraphrase_forbidden"] = _forbidden_hits(para[it["id"]], lang, all_forbidden, claims)
+            row["paraphrase_missed"] = [c for c in must if not states(claims[c], para[it["id"]], lang)]
+            if row["paraphrase_forbidden"]:
+                problems.append(f"{it['id']}: paraphrase states forbidden {row['paraphrase_forbidden']}")
+        if row["ref_missed"]:
+            problems.append(f"{it['id']}: reference does not state its must_state {row['ref_missed']}")
+        if row["ref_forbidden"]:
+            problems.append(f"{it['id']}: reference states forbidden {row['ref_forbidden']}")
+        if must_not and not row["reversed_forbidden"]:
+            problems.append(f"{it['id']}: reversed advice states none of its must_not_state claims")
+        rows.append(row)
+    guard = [r for r in rows if r["id"].startswith("guard-")]
+    summary = {
+        "items": len(rows), "items_with_claims": sum(1 for r in rows if r["must_state"] or r["must_not_state"]),
+        "claims": len(claims), "forbidden_claims": len(all_forbidden),
+        "guard_items": len(guard),
+        "guard_reversed_caught": sum(1 for r in guard if r.get("reversed_forbidden")),
+        "problems": len(problems),
+    }
+    return {"items": rows, "problems": problems, "summary": summary}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shoefix_tasks.config import REPO_ROOT
+
+    p = argparse.ArgumentParser(prog="python -m shoefix_tasks.meta_eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["claims", "scorecard"])
+    p.add_argument("--data", type=Path, default=REPO_ROOT / "data")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    args = p.parse_args(argv)
+    if args.what == "claims":
+        report = claim_report(args.data)
+        if args.json:
+            print(json.dumps(report, indent=1, ensure_ascii=False))
+        for line in report["problems"]:
+            print("PROBLEM", line)
+        print(json.dumps(report["summary"]))
+        return 1 if report["problems"] else 0
+    from shoefix_tasks.meta_eval_table import print_table
+
+    return print_table(args.data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

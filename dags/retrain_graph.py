@@ -2,8 +2,9 @@
 
 collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promote
 
-Each task pulls the run id and params, calls one `shoefix_tasks.pipeline` function and returns
-a small dict. `collect_qa` and `validate_qa` short-circuit the rest when nothing new was
+`collect_qa` first checks the run's params against shoefix_tasks.trigger (trigger_conf.py) and
+keeps the validated values in XCom `trigger`; every later task uses those, never the raw params.
+Each task calls one `shoefix_tasks.pipeline` function and returns a small dict. `collect_qa` and `validate_qa` short-circuit the rest when nothing new was
 accepted, so an idle week neither trains nor creates a registry version.
 
 Assets (data-aware scheduling): `collect_qa` emits `shoefix://inbox/collected` and `validate_qa`
@@ -28,6 +29,7 @@ from airflow.sdk import (
     task,
 )
 from shoefix_notify import ShoeFixNotifier
+from trigger_conf import TRIGGER_XCOM, validated_conf
 
 DEFAULT_ARGS = {
     "owner": "shoefix",
@@ -66,19 +68,9 @@ def _run_key() -> str:
     return get_current_context()["run_id"]
 
 
-def _params() -> dict:
-    return get_current_context()["params"]
-
-
-QUICK_GATE_QUESTIONS = 20
-
-
-def _overrides(p: dict) -> list[str]:
-    """Recipe overrides from params; a quick gate scores only the first holdout questions."""
-    out = list(p.get("overrides") or [])
-    if p.get("evaluation") == "quick":
-        out.append(f"eval.max_questions={QUICK_GATE_QUESTIONS}")
-    return out
+def _trigger() -> dict:
+    """The values collect_qa validated (never the raw params): recipe, overrides, quick, ..."""
+    return get_current_context()["ti"].xcom_pull(task_ids="collect_qa", key=TRIGGER_XCOM)
 
 
 @task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[COLLECTED_ALIAS])
@@ -87,9 +79,10 @@ def collect_qa() -> dict:
 
     from shoefix_tasks.pipeline import collect_qa as run
 
-    p = _params()
+    trig = validated_conf()
+    get_current_context()["ti"].xcom_push(key=TRIGGER_XCOM, value=trig)
     try:
-        ref = run(_run_key(), inbox=p.get("inbox") or None, files=p.get("files") or None)
+        ref = run(_run_key(), inbox=trig["inbox"], files=trig["files"] or None)
     except ValueError as err:  # a refused `files` entry or a malformed source: retrying cannot help
         raise AirflowFailException(str(err)) from err
     if ref["collected"]:
@@ -105,7 +98,7 @@ def validate_qa(batch: dict) -> dict:
     from shoefix_tasks.validate import QuarantineRateExceeded
 
     try:
-        result = run(batch["batch_id"], float(_params()["max_quarantine_rate"]))
+        result = run(batch["batch_id"])  # the policy's trigger.max_quarantine_rate
     except QuarantineRateExceeded as err:  # bad data: a retry would fail the same way
         raise AirflowFailException(str(err)) from err
     if result["accepted"]:
@@ -121,9 +114,9 @@ def _train_adapter_task(validated: dict) -> dict:
     from shoefix_tasks.dispatch import TrainerUnfit
     from shoefix_tasks.pipeline import train_adapter as run
 
-    p = _params()
+    t = _trigger()
     try:
-        return run(_run_key(), p["recipe"], validated["snapshot_path"], _overrides(p))
+        return run(_run_key(), t["recipe"], validated["snapshot_path"], t["overrides"])
     except TrainerUnfit as err:  # wrong node, or out of memory at micro-batch 1: a retry fails the same way
         raise AirflowFailException(str(err)) from err
 
@@ -147,8 +140,9 @@ def _trainer_pod(cfg):
                                                "or out of memory at micro-batch 1 (see its log)") from err
                 raise
 
-    args = trainer_args("{{ params.recipe }}", "{{ ti.xcom_pull(task_ids='validate_qa')['snapshot_path'] }}",
-                        None, "{{ run_id }}", []) + ["--overrides-json", "{{ params.overrides | tojson }}"]
+    trig = f"ti.xcom_pull(task_ids='collect_qa', key='{TRIGGER_XCOM}')"  # the validated values, never params
+    args = trainer_args(f"{{{{ {trig}['recipe'] }}}}", "{{ ti.xcom_pull(task_ids='validate_qa')['snapshot_path'] }}",
+                        None, "{{ run_id }}", []) + ["--overrides-json", f"{{{{ {trig}['overrides'] | tojson }}}}"]
     return TrainerPod(task_id="train_adapter", execution_timeout=timedelta(seconds=cfg.timeout_s),
                       **cfg.task_routing(), **kubernetes_pod_kwargs(cfg, args))
 
@@ -195,9 +189,9 @@ def evaluate_adapter(trained: dict) -> dict:
     from shoefix_tasks.evaluate import CandidateRejected
     from shoefix_tasks.pipeline import evaluate_adapter as run
 
-    p = _params()
+    t = _trigger()
     try:
-        return run(_run_key(), p["recipe"], trained, _overrides(p), judge=_judge_config())
+        return run(_run_key(), t["recipe"], trained, t["overrides"], judge=_judge_config(), quick=t["quick"])
     except CandidateRejected as err:  # tampered or made for another base: a retry would fail the same way
         raise AirflowFailException(str(err)) from err
 
@@ -207,11 +201,11 @@ def evaluate_adapter(trained: dict) -> dict:
 def gate_and_promote(trained: dict, evaluated: dict) -> dict:
     from shoefix_tasks.pipeline import gate_and_promote as run
 
-    p = _params()
+    t = _trigger()
     ctx = get_current_context()
     # the judge: needed if the champion moved and the candidate must be evaluated again
-    return run(_run_key(), p["recipe"], trained, evaluated, _overrides(p), actor=ctx["dag"].dag_id,
-               judge=_judge_config())
+    return run(_run_key(), t["recipe"], trained, evaluated, t["overrides"], actor=ctx["dag"].dag_id,
+               judge=_judge_config(), quick=t["quick"])
 
 
 def build_retrain_graph() -> None:

@@ -1,8 +1,11 @@
 """Roll the ShoeFix champion back to an earlier registry version.
 
 - Trigger: manual only (UI form, `airflow dags trigger`, REST API), with a required `reason`.
-- Inputs: params `version` (the registry version of `shoefix-expert` to serve again) and `reason`.
-- Outputs: the rollback record (new champion, previous champion, reason).
+- Inputs: params `version` (the registry version of `shoefix-expert` to serve again), `reason`
+  (5+ non-blank characters) and `force` (default false): a version the gate did not promote
+  (tag `gate_decision` other than `promote`) is refused unless `force` is true, and a forced
+  rollback is recorded as `rollback-forced` with its reason. Any other conf key is refused.
+- Outputs: the rollback record (new champion, previous champion, reason, forced).
 - Side effects: moves alias `champion` after checking the target's adapter against its manifest,
   reads the alias back, and appends the change to the champion history. Notifies the change (and a
   failure) through the `shoefix_slack` / `shoefix_smtp` connections when they exist.
@@ -13,22 +16,29 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 from shoefix_notify import ShoeFixNotifier
+from trigger_conf import trigger_params, validated_conf
 
 
 @task(retries=2, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True,
       execution_timeout=timedelta(minutes=15), on_failure_callback=ShoeFixNotifier("failure"),
       on_success_callback=ShoeFixNotifier("champion"))
 def rollback_champion() -> dict:
+    from airflow.sdk.exceptions import AirflowFailException
+
     from shoefix_tasks import registry, tracking
     from shoefix_tasks.config import Settings
 
+    t = validated_conf()
     ctx = get_current_context()
-    p = ctx["params"]
     settings = Settings.from_env()
     tracking.configure(settings)
-    return registry.rollback(settings, int(p["version"]), p["reason"], actor=f"{ctx['dag'].dag_id}:{ctx['run_id']}")
+    try:
+        return registry.rollback(settings, t["version"], t["reason"], actor=f"{ctx['dag'].dag_id}:{ctx['run_id']}",
+                                 force=t["force"])
+    except registry.RollbackRefused as err:  # a retry would be refused the same way
+        raise AirflowFailException(str(err)) from err
 
 
 @dag(
@@ -39,10 +49,7 @@ def rollback_champion() -> dict:
     max_active_runs=1,
     tags=["shoefix", "registry", "manual"],
     doc_md=__doc__,
-    params={
-        "version": Param(type="integer", minimum=1, description="registry version to make champion again"),
-        "reason": Param(type="string", minLength=5, description="why (kept in the champion history)"),
-    },
+    params=trigger_params("shoefix_rollback"),  # what a trigger may ask for: shoefix_tasks.trigger
 )
 def shoefix_rollback():
     rollback_champion()

@@ -2,8 +2,10 @@
 
 - Trigger: every Monday 03:00 Asia/Taipei (cron), or manually; with SHOEFIX_ASSET_TRIGGER=on also
   when Asset `shoefix://inbox/new` gets an event (new Q&A landed, see `shoefix_inbox_watch`).
-- Inputs: new expert Q&A files in the inbox ($SHOEFIX_INBOX); params `recipe`, `overrides`,
-  `max_quarantine_rate`.
+- Inputs: new expert Q&A files in the inbox ($SHOEFIX_INBOX); params `recipe` (a name from the
+  recipe folders) and `overrides` (`{"train.learning_rate": 1e-4}`: allowlisted `train.*` keys
+  within bounds). Gate, evaluation sizes and the quarantine limit are the server's policy
+  (SHOEFIX_POLICY), never params; any other conf key is refused.
 - Outputs: a ledgered, validated batch; a corpus snapshot; an MLflow training run with the LoRA
   adapter; an evaluation run with the scorecard; a version of `shoefix-expert`.
 - Side effects: moves alias `challenger` to the new version, and alias `champion` only if the
@@ -16,8 +18,9 @@
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, weekly_schedule
+from trigger_conf import trigger_params
 
 
 @dag(
@@ -29,13 +32,7 @@ from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, weekly_sc
     default_args=DEFAULT_ARGS,
     tags=["shoefix", "retrain", "weekly"],
     doc_md=__doc__,
-    params={
-        "recipe": Param("default", type="string", description="recipe name or YAML path"),
-        "overrides": Param([], type="array", items={"type": "string"},
-                           description="recipe overrides, section.key=value"),
-        "max_quarantine_rate": Param(0.5, type="number", minimum=0, maximum=1,
-                                     description="fail the run if more of the batch is quarantined"),
-    },
+    params=trigger_params("shoefix_weekly_retrain"),  # what a trigger may ask for: shoefix_tasks.trigger
 )
 def shoefix_weekly_retrain():
     build_retrain_graph()

@@ -3,7 +3,8 @@
   shoefix seed-inbox              copy the starter corpus (data/corpus) into the inbox
   shoefix status                  champion, challenger, last scorecard, how to open the MLflow UI
   shoefix ask "question"          answer with the current champion (models:/shoefix-expert@champion)
-  shoefix rollback --to N --reason "..."   make version N champion again
+  shoefix rollback --to N --reason "..." [--force]   make version N champion again (--force: even
+                                  a version the gate did not promote; recorded as rollback-forced)
   shoefix history                 who held `champion`, when and why
 """
 
@@ -75,7 +76,11 @@ def cmd_rollback(settings: Settings, args) -> int:
     from shoefix_tasks import registry, tracking
 
     tracking.configure(settings)
-    print(json.dumps(registry.rollback(settings, args.to, args.reason, args.actor)))
+    try:
+        print(json.dumps(registry.rollback(settings, args.to, args.reason, args.actor, force=args.force)))
+    except registry.RollbackRefused as err:
+        print(f"shoefix rollback: refused: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -83,7 +88,7 @@ def cmd_history(settings: Settings, _args) -> int:
     from shoefix_tasks import registry
 
     for row in registry.champion_history(settings):
-        print(f"{row['at']:%Y-%m-%d %H:%M} v{row['version']:<3} {row['action']:<8} by {row['actor']}: {row['reason']}")
+        print(f"{row['at']:%Y-%m-%d %H:%M} v{row['version']:<3} {row['action']:<15} by {row['actor']}: {row['reason']}")
     return 0
 
 
@@ -98,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(fn=cmd_ask)
     rb = sub.add_parser("rollback")
     rb.add_argument("--to", type=int, required=True, help="registry version to make champion")
-    rb.add_argument("--reason", required=True)
+    rb.add_argument("--reason", required=True, help="why (kept in the champion history)")
+    rb.add_argument("--force", action="store_true",
+                    help="allow a version the gate did not promote; recorded as action rollback-forced")
     rb.add_argument("--actor", default="cli")
     rb.set_defaults(fn=cmd_rollback)
     sub.add_parser("history").set_defaults(fn=cmd_history)

@@ -32,10 +32,15 @@ def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None
     return ref
 
 
-def validate_qa(run_key: str, max_quarantine_rate: float = 0.5, settings: Settings | None = None) -> dict[str, Any]:
+def validate_qa(run_key: str, max_quarantine_rate: float | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """`max_quarantine_rate` None = the policy's `trigger.max_quarantine_rate` (what the DAGs use: a
+    trigger cannot loosen it; tests and tools calling Python directly may pass their own)."""
+    from shoefix_tasks.policy import load_policy
     from shoefix_tasks.validate import validate_batch
 
     settings = settings or Settings.from_env()
+    if max_quarantine_rate is None:
+        max_quarantine_rate = load_policy().trigger.max_quarantine_rate
     return validate_batch(settings, run_key, max_quarantine_rate).to_dict()
 
 

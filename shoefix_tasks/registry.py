@@ -251,14 +251,30 @@ def champion_history(settings: Settings) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def rollback(settings: Settings, to_version: int, reason: str, actor: str) -> dict[str, Any]:
-    """Make an earlier version champion again. It must exist and have an intact adapter."""
-    if not reason.strip():
-        raise ValueError("a rollback needs a reason")
+class RollbackRefused(ValueError):
+    """A rollback the registry will not do as asked (no reason; a target the gate refused, unforced)."""
+
+
+def rollback(settings: Settings, to_version: int, reason: str, actor: str, force: bool = False) -> dict[str, Any]:
+    """Make an earlier version champion again. It must exist and have an intact adapter.
+
+    A version the gate did not promote (tag `gate_decision` is `keep_champion`, `rejected`, or
+    missing) never served for a reason: rolling back onto it is refused unless `force`, and a
+    forced rollback is recorded as action `rollback-forced` with its reason, so the history shows
+    that a person overrode the gate and why.
+    """
+    if len("".join(reason.split())) < 5:
+        raise RollbackRefused("a rollback needs a reason (at least 5 non-whitespace characters)")
     client = _client()
     target = client.get_model_version(REGISTERED_MODEL, str(to_version))
+    decision = target.tags.get("gate_decision")
+    if decision != "promote" and not force:
+        raise RollbackRefused(f"version {to_version} was not promoted by the gate (gate_decision: {decision or 'none'}); "
+                              "rolling back onto it needs force (shoefix rollback --force, DAG param force=true)")
+    forced = decision != "promote"
     download_adapter(target, settings)  # refuse to roll back onto a tampered or missing adapter
+    action = "rollback-forced" if forced else "rollback"
     with promotion_lock(settings, f"rollback:{actor}") as lease:
-        previous = set_champion(settings, int(to_version), reason, actor, action="rollback", lease=lease)
-    log.info("rolled back champion from %s to %s: %s", previous, to_version, reason)
-    return {"champion": int(to_version), "previous": previous, "reason": reason}
+        previous = set_champion(settings, int(to_version), reason, actor, action=action, lease=lease)
+    log.info("%s champion from %s to %s: %s", action, previous, to_version, reason)
+    return {"champion": int(to_version), "previous": previous, "reason": reason, "forced": forced}

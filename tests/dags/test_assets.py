@@ -55,7 +55,8 @@ def test_asset_events_emitted_with_metadata(shoefix_env, tmp_path):
 
     # the retraining DAG collects and validates for real (training and later are marked done):
     # both steps publish their Asset with the batch id and counts
-    log = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", json.dumps({"max_quarantine_rate": 1.0}),
+    # (the quarantine limit is the policy's, no longer a param)
+    log = airflow(env, "dags", "test", "shoefix_weekly_retrain",
                   "--mark-success-pattern", "train_adapter|evaluate_adapter|gate_and_promote")
     assert "state=success" in log
     by_uri = {uri: extra for uri, extra in events(db)}

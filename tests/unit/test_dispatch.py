@@ -71,15 +71,18 @@ def test_process_count_detection():
     assert resolve_processes("2", gpus=8) == 2
 
 
-def _render(op, conf: dict):
-    """Render the operator's templates as a run would (params, run_id, the validate_qa XCom)."""
+def _render(op, validated: dict, params: dict | None = None):
+    """Render the operator's templates as a run would: run_id, the validate_qa XCom, and the values
+    collect_qa validated (XCom `trigger`); `params` (the raw conf) must never reach the pod."""
 
     class TI:  # only what the templates read
-        def xcom_pull(self, task_ids):
-            assert task_ids == "validate_qa"
+        def xcom_pull(self, task_ids, key="return_value"):
+            if (task_ids, key) == ("collect_qa", "trigger"):
+                return validated
+            assert (task_ids, key) == ("validate_qa", "return_value")
             return {"snapshot_path": "/opt/shoefix-state/snapshots/abc123.jsonl"}
 
-    op.render_template_fields({"params": conf, "run_id": "scheduled__2026-11-30T19:00:00+00:00", "ti": TI()})
+    op.render_template_fields({"params": params or {}, "run_id": "scheduled__2026-11-30T19:00:00+00:00", "ti": TI()})
 
 
 @pytest.fixture()
@@ -100,7 +103,8 @@ def test_trainer_pod_spec(k8s_env):
     op = _trainer_pod_op()
     assert op.task_id == "train_adapter" and op.pool == "gpu"
     assert op.on_finish_action.value == "delete_pod" and op.reattach_on_restart
-    _render(op, {"recipe": "qwen2.5-1.5b-gpu", "overrides": ["train.learning_rate=1e-4"]})
+    _render(op, {"recipe": "qwen2.5-1.5b-gpu", "overrides": ["train.learning_rate=0.0001"]},
+            params={"recipe": "/tmp/evil.yaml", "overrides": {"gate.min_effect": -100}})
     pod = op.build_pod_request_obj(dry_run=True)
     spec = pod.spec
     base = next(c for c in spec.containers if c.name == "base")
@@ -109,7 +113,7 @@ def test_trainer_pod_spec(k8s_env):
     assert base.command == ["python", "-m", "shoefix_tasks.train"]
     assert base.args == ["--recipe", "qwen2.5-1.5b-gpu", "--snapshot", "/opt/shoefix-state/snapshots/abc123.jsonl",
                          "--run-key", "scheduled__2026-11-30T19:00:00+00:00",
-                         "--overrides-json", '["train.learning_rate=1e-4"]', "--result-file", XCOM_RESULT]
+                         "--overrides-json", '["train.learning_rate=0.0001"]', "--result-file", XCOM_RESULT]
     assert base.resources.limits["nvidia.com/gpu"] == "1"
     assert spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-H200"}
     assert [(t.key, t.operator, t.effect) for t in spec.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]

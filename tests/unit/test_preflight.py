@@ -127,7 +127,7 @@ def test_airflow_task_fails_without_retry(shoefix_env, monkeypatch, tmp_path):
     sys.path.insert(0, str(ROOT / "dags"))
     import retrain_graph
 
-    monkeypatch.setattr(retrain_graph, "_params", lambda: {"recipe": "qwen2.5-0.5b-gpu", "overrides": []})
+    monkeypatch.setattr(retrain_graph, "_trigger", lambda: {"recipe": "qwen2.5-0.5b-gpu", "overrides": []})
     monkeypatch.setattr(retrain_graph, "_run_key", lambda: "manual__preflight")
     with pytest.raises(AirflowFailException, match="cannot run recipe"):
         retrain_graph._train_adapter_task.function({"snapshot_path": str(tmp_path / "none.jsonl")})

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+LENIENT_POLICY = FIXTURES / "policy" / "lenient.yaml"  # test-only: a gate any non-tied challenger passes
 
 # Airflow reads its configuration at import: point it at our DAGs and a throwaway home before
 # any test imports it (never the user's ~/airflow).
@@ -80,6 +81,7 @@ def shoefix_env(tmp_path, monkeypatch):
     monkeypatch.setenv("SHOEFIX_DATA_DIR", str(FIXTURES / "data"))
     monkeypatch.delenv("SHOEFIX_INBOX", raising=False)
     monkeypatch.delenv("SHOEFIX_LEDGER_URL", raising=False)
+    monkeypatch.delenv("SHOEFIX_POLICY", raising=False)  # the built-in (production) policy unless a test sets one
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db")
     settings = Settings.from_env()
     if "mlflow" in sys.modules:  # MLflow keeps process-global URIs: never let a test see the last one's store
@@ -88,18 +90,52 @@ def shoefix_env(tmp_path, monkeypatch):
     return settings
 
 
-@pytest.fixture()
-def tiny_recipe(tmp_path, tiny_model) -> Path:
-    """The default recipe pointed at the tiny model, sized for seconds on a CPU."""
+def write_tiny_recipe(folder: Path, model: Path, name: str = "tiny", **train) -> Path:
+    """The default recipe pointed at the tiny model, sized for seconds on a CPU: `<folder>/<name>.yaml`,
+    so that with `folder` in the policy's `trigger.recipe_dirs` a trigger can name it."""
     import yaml
 
     data = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
-    data["model"]["base_model"] = str(tiny_model)
-    data["train"].update(num_train_epochs=3, per_device_train_batch_size=4, learning_rate=5e-3, save_steps=2,
-                         max_length=256)
-    data["eval"].update(max_new_tokens=12, batch_size=8, latency_samples=1)
-    path = tmp_path / "tiny.yaml"
+    data["model"]["base_model"] = str(model)
+    data["train"].update({"num_train_epochs": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
+                          "save_steps": 2, "max_length": 256, **train})
+    data["eval"].update(max_new_tokens=12, batch_size=8)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture()
+def tiny_recipe(tmp_path, tiny_model) -> Path:
+    """`<tmp>/recipes/tiny.yaml` (recipe name `tiny` once a policy lists its folder)."""
+    return write_tiny_recipe(tmp_path / "recipes", tiny_model)
+
+
+def write_policy(path: Path, recipe_dirs=(), base: Path | None = LENIENT_POLICY, **sections) -> Path:
+    """A server-side policy file for a test: `base` (None = the built-in defaults) with the given
+    recipe folders in `trigger.recipe_dirs`, and `sections` ({"gate": {...}}) merged over it."""
+    import yaml
+
+    data = yaml.safe_load(base.read_text()) if base is not None else {}
+    for section, values in {"trigger": {"recipe_dirs": [str(d) for d in recipe_dirs]}, **sections}.items():
+        data.setdefault(section, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture()
+def lenient_policy(shoefix_env, tmp_path, tiny_recipe, monkeypatch) -> Path:
+    """SHOEFIX_POLICY = the test-only lenient gate (tests/fixtures/policy/lenient.yaml) with the tiny
+    recipe's folder as a recipe folder: integration tests that need a champion to exist (a random
+    tiny model never wins a fair gate) use it, and name the recipe `tiny`. Set with monkeypatch, so
+    `env_with` passes it to the Airflow / trainer subprocesses too."""
+    from shoefix_tasks.policy import load_policy
+
+    path = write_policy(tmp_path / "policy" / "lenient.yaml", [tiny_recipe.parent])
+    monkeypatch.setenv("SHOEFIX_POLICY", str(path))
+    assert load_policy().gate.min_effect == -100.0  # the file parses, and is the one in force
     return path
 
 
@@ -114,16 +150,3 @@ def env_with(settings, **extra) -> dict[str, str]:
            "MLFLOW_TRACKING_URI": settings.tracking_uri}
     env.update({k: str(v) for k, v in extra.items()})
     return env
-
-
-@pytest.fixture()
-def lenient_recipe(tiny_recipe) -> Path:
-    """The tiny recipe with a gate that promotes any non-tied challenger: integration tests that
-    need a champion to exist (a random tiny model never wins a fair gate) use it."""
-    import yaml
-
-    data = yaml.safe_load(tiny_recipe.read_text())
-    data["gate"] = {"min_effect": -100.0, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,
-                    "key_data_tolerance": 100.0}
-    tiny_recipe.write_text(yaml.safe_dump(data))
-    return tiny_recipe

@@ -17,33 +17,18 @@ import signal
 import subprocess
 import tempfile
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, env_with
+from tests.conftest import FIXTURES
+from tests.integration.conftest import http
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 XSS_ID = "<img src=x onerror=\"document.title='pwned'\">"
 XSS_QUESTION = "<script>document.title='pwned'</script> Why do my boots smell?"
-
-
-def http(url: str, token: str | None = None, form: dict | None = None, timeout: float = 600) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    data = None
-    if form is not None:
-        data = urllib.parse.urlencode(form).encode()
-        headers["Content-Type"] = "application/x-www-form-urlencoded"
-    req = urllib.request.Request(url, data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def chromium() -> str | None:
@@ -126,62 +111,8 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture()
-def api_server(shoefix_env, tmp_path):
-    """A real `airflow api-server` (SimpleAuthManager, one user with a password) over the test's state."""
-    home = tmp_path / "airflow"
-    home.mkdir()
-    password = base64.urlsafe_b64encode(os.urandom(12)).decode()
-    (home / "passwords.json").write_text(json.dumps({"shoefix": password}))
-    port = free_port()
-    env = env_with(shoefix_env, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
-                   AIRFLOW__CORE__PLUGINS_FOLDER=ROOT / "plugins", AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
-                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="shoefix:admin",
-                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
-                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=home / "passwords.json",
-                   AIRFLOW__API__WORKERS=1, AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}")
-    migrate = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
-    log = open(tmp_path / "api-server.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(["airflow", "api-server", "-p", str(port), "-H", "127.0.0.1"], env=env, cwd=ROOT,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if http(f"{base}/api/v2/monitor/health", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "api-server.log").read_text()[-3000:]
-            assert time.time() < deadline, "api-server did not come up"
-            time.sleep(1)
-        req = urllib.request.Request(f"{base}/auth/token", json.dumps({"username": "shoefix", "password": password})
-                                     .encode(), headers={"Content-Type": "application/json"})
-        token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
-        yield {"base": base, "token": token, "log": tmp_path / "api-server.log"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-
-
 @pytest.mark.slow
-def test_shoefix_page(shoefix_env, lenient_recipe, api_server, tmp_path):
+def test_shoefix_page(shoefix_env, lenient_policy, api_server, tmp_path):
     from tests.integration.test_registry_serving import run_pipeline
 
     s, base, token = shoefix_env, api_server["base"], api_server["token"]
@@ -206,7 +137,7 @@ def test_shoefix_page(shoefix_env, lenient_recipe, api_server, tmp_path):
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "a.jsonl")
     bad = {"id": XSS_ID, "question": XSS_QUESTION, "answer": "too short", "topic": "odor", "lang": "en"}
     (s.home / "inbox" / "b.jsonl").write_text(json.dumps(bad) + "\n" + "{not json\n")
-    first = run_pipeline(s, str(lenient_recipe), "run-page-1")
+    first = run_pipeline(s, "tiny", "run-page-1")
     assert first["champion"] == 1
 
     status, body = http(page, token)

@@ -34,11 +34,11 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-def test_registry_serve_tamper_rollback(shoefix_env, lenient_recipe, tmp_path):
+def test_registry_serve_tamper_rollback(shoefix_env, lenient_policy, tmp_path):
     import mlflow
 
     s = shoefix_env
-    recipe = str(lenient_recipe)
+    recipe = "tiny"  # in the test policy's recipe folder; its lenient gate promotes the first challenger
 
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "a.jsonl")
     first = run_pipeline(s, recipe, "run-1")

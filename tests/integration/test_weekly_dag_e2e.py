@@ -23,7 +23,7 @@ def airflow(env, *args, timeout=900):
 
 
 @pytest.mark.slow
-def test_weekly_dag_end_to_end(shoefix_env, lenient_recipe, tmp_path):
+def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_path):
     from pathlib import Path
 
     import mlflow
@@ -33,13 +33,14 @@ def test_weekly_dag_end_to_end(shoefix_env, lenient_recipe, tmp_path):
     from shoefix_tasks.base_model import compute_identity
 
     s = shoefix_env
-    base_dir = Path(yaml.safe_load(lenient_recipe.read_text())["model"]["base_model"])
+    base_dir = Path(yaml.safe_load(tiny_recipe.read_text())["model"]["base_model"])
     base_before = compute_identity(base_dir, "tiny")["sha256"]
-    # a lenient gate makes the first challenger the champion, so the third run meets a real one
+    # a lenient gate (test-only policy, SHOEFIX_POLICY) makes the first challenger the champion, so
+    # the third run meets a real one; the trigger names the recipe, never a path
     env = env_with(s, AIRFLOW_HOME=tmp_path / "airflow", AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
                    AIRFLOW__CORE__LOAD_EXAMPLES="False",
                    AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{tmp_path}/airflow/airflow.db")
-    conf = json.dumps({"recipe": str(lenient_recipe)})
+    conf = json.dumps({"recipe": "tiny"})
     airflow(env, "db", "migrate")
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "week1.jsonl")
     log1 = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)

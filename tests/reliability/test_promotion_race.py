@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, ROOT, env_with
+from tests.conftest import FIXTURES, ROOT, env_with, write_policy
 from tests.integration.test_ledger_postgres import postgres_url  # noqa: F401 - fixture
 from tests.reliability.test_registry_faults import direct_client, http_env, mlflow_http  # noqa: F401 - fixtures
 
@@ -112,7 +112,7 @@ def mean_composite(side: dict) -> float:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlflow_http, tiny_recipe,  # noqa: F811
-                                                                  tmp_path):
+                                                                  tmp_path, monkeypatch):
     from shoefix_tasks import pipeline, registry
     from shoefix_tasks.config import load_recipe
     from shoefix_tasks.evaluate import evaluate
@@ -120,11 +120,12 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
     s = http_env
     # the gate promotes whoever is better on the composite (latency and guards relaxed: the tiny
     # random model's timings on a shared 2-core box would otherwise decide)
-    data = yaml.safe_load(tiny_recipe.read_text())
-    data["gate"] = {"min_effect": 0.0, "confidence": 0.51, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,
-                    "key_data_tolerance": 100.0}
-    tiny_recipe.write_text(yaml.safe_dump(data))
-    recipe = str(tiny_recipe)
+    # (a test-only policy, SHOEFIX_POLICY, inherited by the racing subprocesses)
+    policy = write_policy(tmp_path / "race-policy.yaml", [tiny_recipe.parent],
+                          gate={"min_effect": 0.0, "confidence": 0.51, "max_latency_ratio": 100.0,
+                                "guard_tolerance": 100.0, "key_data_margin": 100.0})
+    monkeypatch.setenv("SHOEFIX_POLICY", str(policy))
+    recipe = "tiny"
 
     (Path(s.inbox) / "a.jsonl").write_bytes((FIXTURES / "corpus_small.jsonl").read_bytes())
     pipeline.collect_qa("intake", s)
@@ -176,7 +177,8 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
 
 
 @pytest.mark.integration
-def test_gate_evaluates_again_when_the_champion_moved_after_evaluation(shoefix_env, lenient_recipe, tmp_path):
+def test_gate_evaluates_again_when_the_champion_moved_after_evaluation(shoefix_env, tiny_recipe, lenient_policy,
+                                                                       tmp_path):
     """The deterministic half of the race: whichever way two runs interleave, the one that gets the
     lease second must be compared with the champion of *now*, not the one it was scored against."""
     import mlflow
@@ -184,9 +186,9 @@ def test_gate_evaluates_again_when_the_champion_moved_after_evaluation(shoefix_e
     from shoefix_tasks import pipeline, registry, tracking
     from tests.reliability.test_registry_faults import make_adapter, register, training_run
 
-    s, recipe = shoefix_env, str(lenient_recipe)
+    s, recipe = shoefix_env, "tiny"
     tracking.configure(s)
-    base = Path(yaml.safe_load(lenient_recipe.read_text())["model"]["base_model"])
+    base = Path(yaml.safe_load(tiny_recipe.read_text())["model"]["base_model"])
     late = training_run(s, "late", make_adapter(base, s, tmp_path / "late", seed=2))
     ref = pipeline.evaluate_adapter("late", recipe, late, settings=s)
     assert ref["champion_version"] is None  # scored against the base model

@@ -107,7 +107,7 @@ def where(needle: str, paths: list[Path], texts: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, lenient_recipe, tmp_path):
+def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, lenient_policy, tmp_path):
     import mlflow
 
     s = shoefix_env
@@ -125,11 +125,11 @@ def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, len
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "week1.jsonl")
     (s.home / "inbox" / "from-experts.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pii_records()))
-    overrides = ["train.num_train_epochs=1", "eval.max_new_tokens=4"]
+    overrides = {"train.num_train_epochs": 1}  # the tiny recipe already answers in 12 tokens
     try:
         airflow(env, "db", "migrate")
         out = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c",
-                      json.dumps({"recipe": str(lenient_recipe), "overrides": overrides}))
+                      json.dumps({"recipe": "tiny", "overrides": overrides}))
     finally:
         srv.shutdown()
     assert "state=success" in out

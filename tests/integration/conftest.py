@@ -1,0 +1,90 @@
+"""Integration fixtures shared by several files: a real `airflow api-server` over the test's state."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from tests.conftest import ROOT, env_with
+
+
+def http(url: str, token: str | None = None, form: dict | None = None, timeout: float = 600,
+         json_body: dict | None = None, headers: dict | None = None) -> tuple[int, str]:
+    """(status, body) of a GET, a form POST (`form`) or a JSON POST (`json_body`)."""
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
+    data = None
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    if json_body is not None:
+        data = json.dumps(json_body).encode()  # allow_nan: a NaN reaches the server as the literal NaN
+        headers["Content-Type"] = "application/json"
+    req = urllib.request.Request(url, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def api_server(shoefix_env, tmp_path):
+    """A real `airflow api-server` (SimpleAuthManager, one user with a password) over the test's state."""
+    home = tmp_path / "airflow"
+    home.mkdir()
+    password = base64.urlsafe_b64encode(os.urandom(12)).decode()
+    (home / "passwords.json").write_text(json.dumps({"shoefix": password}))
+    port = free_port()
+    env = env_with(shoefix_env, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
+                   AIRFLOW__CORE__PLUGINS_FOLDER=ROOT / "plugins", AIRFLOW__CORE__LOAD_EXAMPLES="False",
+                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS="shoefix:admin",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
+                   AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=home / "passwords.json",
+                   AIRFLOW__API__WORKERS=1, AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}")
+    migrate = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert migrate.returncode == 0, migrate.stderr[-3000:]
+    log = open(tmp_path / "api-server.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["airflow", "api-server", "-p", str(port), "-H", "127.0.0.1"], env=env, cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                if http(f"{base}/api/v2/monitor/health", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "api-server.log").read_text()[-3000:]
+            assert time.time() < deadline, "api-server did not come up"
+            time.sleep(1)
+        req = urllib.request.Request(f"{base}/auth/token", json.dumps({"username": "shoefix", "password": password})
+                                     .encode(), headers={"Content-Type": "application/json"})
+        token = json.loads(urllib.request.urlopen(req, timeout=30).read())["access_token"]
+        yield {"base": base, "token": token, "log": tmp_path / "api-server.log", "env": env}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()

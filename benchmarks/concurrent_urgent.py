@@ -11,6 +11,10 @@ POSTed at once from eight threads. Checked, not just timed:
     python benchmarks/concurrent_urgent.py --state var/stack --keep   # reuse / keep a running one
 
 Figures (printed): queue wait and run time per run, the serialized total, triggers/s accepted.
+
+The stack runs with a TEST-ONLY policy (SHOEFIX_POLICY = STATE/policy.yaml: the lenient gate of
+tests/fixtures/policy/lenient.yaml, so the random tiny model can become champion, and STATE/recipes
+as a recipe folder); triggers name the recipe `bench`. Both are written before the stack starts.
 """
 
 from __future__ import annotations
@@ -65,32 +69,25 @@ def main() -> int:
 
     import mlflow
     import sqlalchemy as sa
-    import yaml
 
     from shoefix_tasks import ledger
-    from tests.conftest import build_tiny_model
+    from tests.conftest import build_tiny_model, write_policy, write_tiny_recipe
 
     state = (args.state or Path(tempfile.mkdtemp(prefix="shoefix-bench-"))).resolve()
+    # the recipe and the test-only policy exist before any service reads them (the DAGs' recipe enum);
+    # a high learning rate so that two steps on a few records change the random model's greedy
+    # answers: otherwise every challenger ties its champion and no run ever promotes
+    model = build_tiny_model(state / "models" / "tiny-llama")
+    write_tiny_recipe(state / "recipes", model, name="bench", num_train_epochs=1, learning_rate=5e-2)
+    policy = write_policy(state / "policy.yaml", [state / "recipes"])  # lenient gate: tests/fixtures/policy
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_"))}, **TEST_SETTINGS,
-           "SHOEFIX_HOME": str(state / "shoefix")}
+           "SHOEFIX_HOME": str(state / "shoefix"), "SHOEFIX_POLICY": str(policy)}
     t0 = time.monotonic()
     if not (state / "pids" / "api-server.pid").exists():
         subprocess.run(["bash", str(ROOT / "scripts" / "stack.sh"), "start", str(state)], env=env, check=True)
     print(f"stack ready in {time.monotonic() - t0:.0f} s ({state})")
     stack = Stack(state, _stack_env(state))
     try:
-        model = build_tiny_model(state / "models" / "tiny-llama")
-        recipe = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
-        recipe["model"]["base_model"] = str(model)
-        # a high learning rate so that two steps on a few records change the random model's greedy
-        # answers: otherwise every challenger ties its champion and no run ever promotes
-        recipe["train"].update(num_train_epochs=1, per_device_train_batch_size=4, max_length=256, save_steps=2,
-                               learning_rate=5e-2)
-        recipe["eval"].update(max_new_tokens=12, batch_size=8, latency_samples=1)
-        # a gate that promotes any non-tied challenger: the random tiny model rarely wins a fair one
-        recipe["gate"] = {"min_effect": -100.0, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,
-                          "key_data_tolerance": 100.0}
-        (state / "bench.yaml").write_text(yaml.safe_dump(recipe))
         text = " ".join(json.loads(ln)["answer"] for ln in (ROOT / "tests/fixtures/corpus_small.jsonl").open())
         words = sorted(set(re.findall(r"[a-z]{3,}", text.lower())))
         rng = random.Random(11)
@@ -103,7 +100,7 @@ def main() -> int:
         def trigger(name: str) -> tuple[str, str, float]:
             started = time.monotonic()
             conf = {"reason": f"benchmark: concurrent urgent {name}", "files": [name], "evaluation": "quick",
-                    "recipe": str(state / "bench.yaml")}
+                    "recipe": "bench"}
             resp = stack.rest("POST", f"/dags/{URGENT}/dagRuns", json={"logical_date": None, "conf": conf})
             assert resp.status_code == 200, resp.text
             return name, resp.json()["dag_run_id"], time.monotonic() - started

@@ -11,7 +11,8 @@
 #
 # Secrets: taken from the environment when set (same names as docker/.env.example), otherwise
 # generated once into STATE_DIR/secrets.env (mode 600). Ports are free ones picked at first start
-# (or STACK_*_PORT). SHOEFIX_HOME and SHOEFIX_DATA_DIR are taken from the environment when set;
+# (or STACK_*_PORT). SHOEFIX_HOME, SHOEFIX_DATA_DIR and SHOEFIX_POLICY (the gate policy file; unset =
+# the built-in production policy) are taken from the environment when set;
 # other AIRFLOW__* settings exported by the caller reach every service unchanged.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -99,6 +100,7 @@ export AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT=$WORKER_LOG_PORT AIRFLOW__LOGGIN
 export AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL=\${AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL:-30}
 export SHOEFIX_HOME="${SHOEFIX_HOME:-$STATE/shoefix}"
 ${SHOEFIX_DATA_DIR:+export SHOEFIX_DATA_DIR="$SHOEFIX_DATA_DIR"}
+${SHOEFIX_POLICY:+export SHOEFIX_POLICY="$SHOEFIX_POLICY"}
 export SHOEFIX_LEDGER_URL="$pg/ledger"
 export SHOEFIX_TRAIN_DISPATCH=celery
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"

@@ -7,6 +7,9 @@ Test-only settings (exported before the start, so every service inherits them):
   recipe; manual triggers (CLI, REST) still run.
 - short heartbeat / orphan / refresh intervals, so a killed scheduler's tasks are adopted and a
   lost task is detected in seconds, not the default 5 minutes.
+- `SHOEFIX_POLICY`: the test-only lenient gate (tests/fixtures/policy/lenient.yaml) with the tiny
+  recipe's folder as a recipe folder, written before the start so every service (api-server, DAG
+  processor, workers) reads it, and triggers name the recipe `tiny`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, build_tiny_model
+from tests.conftest import FIXTURES, ROOT, build_tiny_model, write_policy, write_tiny_recipe
 
 STACK = ROOT / "scripts" / "stack.sh"
 TEST_SETTINGS = {
@@ -150,8 +153,12 @@ def stack() -> Stack:
     state = Path(tempfile.mkdtemp(prefix="shoefix-stack-"))
     base = {k: v for k, v in os.environ.items()
             if not k.startswith(("AIRFLOW", "SHOEFIX_", "MLFLOW_"))}
+    # the recipe exists before the DAG processor first parses the DAGs (their `recipe` Param's enum)
+    model = build_tiny_model(state / "models" / "tiny-llama")
+    write_tiny_recipe(state / "recipes", model, num_train_epochs=1)
+    policy = write_policy(state / "policy.yaml", [state / "recipes"])
     env = {**base, **TEST_SETTINGS, "SHOEFIX_HOME": str(state / "shoefix"),
-           "SHOEFIX_DATA_DIR": str(FIXTURES / "data")}
+           "SHOEFIX_DATA_DIR": str(FIXTURES / "data"), "SHOEFIX_POLICY": str(policy)}
     started = time.monotonic()
     proc = subprocess.run(["bash", str(STACK), "start", str(state)], env=env, capture_output=True, text=True,
                           timeout=900)
@@ -170,21 +177,12 @@ def stack() -> Stack:
 
 
 @pytest.fixture(scope="session")
-def stack_recipe(stack) -> Path:
-    """The tiny random model with a gate that promotes any non-tied challenger (so a champion exists)."""
-    import yaml
-
-    model = build_tiny_model(stack.state / "models" / "tiny-llama")
-    data = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
-    data["model"]["base_model"] = str(model)
-    data["train"].update(num_train_epochs=1, per_device_train_batch_size=4, learning_rate=5e-3, save_steps=2,
-                         max_length=256)
-    data["eval"].update(max_new_tokens=12, batch_size=8, latency_samples=1)
-    data["gate"] = {"min_effect": -100.0, "max_latency_ratio": 100.0, "guard_tolerance": 100.0,
-                    "key_data_tolerance": 100.0}
-    path = stack.state / "tiny.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+def stack_recipe(stack) -> str:
+    """The name of the tiny random model's recipe (in the test policy's recipe folder, whose lenient
+    gate promotes any non-tied challenger, so a champion exists). Triggers name it, never a path."""
+    assert (stack.state / "recipes" / "tiny.yaml").is_file()
+    assert stack.env.get("SHOEFIX_POLICY") == str(stack.state / "policy.yaml")
+    return "tiny"
 
 
 def inbox_file(stack: Stack, fixture: str, name: str) -> Path:

@@ -40,7 +40,7 @@ def test_weekly_dag_completes_through_scheduler_with_training_on_gpu_queue(stack
 
     inbox_file(stack, "corpus_small.jsonl", "week1.jsonl")
     stack.wait_for_dag(WEEKLY)
-    out = stack.airflow("dags", "trigger", WEEKLY, "-c", json.dumps({"recipe": str(stack_recipe)}), "-o", "json")
+    out = stack.airflow("dags", "trigger", WEEKLY, "-c", json.dumps({"recipe": stack_recipe}), "-o", "json")
     # the CLI's JSON is its last line (warnings go to stdout before it)
     run_id = json.loads([ln for ln in out.splitlines() if ln.startswith("[{")][-1])[0]["dag_run_id"]
     assert stack.wait_run(WEEKLY, run_id) == "success"
@@ -103,7 +103,7 @@ def test_urgent_update_params_are_validated_by_the_rest_api(stack, stack_recipe)
     stack.wait_for_dag(URGENT)
     path = f"/dags/{URGENT}/dagRuns"
     good = {"reason": "v1 gives wrong drying temperatures", "files": ["urgent/fix.jsonl"],
-            "evaluation": "quick", "recipe": str(stack_recipe)}
+            "evaluation": "quick", "recipe": stack_recipe}
     assert stack.rest("POST", path, json={"logical_date": None, "conf": good}, auth=False).status_code == 401
     # without the required `reason`, or with an `evaluation` outside its enum: refused, no run created
     bad = {k: v for k, v in good.items() if k != "reason"}
@@ -112,4 +112,12 @@ def test_urgent_update_params_are_validated_by_the_rest_api(stack, stack_recipe)
     assert "reason" in resp.text
     resp = stack.rest("POST", path, json={"logical_date": None, "conf": {**good, "evaluation": "sometimes"}})
     assert resp.status_code == 400, resp.text
+    # policy is not the trigger's to change (the guard, under the FAB auth manager): refused, no run
+    for bad, phrase in [({**good, "gate": {"min_effect": -100}}, "['gate']"),
+                        ({**good, "overrides": {"eval.include_guard": False}}, "'eval.include_guard'"),
+                        ({**good, "recipe": str(stack.state / "recipes" / "tiny.yaml")}, "recipe must be")]:
+        resp = stack.rest("POST", path, json={"logical_date": None, "conf": bad})
+        assert resp.status_code == 400 and phrase in resp.json()["detail"], resp.text
+    assert stack.rest("POST", path, json={"logical_date": None, "conf": {**good, "gate": {}}},
+                      auth=False).status_code == 401  # unauthenticated: Airflow's 401, not the policy
     assert stack.rest("GET", path).json()["total_entries"] == 0

@@ -34,7 +34,7 @@ def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, 
     runs_before = stack.rest("GET", f"/dags/{URGENT}/dagRuns").json()["total_entries"]
     inbox_file(stack, "corpus_more.jsonl", "urgent/fix.jsonl")
     conf = {"reason": "v1 gives wrong drying temperatures", "files": ["urgent/fix.jsonl"], "evaluation": "quick",
-            "recipe": str(stack_recipe)}
+            "recipe": stack_recipe}
     resp = stack.rest("POST", f"/dags/{URGENT}/dagRuns", json={"logical_date": None, "conf": conf})
     assert resp.status_code == 200, resp.text
     run_id = resp.json()["dag_run_id"]

@@ -91,3 +91,29 @@ def test_manual_dags_require_typed_params(dagbag):
     with pytest.raises(ParamValidationError):
         _with(urgent, {"reason": "a valid reason", "evaluation": "sloppy"}).validate()
     assert set(urgent.task_ids) == set(dagbag.dags["shoefix_weekly_retrain"].task_ids)
+
+
+def test_params_come_from_the_trigger_rules(dagbag):
+    """Each ShoeFix DAG declares exactly the conf keys shoefix_tasks.trigger allows, with its schemas,
+    so the UI form and Airflow's own validation agree with the tasks' and the api-server's check."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from shoefix_tasks.trigger import param_schemas
+
+    for dag_id in ("shoefix_weekly_retrain", "shoefix_urgent_update", "shoefix_rollback"):
+        dag = dagbag.dags[dag_id]
+        schemas = param_schemas(dag_id)
+        assert set(dag.params) == set(schemas), dag_id  # no max_quarantine_rate, no gate, no policy
+        for key, schema in schemas.items():
+            assert dag.params.get_param(key).schema == {k: v for k, v in schema.items()
+                                                        if k not in ("default", "description")}, (dag_id, key)
+    weekly = dagbag.dags["shoefix_weekly_retrain"]
+    assert _with(weekly, {}).validate()["overrides"] == {}
+    for bad in ({"recipe": "/tmp/evil.yaml"}, {"overrides": ["train.seed=1"]}, {"overrides": {"gate.min_effect": -9}},
+                {"overrides": {"train.learning_rate": 5}}, {"overrides": {"train.max_steps": 0}}):
+        with pytest.raises(ParamValidationError):
+            _with(weekly, bad).validate()
+    rollback = dagbag.dags["shoefix_rollback"]
+    assert _with(rollback, {"version": 2, "reason": "v3 regressed"}).validate()["force"] is False
+    with pytest.raises(ParamValidationError):
+        _with(rollback, {"version": 2, "reason": "     "}).validate()

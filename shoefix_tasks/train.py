@@ -101,13 +101,19 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     import mlflow
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
     from trl import SFTTrainer
 
     from shoefix_tasks import tracking
     from shoefix_tasks.adapter import verify_adapter
     from shoefix_tasks.base_model import base_identity, load_base
     from shoefix_tasks.records import read_jsonl
-    from shoefix_tasks.training_setup import build_dataset, build_lora_config, build_sft_config
+    from shoefix_tasks.training_setup import (
+        build_dataset,
+        build_lora_config,
+        build_sft_config,
+        cpu_bf16_native,
+    )
 
     rank, _ = rank_and_world()
     shape = batch_shape(output_dir, recipe.train)
@@ -133,8 +139,10 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
                                  recipe.model.attn_implementation)
     if recipe.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    set_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random: same recipe, same adapter
     model = get_peft_model(model, build_lora_config(recipe.lora))
-    args = build_sft_config(recipe.train, output_dir, cuda, cuda and torch.cuda.is_bf16_supported())
+    bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
+    args = build_sft_config(recipe.train, output_dir, cuda, bf16_ok)
     stop = make_stop_callback()
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          callbacks=[stop, *extra_callbacks, *callbacks])

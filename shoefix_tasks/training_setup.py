@@ -13,11 +13,14 @@ unpacked one).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from shoefix_tasks.config import VARLEN_ATTN, LoraConfig, QuantConfig, Recipe, TrainConfig
 from shoefix_tasks.prompting import training_example
+
+log = logging.getLogger(__name__)
 
 
 def build_lora_config(cfg: LoraConfig):
@@ -106,13 +109,24 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.reshape(b, t, n_heads, d), None
 
 
+def cpu_bf16_native() -> bool:
+    """Does this CPU do bf16 arithmetic in hardware (AVX512-BF16 or AMX)? Without it, CPU autocast
+    to bf16 is emulated and a training step runs tens of times slower than in fp32."""
+    import torch
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_precision(mode: str, cuda: bool, bf16_supported: bool) -> tuple[bool, bool]:
     """(bf16, fp16) for the Trainer. 'auto' is the seed's rule: bf16 where supported, else fp16;
-    on a CPU 'auto' means none. An explicit 'bf16' on a CPU is CPU autocast, which pays on cores
-    with AVX512-BF16 (measured 1.5x on this 2-core machine, benchmarks/cpu_bf16.py); fp16 never
-    runs on a CPU."""
+    on a CPU 'auto' means none. An explicit 'bf16' on a CPU is CPU autocast, which pays only on cores
+    with native bf16 (`bf16_supported`, see cpu_bf16_native: AVX512-BF16 or AMX; benchmarks/cpu_bf16.py);
+    elsewhere it would be emulated, so it falls back to fp32. fp16 never runs on a CPU."""
     if not cuda:
-        return mode == "bf16", False
+        if mode == "bf16" and not bf16_supported:
+            log.warning("mixed_precision bf16 asked for, but this CPU has no native bf16 (AVX512-BF16/AMX): "
+                        "training in fp32 instead (emulated bf16 is many times slower)")
+        return mode == "bf16" and bf16_supported, False
     if mode == "auto":
         return (True, False) if bf16_supported else (False, True)
     return mode == "bf16", mode == "fp16"

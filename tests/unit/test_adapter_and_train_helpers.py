@@ -76,6 +76,7 @@ def test_resume_picks_newest_complete_checkpoint(tmp_path):
 def test_precision_rule():
     assert resolve_precision("auto", cuda=True, bf16_supported=True) == (True, False)
     assert resolve_precision("auto", cuda=True, bf16_supported=False) == (False, True)
-    assert resolve_precision("bf16", cuda=False, bf16_supported=False) == (True, False)  # CPU autocast
+    assert resolve_precision("bf16", cuda=False, bf16_supported=True) == (True, False)  # CPU autocast, native bf16
+    assert resolve_precision("bf16", cuda=False, bf16_supported=False) == (False, False)  # emulated: fp32
     assert resolve_precision("auto", cuda=False, bf16_supported=False) == (False, False)
     assert resolve_precision("fp16", cuda=False, bf16_supported=False) == (False, False)

@@ -165,6 +165,14 @@ def test_evaluation(inbox):
     assert validate_conf(URGENT, {"reason": REASON}, settings=inbox, policy=no_quick)["quick"] is False
 
 
+def test_quick_leaves_the_form_when_the_policy_forbids_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SHOEFIX_POLICY", raising=False)
+    assert param_schemas(URGENT)["evaluation"]["enum"] == ["full", "quick"]
+    (tmp_path / "policy.yaml").write_text("trigger: {allow_quick: false}\n")
+    monkeypatch.setenv("SHOEFIX_POLICY", str(tmp_path / "policy.yaml"))
+    assert param_schemas(URGENT)["evaluation"]["enum"] == ["full"]
+
+
 @pytest.mark.parametrize("reason", ["", "    ", "\t\n  \u3000", "a b c d", "ab   cd", None, 12345])
 def test_reason_needs_five_non_whitespace_characters(inbox, reason):
     refused(URGENT, {"reason": reason}, "at least 5 non-whitespace", settings=inbox)

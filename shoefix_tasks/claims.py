@@ -14,8 +14,10 @@ Claims are written by hand in `<data_dir>/claims/*.yaml`, each with its sources 
 Polarity follows the NegEx tradition, with scopes bounded by clauses: a sentence is split into clauses
 at scope terminators (`;`, `:`, "but", "however", "because", ... and the Chinese comma); a *negation
 cue* ("don't", "never", "avoid", "rather than", 不要, 避免, 切勿, ...) negates the rest of its clause
-(forward scope); a *post-negation cue* ("is not safe", "a bad idea", 不安全, 不建議, ...) negates its
-clause before it (backward scope). A match is negated when a scope covers one of its alternatives.
+(forward scope; a Chinese prohibition its whole clause, since objects often come first: 漂白水一律不要加,
+and the clauses after it that continue it with 或, 也不, ...); a *post-negation cue* ("is not safe", "a bad idea", 不安全, 不建議, ...) negates its
+clause before it (backward scope). A match is negated when every occurrence of one of its groups lies
+in a scope ("check your feet daily and don't self-treat athlete's foot" still affirms checking feet).
 Pseudo-negations ("not only", "no more than", 不同, 不少, ...) are not cues. English alternatives
 match word prefixes ("mix" matches "mixing"; `=word` matches the whole word only, multi-word
 alternatives match consecutive words); Chinese alternatives match substrings.
@@ -43,8 +45,8 @@ _ZH_CLAUSE = re.compile(r"[。！？；：，,;:!?\n]+|但是|但|不過|然而|
 # Negation cues (forward scope), as token sequences. Longest first.
 EN_CUES = sorted((tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
 |won't|wouldn't|shouldn't|can't|cannot|couldn't|mustn't|needn't|avoid|avoiding|avoided|without|nor|neither|none
-|nothing|rather than|instead of|refrain from|steer clear of|stay away from|out of the question|under no circumstances
-|by no means|resist the urge|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
+|nothing|rather than|instead of|refrain from|steer clear of|stay away from|away from|clear of|out of the question|under no circumstances
+|by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
 |need not|is not|are not""".replace("\n", "").split("|")), key=len, reverse=True)
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
@@ -54,13 +56,22 @@ EN_POST = re.compile(r"\b(?:(?:is|are|was|'s|be)\s+)?(?:not|never|n't)\s+(?:safe
                      r"okay|ok|necessary|needed|appropriate|helpful|effective|wise|a solution|the answer)\b"
                      r"|\bunsafe\b|\bbad idea\b|\b(?:should|must)\s+be\s+avoided\b|\bis\s+a\s+mistake\b|"
                      r"\bnot\s+recommended\b|\bdangerous\s+idea\b|\bdon'?t\s+do\s+(?:it|this|that)\b")
-ZH_CUES = ("千萬不要", "絕對不要", "絕不要", "絕不", "不要", "不可以", "不可", "不能", "不應該", "不應", "不該", "不宜",
+ZH_CUES = ("千萬不要", "絕對不要", "絕不要", "絕不", "不要", "不可以", "不可", "不能", "不應該", "不應", "不該", "不宜", "無法", "避開",
+           "沒辦法", "沒用",
            "不必", "不需要", "不用", "不得", "不准", "別", "勿", "切勿", "避免", "禁止", "沒有", "無須", "無需", "毋須",
            "並非", "而不是", "而非", "不是", "不會", "未", "不")
 ZH_PSEUDO = ("不同", "不少", "不過", "不斷", "不僅", "不只", "不但", "不論", "不管", "不久", "不適", "不錯", "不良",
              "不足", "不易", "不小心", "不平", "不均", "不舒服", "不明", "不一定", "不一樣", "不再", "不透氣", "不得不",
-             "不然", "不論是", "不停", "不到", "未來", "不妨", "不時")
-ZH_POST = re.compile(r"不安全|並不安全|不建議|不推薦|不是好主意|不是個好主意|不恰當|應該避免|應避免|要避免|是錯的|不可取|"
+             "不然", "不論是", "不停", "不到", "未來", "不妨", "不時", "特別", "分別", "區別", "差別", "別人", "別的",
+             "個別", "告別", "類別", "性別", "識別", "辨別")
+# Prohibitions negate their whole clause, because Chinese often puts the object first (漂白水一律不要加);
+# every other cue only what follows it (用溫水而不是熱水: warm water is affirmed; 避開陽光直射陰乾).
+ZH_WHOLE_CLAUSE = ("千萬不要", "絕對不要", "絕不要", "絕不", "不要", "不可以", "不可", "不能", "不應該", "不應", "不該",
+                   "不宜", "不得", "不准", "切勿", "勿", "別", "禁止")
+ZH_OBJECT_WINDOW = 6  # characters a non-prohibition cue reaches (避開陽光直射, not the 陰乾 after it)
+# A clause that starts with one of these continues the previous clause's negation (不要放在暖氣上，或用吹風機).
+ZH_CONTINUES = ("或", "也不", "也別", "更不", "以及", "還是", "甚至")
+ZH_POST = re.compile(r"不安全|並不安全|不建議|不推薦|不是好主意|不是個好主意|不恰當|應該避免|應避免|要避免|是錯的|不可取|不行|"
                      r"很危險的做法|不是解決辦法|不妥")
 
 
@@ -151,49 +162,119 @@ def _find(sentence: str, alt: str, lang: str) -> list[int]:
     return [tokens[i][0] for i in range(len(tokens)) if _seq_at(tokens, i, seq, prefix=True)]
 
 
-def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
-    """(character spans under negation, start offsets of the cues themselves). A cue negates the
-    rest of its clause; a post-negation cue negates its clause up to itself."""
-    bounds = _clause_bounds(sentence, lang)
-    spans: list[tuple[int, int]] = []
+def _cue_spans(text: str, lang: str) -> list[tuple[int, int]]:
+    """(start, end) offsets of the negation cues in the text (pseudo-negations excluded)."""
     if lang == "zh-TW":
-        masked = sentence
+        masked = text
         for p in sorted(ZH_PSEUDO, key=len, reverse=True):
             masked = masked.replace(p, "\0" * len(p))
-        cue_at = {m.start() for cue in ZH_CUES for m in re.finditer(re.escape(cue), masked)}
-        post = ZH_POST
-    else:
-        tokens = _en_tokens(sentence)
-        cue_at, i = set(), 0
-        while i < len(tokens):
-            if any(_seq_at(tokens, i, p, prefix=False) for p in EN_PSEUDO):
-                i += 2
-                continue
-            cue = next((c for c in EN_CUES if _seq_at(tokens, i, c, prefix=False)), None)
-            if cue:
-                cue_at.add(tokens[i][0])
-                i += len(cue)
-            else:
-                i += 1
-        post = EN_POST
-    spans += [(pos, _clause_of(pos, bounds)[1]) for pos in cue_at]
+        return [(m.start(), m.end()) for cue in ZH_CUES for m in re.finditer(re.escape(cue), masked)]
+    tokens, out, i = _en_tokens(text), [], 0
+    while i < len(tokens):
+        if any(_seq_at(tokens, i, p, prefix=False) for p in EN_PSEUDO):
+            i += 2
+            continue
+        cue = next((c for c in EN_CUES if _seq_at(tokens, i, c, prefix=False)), None)
+        if cue:
+            last_pos, last_tok = tokens[i + len(cue) - 1]
+            out.append((tokens[i][0], last_pos + len(last_tok)))
+            i += len(cue)
+        else:
+            i += 1
+    return out
+
+
+def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
+    """(character spans under negation, start offsets of the cues themselves). A cue negates the
+    rest of its clause (a Chinese cue its whole clause, contrastive ones aside); a post-negation cue
+    negates its clause up to itself."""
+    bounds = _clause_bounds(sentence, lang)
+    spans: list[tuple[int, int]] = []
+    cue_at = {lo for lo, _ in _cue_spans(sentence, lang)}
+    for pos in cue_at:
+        lo, hi = _clause_of(pos, bounds)
+        if lang == "zh-TW":
+            if not any(sentence.startswith(c, pos) for c in ZH_WHOLE_CLAUSE):
+                lo, hi = pos, min(hi, pos + ZH_OBJECT_WINDOW)
+            nxt = next((b for b in bounds if b[0] >= hi), None)
+            while nxt is not None and sentence[nxt[0]:nxt[1]].lstrip().startswith(ZH_CONTINUES):
+                hi = nxt[1]
+                nxt = next((b for b in bounds if b[0] >= hi), None)
+        else:
+            lo = pos
+        spans.append((lo, hi))
+    post = ZH_POST if lang == "zh-TW" else EN_POST
     spans += [(_clause_of(m.start(), bounds)[0], m.start()) for m in post.finditer(sentence)]
     return spans, cue_at
 
 
-def _match(pattern: Pattern, sentence: str, lang: str) -> str | None:
-    """None if the pattern's groups do not all occur in the sentence; else the polarity of the match:
-    `negated` when a negation scope covers one of the matched alternatives."""
-    found: list[int] = []
+def _match(pattern: Pattern, text: str, lang: str) -> str | None:
+    """None if the pattern's groups do not all occur in the text; else the polarity of the match:
+    `negated` when every occurrence of one of its groups lies in a negation scope ("check your feet
+    daily and don't self-treat athlete's foot" still affirms checking the feet)."""
+    groups = []
     for group in pattern.all:
-        pos = [p for alt in group for p in _find(sentence, alt, lang)]
+        pos = [p for alt in group for p in _find(text, alt, lang)]
         if not pos:
             return None
-        found.extend(pos)
-    spans, cue_at = _scopes(sentence, lang)
-    # an alternative that is itself a cue word ("avoid") is not negated by that same cue
-    negated = any(lo <= p < hi and p not in cue_at for p in found for lo, hi in spans)
-    return "negated" if negated else "affirmed"
+        groups.append(pos)
+    spans, cue_at = _scopes(text, lang)
+
+    def negated(p: int) -> bool:  # an alternative that is itself a cue word ("avoid") is not negated by it
+        return p not in cue_at and any(lo <= p < hi for lo, hi in spans)
+
+    return "negated" if any(all(negated(p) for p in pos) for pos in groups) else "affirmed"
+
+
+_EN_SEGMENT = re.compile(r",\s*(?:and|or)?\s*|\s+\b(?:and|or|then)\b\s+")
+_ZH_SEGMENT = re.compile(r"[、]|並且|而且|以及|然後")
+
+
+def segments(text: str, lang: str) -> list[str]:
+    """Short spans for comparing polarity: clauses, further split at commas and coordinations."""
+    lang = "zh-TW" if lang.startswith("zh") else "en"
+    finer = _ZH_SEGMENT if lang == "zh-TW" else _EN_SEGMENT
+    return [seg.strip() for clause in clauses(text, lang) for seg in finer.split(clause) if seg and seg.strip()]
+
+
+def _cue_chars(text: str, lang: str) -> set[int]:
+    """Offsets of the characters that belong to negation or post-negation cues."""
+    post = ZH_POST if lang == "zh-TW" else EN_POST
+    spans = _cue_spans(text, lang) + [(m.start(), m.end()) for m in post.finditer(text)]
+    return {k for lo, hi in spans for k in range(lo, hi)}
+
+
+def scoped_units(text: str, lang: str) -> tuple[set[str], set[str]]:
+    """(units outside any negation scope, units inside one), cue words themselves left out; units as
+    shoefix_tasks.units.score_units makes them (stems; CJK characters and bigrams)."""
+    from shoefix_tasks.units import CJK, STOP, stem
+
+    lang = "zh-TW" if lang.startswith("zh") else "en"
+    text = normalize(text)
+    spans, _ = _scopes(text, lang)
+    cue = _cue_chars(text, lang)
+    pos_units: set[str] = set()
+    neg_units: set[str] = set()
+
+    def add(unit: str, at: int) -> None:
+        (neg_units if any(lo <= at < hi for lo, hi in spans) else pos_units).add(unit)
+
+    for m in re.finditer(r"[a-z0-9]+(?:\.[0-9]+)?", text):
+        if m.start() not in cue and m.group(0) not in STOP:
+            add(stem(m.group(0)), m.start())
+    chars = [(k, ch) for k, ch in enumerate(text) if CJK.match(ch) and k not in cue]
+    for j, (k, ch) in enumerate(chars):
+        add(ch, k)
+        if j + 1 < len(chars) and chars[j + 1][0] == k + 1:
+            add(ch + chars[j + 1][1], k)
+    return pos_units - neg_units, neg_units
+
+
+def polarity_of(text: str, lang: str) -> str:
+    """`negated` if a negation cue or post-negation cue (not a pseudo-negation) occurs in the text."""
+    lang = "zh-TW" if lang.startswith("zh") else "en"
+    spans, _ = _scopes(normalize(text), lang)
+    return "negated" if spans else "affirmed"
 
 
 def _unless(pattern: Pattern, sentence: str, lang: str) -> bool:

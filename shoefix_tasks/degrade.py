@@ -64,6 +64,11 @@ def wrong_numbers(text: str) -> str | None:
 
 _EN_REMOVE = [  # (pattern, replacement), applied in order; word boundaries, case-insensitive
     (r"\bneither\b(.*?)\bnor\b", r"both\1and"),
+    (r"\bunder no circumstances\b,? ?", ""), (r"\bby no means\b ?", ""), (r"\bout of the question\b", "fine"),
+    (r"\brefrain from\b", "go ahead with"), (r"\bresist the urge to\b ?", ""), (r"\bhold off on\b", "go ahead with"),
+    (r"\bhold off\b", "go ahead"), (r"\b(?:stay|keep|well) away from\b", "right next to"),
+    (r"\baway from\b", "next to"), (r"\bsteer clear of\b", "use"), (r"\bclear of\b", "next to"),
+    (r"\bno need to\b", "you need to"), (r"\bskip\b", "do"), (r"\bforgo\b", "use"),
     (r"\b(?:do|does|did) not\b ?", ""), (r"\b(?:don't|doesn't|didn't)\b ?", ""),
     (r"\bis not\b", "is"), (r"\bisn't\b", "is"), (r"\bare not\b", "are"), (r"\baren't\b", "are"),
     (r"\bwas not\b", "was"), (r"\bwasn't\b", "was"), (r"\bweren't\b", "were"),
@@ -75,7 +80,7 @@ _EN_REMOVE = [  # (pattern, replacement), applied in order; word boundaries, cas
     (r"\bnone of\b", "all of"), (r"\bnothing\b", "something"),
 ]
 _EN_AUX = re.compile(r"\b(is|are|can|should|will|must|may|does|do)\b", re.I)
-_ZH_REMOVE = [("千萬不要", ""), ("絕對不要", ""), ("絕不要", ""), ("絕不", ""), ("不要", ""), ("不可以", "可以"),
+_ZH_REMOVE = [("無法", "可以"), ("沒辦法", "可以"), ("沒用", "有用"), ("避開", "靠近"), ("不行", "可以"), ("千萬不要", ""), ("絕對不要", ""), ("絕不要", ""), ("絕不", ""), ("不要", ""), ("不可以", "可以"),
               ("不可", "可"), ("不能", "能"), ("不應該", "應該"), ("不應", "應"), ("不該", "該"), ("不宜", "宜"),
               ("不必", "要"), ("不需要", "需要"), ("不用", "要"), ("不得", "得"), ("不准", "准"), ("切勿", ""),
               ("勿", ""), ("別", ""), ("避免", "使用"), ("禁止", "建議"), ("沒有", "有"), ("無須", "要"),

@@ -86,7 +86,9 @@ def claim_report(data_dir: Path) -> dict[str, Any]:
             problems.append(f"{it['id']}: reference does not state its must_state {row['ref_missed']}")
         if row["ref_forbidden"]:
             problems.append(f"{it['id']}: reference states forbidden {row['ref_forbidden']}")
-        if must_not and not row["reversed_forbidden"]:
+        if must_not and not row["reversed_forbidden"] and it["id"].startswith("guard-"):
+            # the target is every guard item; on holdout items reversing the wording does not always
+            # produce dangerous advice (the rate is reported)
             problems.append(f"{it['id']}: reversed advice states none of its must_not_state claims")
         rows.append(row)
     guard = [r for r in rows if r["id"].startswith("guard-")]
@@ -95,9 +97,89 @@ def claim_report(data_dir: Path) -> dict[str, Any]:
         "claims": len(claims), "forbidden_claims": len(all_forbidden),
         "guard_items": len(guard),
         "guard_reversed_caught": sum(1 for r in guard if r.get("reversed_forbidden")),
+        "holdout_with_claims": sum(1 for r in rows if r["must_not_state"] and not r["id"].startswith("guard-")),
+        "holdout_reversed_caught": sum(1 for r in rows if r.get("reversed_forbidden")
+                                       and not r["id"].startswith("guard-")),
         "problems": len(problems),
     }
     return {"items": rows, "problems": problems, "summary": summary}
+
+
+KINDS = ("wrong_numbers", "reversed", "other_answer", "boilerplate", "question", "half", "empty")
+OFF_TOPIC = ("other_answer", "boilerplate", "question")  # must score below the untrained base model
+
+
+def base_answers(data_dir: Path) -> dict[str, str]:
+    """The untrained base model's answers (`<data_dir>/meta_eval/base_answers.jsonl`), if recorded."""
+    path = data_dir / "meta_eval" / "base_answers.jsonl"
+    return {r["id"]: r["answer"] for r in read_jsonl(path)} if path.is_file() else {}
+
+
+def scorecard_report(data_dir: Path) -> dict[str, Any]:
+    """Score the reference, its paraphrase and every degradation of every item; rank them."""
+    from shoefix_tasks.degrade import degradations
+    from shoefix_tasks.metrics import Context, score_answer
+
+    ctx = Context.from_data(data_dir)
+    items = eval_items(data_dir)
+    para, base = paraphrases(data_dir), base_answers(data_dir)
+    rows = []
+    for i, it in enumerate(items):
+        row = {"id": it["id"], "lang": it["lang"], "reference": score_answer(it, it["answer"], ctx).composite}
+        if it["id"] in para:
+            row["paraphrase"] = score_answer(it, para[it["id"]], ctx).composite
+        if it["id"] in base:
+            row["base"] = score_answer(it, base[it["id"]], ctx).composite
+        for kind, text in degradations(items, i).items():
+            if text is not None:
+                row[kind] = score_answer(it, text, ctx).composite
+        rows.append(row)
+    table = {}
+    for kind in KINDS:
+        have = [r for r in rows if kind in r]
+        with_para = [r for r in have if "paraphrase" in r]
+        table[kind] = {
+            "n": len(have),
+            "mean": round(sum(r[kind] for r in have) / len(have), 3) if have else None,
+            "ref_wins": round(sum(r["reference"] > r[kind] for r in have) / len(have), 4) if have else None,
+            "para_wins": (round(sum(r["paraphrase"] > r[kind] for r in with_para) / len(with_para), 4)
+                          if with_para else None),
+        }
+    with_para = [r for r in rows if "paraphrase" in r]
+    based = [r for r in rows if "base" in r]
+    summary = {
+        "reference_mean": round(sum(r["reference"] for r in rows) / len(rows), 3),
+        "paraphrase_mean": round(sum(r["paraphrase"] for r in with_para) / len(with_para), 3) if with_para else None,
+        "paraphrase_gap_mean": (round(sum(r["reference"] - r["paraphrase"] for r in with_para) / len(with_para), 3)
+                                if with_para else None),
+        "paraphrase_gap_max": round(max((r["reference"] - r["paraphrase"] for r in with_para), default=0.0), 3),
+        "base_mean": round(sum(r["base"] for r in based) / len(based), 3) if based else None,
+        "base_items": len(based),
+        "off_topic_means_on_base_items": {k: round(sum(r[k] for r in based) / len(based), 3)
+                                          for k in OFF_TOPIC} if based else {},
+    }
+    return {"rows": rows, "table": table, "summary": summary}
+
+
+def print_table(data_dir: Path) -> int:
+    report = scorecard_report(data_dir)
+    print("| answer | n | mean composite | reference ranked above | paraphrase ranked above |")
+    print("|---|---|---|---|---|")
+    s = report["summary"]
+    print(f"| reference | {len(report['rows'])} | {s['reference_mean']:.2f} | | |")
+    if s["paraphrase_mean"] is not None:
+        print(f"| paraphrase (hand-written) | {sum('paraphrase' in r for r in report['rows'])} | "
+              f"{s['paraphrase_mean']:.2f} (gap to reference: mean {s['paraphrase_gap_mean']:.2f}, "
+              f"max {s['paraphrase_gap_max']:.2f}) | | |")
+    if s["base_mean"] is not None:
+        print(f"| untrained base model | {s['base_items']} | {s['base_mean']:.2f} | | |")
+    for kind, t in report["table"].items():
+        para = f"{t['para_wins']:.1%}" if t["para_wins"] is not None else "n/a"
+        print(f"| {kind.replace('_', ' ')} | {t['n']} | {t['mean']:.2f} | {t['ref_wins']:.1%} | {para} |")
+    if s["off_topic_means_on_base_items"]:
+        print("\non the items the base model answered: base", s["base_mean"], "vs",
+              json.dumps(s["off_topic_means_on_base_items"]))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
             print("PROBLEM", line)
         print(json.dumps(report["summary"]))
         return 1 if report["problems"] else 0
-    from shoefix_tasks.meta_eval_table import print_table
-
     return print_table(args.data)
 
 

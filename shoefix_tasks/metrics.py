@@ -1,187 +1,247 @@
-"""The seed's scorecard, made deterministic and reference-based (definitions: docs/scorecard.md).
+"""The seed's scorecard, deterministic and reference-based (definitions and their meta-evaluation:
+docs/scorecard.md).
 
-Every score is on the seed's 1-10 scale: 1 + 9 * (a fraction in [0, 1]). Text is compared as
-*content units*: for English, lower-cased word stems without stop words; for Chinese, character
-bigrams (no word segmenter needed, robust to zh-TW wording) plus any Latin words and numbers.
+Every score is on the seed's 1-10 scale: 1 + 9 * relevance * f, for a fraction f in [0, 1] per metric.
+*Relevance gates the rest*: fluent text that does not answer its question earns nothing. Relevance is
+contrastive: how much more of *this* reference's answer-bearing content (its content units that are
+not already in the question, weighted by rarity) the answer covers than it covers of the other
+references in the evaluation set. A boilerplate of common facts covers every reference about equally
+(relevance ~0), another question's answer covers its own reference, not this one, and repeating the
+question back covers nothing that is not in the question.
+
+Numbers count only when right: a key number stated correctly earns its share, a number in a unit the
+reference quantifies that matches none of the reference's values costs more than leaving it out.
+Advice counts with its polarity: a key point or a reference sentence turned around ("pop the blister"
+for "don't pop the blister") is a contradiction, not a match.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
-_CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
-_WORD = re.compile(r"[a-z0-9]+(?:\.[0-9]+)?")
-_SENT_SPLIT = re.compile(r"(?<=[.!?。！？])\s*")
+from shoefix_tasks.claims import polarity_of, scoped_units, segments
+from shoefix_tasks.units import (
+    is_cjk,
+    normalize,
+    numbers_with_units,
+    repetition_rate,
+    score_units,
+    sentences,
+    text_length,
+)
+
+content_units = score_units  # every scorer below compares these units
+
 _TERMINAL = tuple(".!?。！？)」』\"'")
-_NEGATION = re.compile(r"\b(?:not|never|no|don't|doesn't|cannot|can't|avoid)\b|不|勿|別|避免|禁止")
-STOP = frozenset("""a an the and or but if then so of to in on at by for with from as is are was were be been
-being it its this that these those there their they them you your yours we our i me my he she his her do does
-did can could should would will may might must have has had not no than too very just also about into over
-under more most less such each any all some what which who whom when where why how up out off only own same
-other both few one two s t""".split())
-# Units a key fact may carry; numbers are compared per unit so "60%" never matches "60 °C".
-_UNIT = (r"%|°c|°f|mg/kg|mg|ml|km|miles?|hours?|hrs?|days?|weeks?|months?|years?|minutes?|g\b|"
-         r"小時|天|週|周|個月|年|分鐘|公里|公克|毫升")
-_NUM_UNIT = re.compile(rf"(\d+(?:\.\d+)?)(?:\s*[–\-~至到]\s*(\d+(?:\.\d+)?))?\s*({_UNIT})")
-
-
-def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = text.replace("‒", "–").replace("—", "–").replace("−", "-")
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def _stem(word: str) -> str:
-    for suffix in ("ing", "edly", "ed", "es", "s"):
-        if len(word) > len(suffix) + 2 and word.endswith(suffix):
-            return word[: -len(suffix)]
-    return word
-
-
-def content_units(text: str) -> list[str]:
-    """Stems for Latin text, character bigrams for CJK runs."""
-    text = normalize(text)
-    units = [_stem(w) for w in _WORD.findall(text) if w not in STOP]
-    cjk = "".join(ch if _CJK.match(ch) else " " for ch in text).split()
-    for run in cjk:
-        units.extend(run[i:i + 2] for i in range(len(run) - 1)) if len(run) > 1 else units.append(run)
-    return units
-
-
-def is_cjk(text: str) -> bool:
-    return len(_CJK.findall(text)) > 0.2 * max(1, len(text.strip()))
+WRONG_NUMBER_COST = 1.5  # a wrong number costs 1.5 facts' credit; leaving it out costs 1
+PARAPHRASE_F1 = 0.5  # weighted unit F1 of a faithful paraphrase: semantic consistency saturates here
+# Relevance: the recall margin over other references (see `relevance`) is 0 at CHANCE_MARGIN or less
+# (off-topic text reaches it by chance), and full at ANSWER_MARGIN or more (a faithful rewording).
+CHANCE_MARGIN, ANSWER_MARGIN = 0.10, 0.35
+CONTRADICTION_COST = 0.2  # share of every score lost per reference segment the answer turns around
 
 
 def to_score(fraction: float) -> float:
     return round(1.0 + 9.0 * min(1.0, max(0.0, fraction)), 3)
 
 
-def _unit_key(unit: str) -> str:
-    unit = unit.rstrip("s") if unit not in ("%",) else unit
-    return {"hr": "hour", "hrs": "hour", "mile": "mile", "周": "週"}.get(unit, unit)
+class Context:
+    """What scoring needs beyond one item: rarity weights of content units (per language) and the
+    other references, for relevance. Built once per evaluation from the data folder."""
+
+    def __init__(self, documents: list[dict[str, Any]], references: list[dict[str, Any]]) -> None:
+        self.df: dict[str, Counter] = {}
+        self.n: Counter = Counter()
+        for doc in documents:
+            lang = _lang(doc["lang"])
+            self.n[lang] += 1
+            self.df.setdefault(lang, Counter()).update(set(content_units(doc["answer"])))
+        self.refs: dict[str, list[tuple[str, set[str]]]] = {}
+        for ref in references:
+            bearing = set(content_units(ref["answer"])) - set(content_units(ref["question"]))
+            self.refs.setdefault(_lang(ref["lang"]), []).append((ref["qid"], bearing))
+
+    @classmethod
+    def from_data(cls, data_dir: Path) -> Context:
+        from shoefix_tasks.records import iter_jsonl, load_eval_set
+
+        evals = load_eval_set(data_dir, "holdout") + load_eval_set(data_dir, "guard")
+        corpus = list(iter_jsonl(sorted((data_dir / "corpus").glob("*.jsonl"))))
+        return cls(corpus + evals, evals)
+
+    def weight(self, unit: str, lang: str) -> float:
+        """Smoothed inverse document frequency: common domain words ("shoe", "mold") weigh little."""
+        return math.log((self.n[lang] + 1) / (self.df.get(lang, Counter())[unit] + 1)) + 1.0
+
+    def mass(self, units: set[str], lang: str) -> float:
+        return sum(self.weight(u, lang) for u in units)
 
 
-def numbers_with_units(text: str) -> set[tuple[str, str]]:
-    """{(number or range, unit)} stated in the text, e.g. {("24-48", "hour"), ("60", "%")}."""
-    found = set()
-    for lo, hi, unit in _NUM_UNIT.findall(normalize(text)):
-        found.add((f"{lo}-{hi}" if hi else lo, _unit_key(unit)))
-    return found
+def _lang(lang: str) -> str:
+    return "zh-TW" if lang.startswith("zh") else "en"
 
 
-def completeness(answer: str, reference: str, key_points: list[str] | None) -> float:
-    """Share of the reference's key points covered; a point is covered when at least 60% of its
-    content units appear in the answer."""
+def _recall(have: set[str], want: set[str], ctx: Context, lang: str) -> float:
+    total = ctx.mass(want, lang)
+    return ctx.mass(have & want, lang) / total if total else 0.0
+
+
+def relevance(answer: str, item: dict[str, Any], ctx: Context) -> float:
+    """Fraction in [0, 1]: weighted recall of this reference's answer-bearing units, minus the mean
+    recall of the other references' (same language, other questions), scaled so a faithful answer
+    reaches 1."""
+    lang, question = _lang(item["lang"]), set(content_units(item["question"]))
+    have = set(content_units(answer)) - question
+    own = _recall(have, set(content_units(item["answer"])) - question, ctx, lang)
+    others = [_recall(have, units - question, ctx, lang) for qid, units in ctx.refs.get(lang, ())
+              if qid != item.get("qid")]
+    base = sum(others) / len(others) if others else 0.0
+    return min(1.0, max(0.0, (own - base - CHANCE_MARGIN) / (ANSWER_MARGIN - CHANCE_MARGIN)))
+
+
+POINT_COVERED = 0.6  # weighted share of a key point's units at which it counts as fully covered
+
+
+REVERSAL_OVERLAP = 0.8  # share of a reference segment's content an answer segment must repeat to reverse it
+Segment = tuple[set[str], set[str]]  # (affirmed units, negated units) of a clause-like segment
+
+
+def polar_segments(text: str, lang: str) -> list[Segment]:
+    return [scoped_units(s, lang) for s in segments(text, lang)]
+
+
+def _reversed(ref: Segment, answer_segments: list[Segment]) -> bool:
+    """Does the answer repeat this reference segment's content (REVERSAL_OVERLAP of its units, cues
+    aside) with the polarity turned around? A prohibition is reversed when its negated content is
+    affirmed ("don't pop the blister" -> "pop the blister"); an unnegated statement when most of it
+    is negated. Negation is scoped, so "wear socks rather than going barefoot" affirms "wear socks".
+    An answer that also states it the right way round somewhere does not reverse it."""
+    pos, neg = ref
+    units = pos | neg
+    if not units:
+        return False
+    flipped = kept = False
+    for a_pos, a_neg in answer_segments:
+        if len(units & (a_pos | a_neg)) / len(units) < REVERSAL_OVERLAP:
+            continue
+        if neg:
+            flip = bool(neg & a_pos) and not neg & a_neg
+        else:
+            flip = len(pos & a_neg) >= 0.5 * len(pos)
+        flipped, kept = flipped or flip, kept or not flip
+    return flipped and not kept
+
+
+def _turned_around(point: str, answer_segments: list[Segment], lang: str) -> bool:
+    """A prohibition in the key point ("no heat above 40 °C") that the answer affirms."""
+    return any(seg[1] and _reversed(seg, answer_segments) for seg in polar_segments(point, lang))
+
+
+def completeness(answer: str, item: dict[str, Any], ctx: Context) -> float:
+    """Mean coverage of the reference's key points: the weighted share of a point's content units
+    (beyond the question's) in the answer, full credit at 60%; none for a point whose prohibition the
+    answer turns around ("don't pop blisters" is not covered by "pop the blister")."""
+    lang, question = _lang(item["lang"]), set(content_units(item["question"]))
     have = set(content_units(answer))
-    points = [p for p in (key_points or []) if content_units(p)]
-    if not points:  # fall back to recall of the reference's content units
-        ref = set(content_units(reference))
-        return to_score(len(ref & have) / len(ref)) if ref else 1.0
-    covered = sum(1 for p in points if len(set(content_units(p)) & have) / len(set(content_units(p))) >= 0.6)
-    return to_score(covered / len(points))
+    points = [p for p in item.get("key_points") or [] if content_units(p)]
+    if not points:
+        return min(1.0, _recall(have, set(content_units(item["answer"])) - question, ctx, lang) / POINT_COVERED)
+    ans_segs = polar_segments(answer, lang)
+    total = 0.0
+    for point in points:
+        units = set(content_units(point)) - question or set(content_units(point))
+        share = min(1.0, _recall(have, units, ctx, lang) / POINT_COVERED)
+        total += 0.0 if share and _turned_around(point, ans_segs, lang) else share
+    return total / len(points)
 
 
-def key_data_accuracy(answer: str, reference: str, key_facts: list[str] | None) -> float:
-    """Key facts stated correctly, minus half a fact for each contradicting number.
+def _fact_stated(fact: str, ans_norm: str, ans_units: set[str], ans_nums: set[tuple[str, str]]) -> bool:
+    nums = numbers_with_units(fact)
+    if nums:
+        return nums <= ans_nums
+    units = set(content_units(fact))
+    return normalize(fact) in ans_norm or bool(units) and units <= ans_units
 
-    A fact is stated when its normalized text occurs in the answer, or (for numeric facts) the
-    answer states the same number with the same unit. A *contradiction* is a number the answer
-    gives in a unit the reference quantifies, matching none of the reference's values in that unit.
-    """
-    facts = [f for f in (key_facts or []) if f.strip()]
+
+def key_data_accuracy(answer: str, item: dict[str, Any]) -> float:
+    """(key facts stated correctly - 1.5 x wrong numbers) / key facts. A wrong number is one the answer
+    gives in a unit the reference quantifies (%, °C, hours, mg/kg, ...) that matches none of the
+    reference's values in that unit ("dry at 60-70 °C" against a reference saying 20-25 °C)."""
+    reference = item["answer"]
+    facts = [f for f in item.get("key_facts") or [] if f.strip()]
     ref_nums = numbers_with_units(reference)
     if not facts:
         facts = [f"{n} {u}" for n, u in sorted(ref_nums)]
-    if not facts:
-        return 10.0 if not numbers_with_units(answer) else 5.5  # nothing to get right
-    ans_norm = normalize(answer)
     ans_nums = numbers_with_units(answer)
-    hits = 0
-    for fact in facts:
-        fact_nums = numbers_with_units(fact)
-        if normalize(fact) in ans_norm or (fact_nums and fact_nums <= ans_nums):
-            hits += 1
+    if not facts:
+        return 1.0 if not ans_nums else 0.5
+    ans_norm, ans_units = normalize(answer), set(content_units(answer))
+    hits = sum(_fact_stated(f, ans_norm, ans_units, ans_nums) for f in facts)
     ref_units = {u for _, u in ref_nums}
     ref_values = {n for n, _ in ref_nums} | {p for n, _ in ref_nums for p in n.split("-")}
-    contradictions = sum(1 for n, u in ans_nums if u in ref_units and n not in ref_values
-                         and not set(n.split("-")) <= ref_values)
-    return to_score((hits - 0.5 * contradictions) / len(facts))
+    wrong = sum(1 for n, u in ans_nums if u in ref_units and n not in ref_values
+                and not set(n.split("-")) <= ref_values)
+    return max(0.0, (hits - WRONG_NUMBER_COST * wrong) / len(facts))
 
 
-def _cosine(a: Counter, b: Counter) -> float:
-    dot = sum(v * b[k] for k, v in a.items() if k in b)
-    na, nb = math.sqrt(sum(v * v for v in a.values())), math.sqrt(sum(v * v for v in b.values()))
-    return dot / (na * nb) if na and nb else 0.0
+def contradictions(answer: str, reference: str, lang: str) -> int:
+    """Reference segments (clauses, split at commas and "and") the answer turns around (`_reversed`).
+    A prohibition counts from one content unit ("not on a radiator"), an affirmation from two."""
+    ans = polar_segments(answer, lang)
+    return sum(1 for seg in polar_segments(reference, lang)
+               if len(seg[0] | seg[1]) >= (1 if seg[1] else 2) and _reversed(seg, ans))
 
 
-def _sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENT_SPLIT.split(text) if s.strip()]
-
-
-def self_contradictions(answer: str) -> int:
-    """Sentence pairs with the same content but opposite polarity ("Use bleach." / "Never use bleach.")."""
-    seen: dict[frozenset, bool] = {}
+def self_contradictions(answer: str, lang: str = "en") -> int:
+    """Sentence pairs of the answer with the same content but opposite polarity."""
+    seen: dict[frozenset, str] = {}
     count = 0
-    for sent in _sentences(answer):
-        key = frozenset(u for u in content_units(_NEGATION.sub(" ", normalize(sent))))
+    for sent in sentences(answer):
+        key = frozenset(content_units(sent))
         if len(key) < 2:
             continue
-        neg = bool(_NEGATION.search(normalize(sent)))
-        if key in seen and seen[key] != neg:
+        pol = polarity_of(sent, lang)
+        if key in seen and seen[key] != pol:
             count += 1
-        seen.setdefault(key, neg)
+        seen.setdefault(key, pol)
     return count
 
 
-def semantic_consistency(answer: str, reference: str) -> float:
-    """Cosine similarity of content-unit counts (unigrams + bigrams of units), scaled so that 0.6
-    scores 10, minus 2 points per self-contradiction."""
-    def grams(text: str) -> Counter:
-        units = content_units(text)
-        return Counter(units) + Counter(zip(units, units[1:], strict=False))
-
-    cos = _cosine(grams(answer), grams(reference))
-    return round(max(1.0, to_score(cos / 0.6) - 2.0 * self_contradictions(answer)), 3)
-
-
-def repetition_rate(answer: str) -> float:
-    """Share of repeated word 3-grams (character 4-grams for Chinese): 0 for fresh text."""
-    text = normalize(answer)
-    if is_cjk(text):
-        grams = [text[i:i + 4] for i in range(len(text) - 3)]
-    else:
-        words = text.split()
-        grams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def text_length(text: str) -> int:
-    """Words for Latin text; CJK characters count as words (zh-TW answers ~ 1.6 chars per EN word)."""
-    return len(_CJK.findall(text)) + len(_WORD.findall(_CJK.sub(" ", normalize(text))))
+def semantic_consistency(answer: str, item: dict[str, Any], ctx: Context) -> float:
+    """Weighted F1 of answer-bearing content units against the reference, saturating at the level of
+    a faithful paraphrase, minus a quarter per self-contradiction."""
+    lang, question = _lang(item["lang"]), set(content_units(item["question"]))
+    have, want = set(content_units(answer)) - question, set(content_units(item["answer"])) - question
+    common = ctx.mass(have & want, lang)
+    p = common / ctx.mass(have, lang) if have else 0.0
+    r = common / ctx.mass(want, lang) if want else 0.0
+    f1 = 2 * p * r / (p + r) if p + r else 0.0
+    return max(0.0, min(1.0, f1 / PARAPHRASE_F1) - 0.25 * self_contradictions(answer, lang))
 
 
 def readability(answer: str, reference: str) -> float:
-    """Well-formed, non-repeating, complete, sensibly long text, independent of content."""
+    """Well-formed, non-repeating, complete, sensibly long text (independent of content; the score
+    is gated by relevance like the others)."""
     if not answer.strip():
-        return 1.0
+        return 0.0
     rep = 1.0 - min(1.0, 2.0 * repetition_rate(answer))
     ending = 1.0 if answer.rstrip().endswith(_TERMINAL) else 0.4
     ratio = text_length(answer) / max(1, text_length(reference))
     if ratio <= 0:
-        length = 0.0  # only punctuation or symbols
-    elif 0.35 <= ratio <= 2.0:
+        length = 0.0
+    elif 0.6 <= ratio <= 1.8:
         length = 1.0
-    else:  # falls off with the log-distance from the band: 1/e of the bound scores 0
-        length = max(0.0, 1 - abs(math.log(ratio / (0.35 if ratio < 0.35 else 2.0))))
-    sents = _sentences(answer)
+    else:  # falls off with the log-distance from the band
+        length = max(0.0, 1 - abs(math.log(ratio / (0.6 if ratio < 0.6 else 1.8))))
+    sents = sentences(answer)
     per = text_length(answer) / max(1, len(sents))
-    lo, hi = (10, 90) if is_cjk(answer) else (6, 35)
+    lo, hi = (10, 120) if is_cjk(answer) else (6, 45)
     sentence = 1.0 if lo <= per <= hi else 0.4
-    return to_score(0.4 * rep + 0.2 * ending + 0.2 * length + 0.2 * sentence)
+    return 0.4 * rep + 0.2 * ending + 0.2 * length + 0.2 * sentence
 
 
 @dataclass
@@ -190,6 +250,7 @@ class QuestionScore:
     lang: str
     topic: str
     guard: bool
+    relevance: float
     completeness: float
     key_data_accuracy: float
     semantic_consistency: float
@@ -207,13 +268,15 @@ class QuestionScore:
 QUALITY_METRICS = ("completeness", "key_data_accuracy", "semantic_consistency", "readability")
 
 
-def score_answer(item: dict, answer: str, guard: bool = False) -> QuestionScore:
-    ref = item["answer"]
+def score_answer(item: dict[str, Any], answer: str, ctx: Context, guard: bool = False) -> QuestionScore:
+    rel = relevance(answer, item, ctx)
+    # an answer that turns the reference's advice around is not a rewording of it: every score shrinks
+    rel *= max(0.0, 1.0 - CONTRADICTION_COST * contradictions(answer, item["answer"], _lang(item["lang"])))
     return QuestionScore(
-        id=item["id"], lang=item["lang"], topic=item["topic"], guard=guard,
-        completeness=completeness(answer, ref, item.get("key_points")),
-        key_data_accuracy=key_data_accuracy(answer, ref, item.get("key_facts")),
-        semantic_consistency=semantic_consistency(answer, ref),
-        readability=readability(answer, ref),
+        id=item["id"], lang=item["lang"], topic=item["topic"], guard=guard, relevance=round(rel, 4),
+        completeness=to_score(rel * completeness(answer, item, ctx)),
+        key_data_accuracy=to_score(rel * key_data_accuracy(answer, item)),
+        semantic_consistency=to_score(rel * semantic_consistency(answer, item, ctx)),
+        readability=to_score(rel * readability(answer, item["answer"])),
         answer_length=text_length(answer),
     )

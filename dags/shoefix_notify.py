@@ -94,8 +94,9 @@ def champion_message(context: dict[str, Any]) -> tuple[str, str] | None:
         return (f"ShoeFix: {model} v{ret['version']} is the new champion",
                 f"v{ret['version']} was promoted by {ti.dag_id} (run {ti.run_id}).\nGate:\n{reasons}")
     if "previous" in ret and "champion" in ret:
-        return (f"ShoeFix: {model} rolled back to v{ret['champion']}",
-                f"Champion v{ret['previous']} -> v{ret['champion']} by {ti.dag_id} (run {ti.run_id}).\n"
+        forced = " FORCED onto a version the gate did not promote" if ret.get("forced") else ""
+        return (f"ShoeFix: {model} rolled back to v{ret['champion']}{' (forced)' if forced else ''}",
+                f"Champion v{ret['previous']} -> v{ret['champion']} by {ti.dag_id} (run {ti.run_id}){forced}.\n"
                 f"Reason: {ret.get('reason', '')}")
     return None  # evaluated but kept the champion: nothing to announce
 

@@ -1,0 +1,76 @@
+"""The retraining tasks use the values collect_qa validated, never the raw params: `evaluation:
+quick` becomes `quick=True` for evaluation and gate (not a recipe override), overrides arrive as the
+validated list, and a refused conf fails the first task without retries.
+
+Real DAG task functions; only the Airflow task context and the pipeline stages (which train and
+evaluate for real in tests/integration) are stand-ins, so this runs in a second."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from tests.conftest import ROOT
+
+RAW = {"reason": "v3 gives wrong drying temperatures", "recipe": "seed", "evaluation": "quick", "inbox": "",
+       "files": ["urgent/fix.jsonl"], "overrides": {"train.learning_rate": 1e-4}}
+
+
+@pytest.fixture()
+def graph(monkeypatch):
+    sys.path.insert(0, str(ROOT / "dags"))
+    import retrain_graph
+    import trigger_conf
+
+    monkeypatch.delenv("SHOEFIX_POLICY", raising=False)
+    xcom: dict = {}
+    ti = SimpleNamespace(xcom_push=lambda key, value: xcom.__setitem__(key, value),
+                         xcom_pull=lambda task_ids, key: xcom[key] if task_ids == "collect_qa" else None)
+    ctx = {"dag": SimpleNamespace(dag_id="shoefix_urgent_update"), "run_id": "manual__t", "params": dict(RAW),
+           "ti": ti, "outlet_events": {}}
+    for module in (retrain_graph, trigger_conf):
+        monkeypatch.setattr(module, "get_current_context", lambda: ctx)
+    monkeypatch.setattr(retrain_graph, "_judge_config", lambda: None)
+    return SimpleNamespace(module=retrain_graph, ctx=ctx, xcom=xcom)
+
+
+def test_later_tasks_use_the_validated_values(graph, monkeypatch):
+    from shoefix_tasks import pipeline
+
+    calls = {}
+
+    def stage(name, result):
+        def run(*args, **kwargs):
+            calls[name] = (args, kwargs)
+            return result
+        monkeypatch.setattr(pipeline, name, run)
+
+    stage("collect_qa", {"collected": 0})
+    stage("train_adapter", {"run_id": "t"})
+    stage("evaluate_adapter", {"eval_run_id": "e"})
+    stage("gate_and_promote", {"decision": "keep_champion"})
+    rg = graph.module
+    assert rg.collect_qa.function() == {}  # nothing new (stand-in), but the conf was checked and kept
+    assert calls["collect_qa"][1] == {"inbox": None, "files": ["urgent/fix.jsonl"]}
+    assert graph.xcom["trigger"]["quick"] is True
+
+    graph.ctx["params"] = {"recipe": "/tmp/evil.yaml", "overrides": {"gate.min_effect": -100}}  # never read again
+    rg._train_adapter_task.function({"snapshot_path": "/s.jsonl"})
+    rg.evaluate_adapter.function({"run_id": "t"})
+    rg.gate_and_promote.function({"run_id": "t"}, {"eval_run_id": "e"})
+    assert calls["train_adapter"][0] == ("manual__t", "seed", "/s.jsonl", ["train.learning_rate=0.0001"])
+    for name in ("evaluate_adapter", "gate_and_promote"):
+        args, kwargs = calls[name]
+        assert args[1] == "seed" and ["train.learning_rate=0.0001"] in args, name
+        assert kwargs["quick"] is True and not any("eval." in str(a) for a in args), name
+
+
+def test_a_refused_conf_fails_the_first_task_without_retries(graph):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    graph.ctx["params"] = {**RAW, "gate": {"min_effect": -100}}
+    with pytest.raises(AirflowFailException, match=r"trigger refused: .*\['gate'\]"):
+        graph.module.collect_qa.function()
+    assert "trigger" not in graph.xcom

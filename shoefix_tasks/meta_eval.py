@@ -8,6 +8,7 @@ claim), on its paraphrase (no forbidden claim) and on its reversed advice (a for
 
   python -m shoefix_tasks.meta_eval claims      # the safety-claim check, item by item
   python -m shoefix_tasks.meta_eval scorecard   # the ranking table (docs/scorecard.md)
+  python -m shoefix_tasks.meta_eval record-base-answers   # the untrained base's answers (minutes)
 
 The test suite runs the same functions (tests/unit/test_meta_eval.py); figures live in docs/.
 """
@@ -182,12 +183,37 @@ def print_table(data_dir: Path) -> int:
     return 0
 
 
+def record_base_answers(data_dir: Path, recipe_name: str = "default") -> Path:
+    """Answer every holdout and guard item of the recipe's languages with the untrained base model, as
+    evaluation does (same prompt, greedy decoding, enough new tokens for the longest reference), and
+    keep the answers in `<data_dir>/meta_eval/base_answers.jsonl`. The base is frozen and decoding
+    greedy, so these are what every evaluation's "base" champion answers; recording them once keeps
+    the test suite from loading a model."""
+    import datetime
+
+    from shoefix_tasks.config import Settings, load_recipe
+    from shoefix_tasks.generation import generate, load_answerer, tokens_needed
+    from shoefix_tasks.policy import load_policy
+    from shoefix_tasks.records import write_jsonl
+
+    recipe, settings = load_recipe(recipe_name), Settings.from_env()
+    items = [it for it in eval_items(data_dir) if it["lang"] in recipe.eval.languages]
+    ans = load_answerer(recipe.model.base_model, None, settings, recipe.model.dtype, label="base")
+    max_new = max(recipe.eval.max_new_tokens,
+                  tokens_needed(ans, [it["answer"] for it in items], load_policy().evaluation.token_margin))
+    gens = generate(ans, [it["question"] for it in items], max_new, recipe.eval.batch_size, recipe.eval.repetition_penalty)
+    meta = {"model": recipe.model.base_model, "recipe": recipe_name, "max_new_tokens": max_new,
+            "repetition_penalty": recipe.eval.repetition_penalty, "recorded": datetime.date.today().isoformat()}
+    return write_jsonl(data_dir / "meta_eval" / "base_answers.jsonl",
+                       ({"id": it["id"], "answer": g["answer"], **meta} for it, g in zip(items, gens, strict=True)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from shoefix_tasks.config import REPO_ROOT
 
     p = argparse.ArgumentParser(prog="python -m shoefix_tasks.meta_eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["claims", "scorecard"])
+    p.add_argument("what", choices=["claims", "scorecard", "record-base-answers"])
     p.add_argument("--data", type=Path, default=REPO_ROOT / "data")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     args = p.parse_args(argv)
@@ -199,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             print("PROBLEM", line)
         print(json.dumps(report["summary"]))
         return 1 if report["problems"] else 0
+    if args.what == "record-base-answers":
+        print(record_base_answers(args.data))
+        return 0
     return print_table(args.data)
 
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from shoefix_tasks.claims import polarity_of, scoped_units, segments
+from shoefix_tasks.claims import scoped_units, segments
 from shoefix_tasks.units import (
     is_cjk,
     normalize,
@@ -34,7 +35,15 @@ from shoefix_tasks.units import (
     text_length,
 )
 
-content_units = score_units  # every scorer below compares these units
+
+@lru_cache(maxsize=4096)
+def _units(text: str) -> frozenset[str]:
+    return frozenset(score_units(text))
+
+
+def content_units(text: str) -> frozenset[str]:
+    """The scoring units of a text (cached: references and questions are scored against many answers)."""
+    return _units(text)
 
 _TERMINAL = tuple(".!?。！？)」』\"'")
 WRONG_NUMBER_COST = 1.5  # a wrong number costs 1.5 facts' credit; leaving it out costs 1
@@ -54,16 +63,18 @@ class Context:
     other references, for relevance. Built once per evaluation from the data folder."""
 
     def __init__(self, documents: list[dict[str, Any]], references: list[dict[str, Any]]) -> None:
+        self._w: dict[tuple[str, str], float] = {}
         self.df: dict[str, Counter] = {}
         self.n: Counter = Counter()
         for doc in documents:
             lang = _lang(doc["lang"])
             self.n[lang] += 1
             self.df.setdefault(lang, Counter()).update(set(content_units(doc["answer"])))
-        self.refs: dict[str, list[tuple[str, set[str]]]] = {}
+        self.refs: dict[str, list[tuple[str, frozenset[str]]]] = {}
         for ref in references:
-            bearing = set(content_units(ref["answer"])) - set(content_units(ref["question"]))
+            bearing = content_units(ref["answer"]) - content_units(ref["question"])
             self.refs.setdefault(_lang(ref["lang"]), []).append((ref["qid"], bearing))
+        self._mass: dict[tuple[frozenset[str], str], float] = {}
 
     @classmethod
     def from_data(cls, data_dir: Path) -> Context:
@@ -75,9 +86,17 @@ class Context:
 
     def weight(self, unit: str, lang: str) -> float:
         """Smoothed inverse document frequency: common domain words ("shoe", "mold") weigh little."""
-        return math.log((self.n[lang] + 1) / (self.df.get(lang, Counter())[unit] + 1)) + 1.0
+        key = (unit, lang)
+        if key not in self._w:
+            self._w[key] = math.log((self.n[lang] + 1) / (self.df.get(lang, Counter())[unit] + 1)) + 1.0
+        return self._w[key]
 
-    def mass(self, units: set[str], lang: str) -> float:
+    def mass(self, units: frozenset[str] | set[str], lang: str) -> float:
+        if isinstance(units, frozenset):  # reference sets recur for every answer scored against them
+            key = (units, lang)
+            if key not in self._mass:
+                self._mass[key] = sum(self.weight(u, lang) for u in units)
+            return self._mass[key]
         return sum(self.weight(u, lang) for u in units)
 
 
@@ -85,9 +104,9 @@ def _lang(lang: str) -> str:
     return "zh-TW" if lang.startswith("zh") else "en"
 
 
-def _recall(have: set[str], want: set[str], ctx: Context, lang: str) -> float:
-    total = ctx.mass(want, lang)
-    return ctx.mass(have & want, lang) / total if total else 0.0
+def _recall(have: frozenset[str], want: frozenset[str], ctx: Context, lang: str) -> float:
+    total = ctx.mass(frozenset(want), lang)
+    return ctx.mass(set(have & want), lang) / total if total else 0.0
 
 
 def relevance(answer: str, item: dict[str, Any], ctx: Context) -> float:
@@ -97,8 +116,8 @@ def relevance(answer: str, item: dict[str, Any], ctx: Context) -> float:
     lang, question = _lang(item["lang"]), set(content_units(item["question"]))
     have = set(content_units(answer)) - question
     own = _recall(have, set(content_units(item["answer"])) - question, ctx, lang)
-    others = [_recall(have, units - question, ctx, lang) for qid, units in ctx.refs.get(lang, ())
-              if qid != item.get("qid")]
+    others = [_recall(have, units - question if units & question else units, ctx, lang)
+              for qid, units in ctx.refs.get(lang, ()) if qid != item.get("qid")]
     base = sum(others) / len(others) if others else 0.0
     return min(1.0, max(0.0, (own - base - CHANCE_MARGIN) / (ANSWER_MARGIN - CHANCE_MARGIN)))
 
@@ -110,8 +129,9 @@ REVERSAL_OVERLAP = 0.8  # share of a reference segment's content an answer segme
 Segment = tuple[set[str], set[str]]  # (affirmed units, negated units) of a clause-like segment
 
 
-def polar_segments(text: str, lang: str) -> list[Segment]:
-    return [scoped_units(s, lang) for s in segments(text, lang)]
+@lru_cache(maxsize=2048)
+def polar_segments(text: str, lang: str) -> tuple[Segment, ...]:
+    return tuple((frozenset(p), frozenset(n)) for p, n in (scoped_units(s, lang) for s in segments(text, lang)))
 
 
 def _reversed(ref: Segment, answer_segments: list[Segment]) -> bool:
@@ -136,26 +156,19 @@ def _reversed(ref: Segment, answer_segments: list[Segment]) -> bool:
     return flipped and not kept
 
 
-def _turned_around(point: str, answer_segments: list[Segment], lang: str) -> bool:
-    """A prohibition in the key point ("no heat above 40 °C") that the answer affirms."""
-    return any(seg[1] and _reversed(seg, answer_segments) for seg in polar_segments(point, lang))
-
-
 def completeness(answer: str, item: dict[str, Any], ctx: Context) -> float:
     """Mean coverage of the reference's key points: the weighted share of a point's content units
-    (beyond the question's) in the answer, full credit at 60%; none for a point whose prohibition the
-    answer turns around ("don't pop blisters" is not covered by "pop the blister")."""
+    (beyond the question's) in the answer, full credit at 60%. (Advice turned around is caught by
+    `contradictions`, which shrinks every score.)"""
     lang, question = _lang(item["lang"]), set(content_units(item["question"]))
     have = set(content_units(answer))
     points = [p for p in item.get("key_points") or [] if content_units(p)]
     if not points:
         return min(1.0, _recall(have, set(content_units(item["answer"])) - question, ctx, lang) / POINT_COVERED)
-    ans_segs = polar_segments(answer, lang)
     total = 0.0
     for point in points:
         units = set(content_units(point)) - question or set(content_units(point))
-        share = min(1.0, _recall(have, units, ctx, lang) / POINT_COVERED)
-        total += 0.0 if share and _turned_around(point, ans_segs, lang) else share
+        total += min(1.0, _recall(have, units, ctx, lang) / POINT_COVERED)
     return total / len(points)
 
 
@@ -197,14 +210,15 @@ def contradictions(answer: str, reference: str, lang: str) -> int:
 
 
 def self_contradictions(answer: str, lang: str = "en") -> int:
-    """Sentence pairs of the answer with the same content but opposite polarity."""
+    """Sentence pairs of the answer with the same content (cues aside) but opposite polarity."""
     seen: dict[frozenset, str] = {}
     count = 0
     for sent in sentences(answer):
-        key = frozenset(content_units(sent))
+        pos, neg = scoped_units(sent, lang)
+        key = frozenset(pos | neg)
         if len(key) < 2:
             continue
-        pol = polarity_of(sent, lang)
+        pol = "negated" if neg else "affirmed"
         if key in seen and seen[key] != pol:
             count += 1
         seen.setdefault(key, pol)

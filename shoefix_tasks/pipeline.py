@@ -94,8 +94,10 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
         champ = None
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
+    serving = json.loads(champ.tags.get("serving", "{}")) if champ is not None else {}
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
-                   train_result["run_id"], judge=judge, require_judge=require_judge, quick=quick)
+                   train_result["run_id"], judge=judge, require_judge=require_judge, quick=quick,
+                   champion_serving={k: serving[k] for k in ("base_model", "dtype") if k in serving} or None)
     ref["champion_version"] = int(champ.version) if champ is not None else None
     ref["judged"] = judge is not None
     return ref
@@ -154,20 +156,30 @@ def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_r
     import mlflow
 
     from shoefix_tasks import registry
+    from shoefix_tasks.adapter import AdapterIntegrityError, adapter_digest, verify_adapter
     from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.policy import load_policy
     from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text
 
     evaluation = json.loads(Path(eval_ref["evaluation_path"]).read_text())
     guard = frozenset(evaluation["guard_ids"])
+    # the bytes registered (and maybe promoted) must be the bytes that were evaluated
+    digest = adapter_digest(verify_adapter(Path(train_result["adapter_dir"])))
+    evaluated = evaluation.get("challenger_manifest")
+    if evaluated is None or adapter_digest(evaluated) != digest:
+        raise AdapterIntegrityError(f"the adapter in {train_result['adapter_dir']} is not the one evaluated in "
+                                    f"{eval_ref['eval_run_id']}: refusing to register it")
 
     def card(side: str) -> Scorecard:
         scores = evaluation[side]["scores"]
         return Scorecard({s["id"]: s["composite"] for s in scores}, {s["id"]: s["key_data_accuracy"] for s in scores},
-                         evaluation[side]["summary"]["latency_p50_s"], guard)
+                         evaluation[side]["summary"]["latency_p50_s"], guard,
+                         forbidden={s["id"]: [f["claim"] for f in s.get("forbidden", [])] for s in scores},
+                         must_state={s["id"]: frozenset(s.get("must_state_stated", [])) for s in scores})
 
-    from shoefix_tasks.policy import load_policy
-
-    decision = decide(card("champion"), card("challenger"), load_policy().gate, judge_error=evaluation.get("judge_error"))
+    policy = load_policy()
+    decision = decide(card("champion"), card("challenger"), policy.gate, judge_error=evaluation.get("judge_error"),
+                      latency_compared=evaluation.get("latency", {}).get("compared", True))
     verdict = "promote" if decision.promote else "keep_champion"
     markdown = scorecard_markdown(evaluation, decision.to_dict())
     chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")
@@ -191,11 +203,17 @@ def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_r
             "base_model": rec.model.base_model, "recipe": rec.name, "gate_decision": verdict,
             "challenged": champion_label, "pipeline_run": run_key,
             "composite": str(evaluation["challenger"]["summary"]["composite"]),
-            "gate_reasons": json.dumps(decision.reasons)[:4900]}
+            "gate_reasons": json.dumps(decision.reasons)[:4900], "adapter_digest": digest,
+            "scorer": evaluation.get("scorer", ""), "policy": policy.digest,
+            "forbidden_claims": json.dumps(decision.numbers.get("forbidden_claims", {}))[:4900]}
+    # how it serves = how it was evaluated (base, dtype, decoding with the evaluated answer length)
+    serving = {"base_model": rec.model.base_model, "dtype": rec.model.dtype, "engine": "transformers",
+               "max_new_tokens": evaluation["decoding"]["max_new_tokens"],
+               "repetition_penalty": evaluation["decoding"]["repetition_penalty"]}
+    tags["serving"] = json.dumps(serving)
     version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),
                                         rec.model.base_model, tags, description,
-                                        {"max_new_tokens": rec.eval.max_new_tokens,
-                                         "repetition_penalty": rec.eval.repetition_penalty, "dtype": rec.model.dtype},
+                                        {k: serving[k] for k in ("max_new_tokens", "repetition_penalty", "dtype")},
                                         settings=settings)
     registry.set_challenger(int(version.version))
     if decision.promote:

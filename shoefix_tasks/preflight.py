@@ -172,8 +172,11 @@ def _base_shape(recipe: Recipe, settings: Settings) -> tuple[int, dict[str, Any]
     """(parameter count, config.json) of a local base; (0, {}) when it is not a local folder."""
     from shoefix_tasks.base_model import resolve_base
 
-    resolved = resolve_base(recipe.model.base_model, settings)
-    if not isinstance(resolved, Path) or not (resolved / "config.json").is_file():
+    try:
+        resolved = resolve_base(recipe.model.base_model, settings)
+    except FileNotFoundError:  # a hub id not in the local cache: the load itself will say so
+        return 0, {}
+    if not (resolved / "config.json").is_file():
         return 0, {}
     return safetensors_param_count(resolved), json.loads((resolved / "config.json").read_text())
 

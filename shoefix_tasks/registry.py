@@ -117,14 +117,34 @@ def _fetch_verified(uri: str, target: Path) -> dict[str, Any]:
 
 
 def download_adapter(version, settings: Settings) -> Path:
-    """The version's adapter folder, fetched once into the local cache and verified on every use."""
-    from shoefix_tasks.adapter import MANIFEST, verify_adapter
+    """The version's adapter folder, fetched into a cache keyed by its content digest (tag
+    `adapter_digest`, recorded at registration) and verified on every use. A version number can be
+    reused (a registry rebuilt, a model deleted and registered again); content cannot, so a cached
+    adapter is never served for the wrong version. A downloaded adapter whose digest differs from the
+    version's recorded one is refused."""
+    from shoefix_tasks.adapter import MANIFEST, AdapterIntegrityError, adapter_digest, verify_adapter
 
-    target = settings.home / "cache" / "adapters" / f"v{version.version}"
-    if not (target / MANIFEST).is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _fetch_verified(adapter_uri(version), target)
-    verify_adapter(target)
+    cache = settings.home / "cache" / "adapters"
+    recorded = version.tags.get("adapter_digest")
+    if recorded and (cache / recorded / MANIFEST).is_file():
+        target = cache / recorded
+    else:
+        cache.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"v{version.version}-", dir=cache)) / "adapter"
+        try:
+            digest = adapter_digest(_fetch_verified(adapter_uri(version), staging))
+            if recorded and digest != recorded:
+                raise AdapterIntegrityError(f"version {version.version}: downloaded adapter {digest[:12]} is not the "
+                                            f"registered one {recorded[:12]}")
+            target = cache / digest
+            if not (target / MANIFEST).is_file():
+                shutil.rmtree(target, ignore_errors=True)
+                staging.rename(target)
+        finally:
+            shutil.rmtree(staging.parent, ignore_errors=True)
+    manifest = verify_adapter(target)
+    if recorded and adapter_digest(manifest) != recorded:
+        raise AdapterIntegrityError(f"cached adapter {target} does not match version {version.version}'s digest")
     return target
 
 
@@ -180,6 +200,13 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
             log.warning("run %s was registered concurrently as v%s; deleting duplicate v%s",
                         training_run_id, version.version, created.version)
             client.delete_model_version(REGISTERED_MODEL, created.version)
+    if existing is not None:  # a retry: the version holds whatever an earlier attempt uploaded
+        from shoefix_tasks.adapter import AdapterIntegrityError, adapter_digest, verify_adapter
+
+        registered = adapter_digest(verify_adapter(download_adapter(existing, settings)))
+        if registered != adapter_digest(verify_adapter(adapter_dir)):
+            raise AdapterIntegrityError(f"version {existing.version} holds adapter {registered[:12]}, not the one "
+                                        "being registered")
     for k, v in tags.items():
         client.set_model_version_tag(REGISTERED_MODEL, version.version, k, str(v))
     client.update_model_version(REGISTERED_MODEL, version.version, description=description)

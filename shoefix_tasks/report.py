@@ -12,8 +12,11 @@ ROWS = [  # (key in summary, seed's name, label, higher is better)
     ("readability", "答案可讀性", "answer readability (1-10)", True),
     ("latency_p50_s", "回應時間", "response time p50 (s)", False),
 ]
-EXTRA = [("composite", "composite (1-10)"), ("latency_p95_s", "response time p95 (s)"),
-         ("latency_tokens_per_s", "tokens/s (batch 1)"), ("answer_length_words", "answer length (words)")]
+EXTRA = [("composite", "composite (1-10)"), ("relevance", "relevance (0-1)"),
+         ("forbidden_claims", "forbidden claims stated"), ("must_state_coverage", "required safety claims stated"),
+         ("latency_p95_s", "response time p95 (s)"), ("latency_tokens_per_s", "tokens/s (batch 1)"),
+         ("answer_length_words", "answer length (words)")]
+LATENCY_KEYS = ("latency_p50_s", "latency_p95_s", "latency_tokens_per_s")
 
 
 def _change(before: float, after: float) -> str:
@@ -21,10 +24,37 @@ def _change(before: float, after: float) -> str:
 
 
 def scorecard_rows(evaluation: dict[str, Any]) -> list[tuple[str, float, float, str]]:
+    """(name, before, after, change). Latency changes are shown only where the two models could
+    differ in speed; otherwise the difference is noise and the change column says so."""
     before, after = evaluation["champion"]["summary"], evaluation["challenger"]["summary"]
-    rows = [(f"{label} {seed}", before[k], after[k], _change(before[k], after[k])) for k, seed, label, _ in ROWS]
-    rows += [(label, before[k], after[k], _change(before[k], after[k])) for k, label in EXTRA]
+    compared = evaluation.get("latency", {}).get("compared", True)
+
+    def change(k: str) -> str:
+        return "not compared" if k in LATENCY_KEYS and not compared else _change(before.get(k, 0), after.get(k, 0))
+
+    rows = [(f"{label} {seed}", before[k], after[k], change(k)) for k, seed, label, _ in ROWS]
+    rows += [(label, before.get(k, 0), after.get(k, 0), change(k)) for k, label in EXTRA]
     return rows
+
+
+def notes(evaluation: dict[str, Any]) -> list[str]:
+    """The scorecard's footnotes: languages, latency verdict with the spread, forbidden claims."""
+    out = []
+    if evaluation.get("language_note"):
+        out.append(evaluation["language_note"].capitalize() + ".")
+    lat = evaluation.get("latency")
+    if lat:
+        spread = "; ".join(f"{evaluation[w]['label']} p50 {evaluation[w]['summary']['latency_p50_s']:.2f} s "
+                           f"(IQR {evaluation[w]['summary'].get('latency_p25_s', 0):.2f}-"
+                           f"{evaluation[w]['summary'].get('latency_p75_s', 0):.2f} s, "
+                           f"n {evaluation[w]['summary'].get('latency_n', 0)})" for w in ("champion", "challenger"))
+        out.append(f"Latency, interleaved: {spread}. {lat['why'].capitalize()}.")
+    for who in ("champion", "challenger"):
+        for s in evaluation[who]["scores"]:
+            for f in s.get("forbidden", []):
+                out.append(f"{evaluation[who]['label']} states forbidden claim `{f['claim']}` on {s['id']}: "
+                           f"\"{f['sentence'][:160]}\"")
+    return out
 
 
 def scorecard_markdown(evaluation: dict[str, Any], decision: dict[str, Any] | None = None) -> str:
@@ -35,7 +65,8 @@ def scorecard_markdown(evaluation: dict[str, Any], decision: dict[str, Any] | No
     lines.append("")
     lines.append(f"{n} holdout questions + {len(evaluation['guard_ids'])} guard questions, greedy decoding, "
                  f"max_new_tokens={evaluation['decoding']['max_new_tokens']}; holdout hash "
-                 f"`{evaluation['holdout_hash'][:12]}`.")
+                 f"`{evaluation['holdout_hash'][:12]}`; scorer {evaluation.get('scorer', 'v1')}.")
+    lines += [""] + [f"- {note}" for note in notes(evaluation)]
     if decision is not None:
         lines += ["", f"**Gate: {'PROMOTE' if decision['promote'] else 'KEEP CHAMPION'}**", ""]
         lines += [f"- {r}" for r in decision["reasons"]]
@@ -46,9 +77,9 @@ def scorecard_text(evaluation: dict[str, Any]) -> str:
     champ = evaluation["champion"]["label"]
     rows = scorecard_rows(evaluation)
     width = max(len(r[0]) for r in rows) + 2
-    head = f"{'metric':<{width}}{champ + ' (before)':>18}{'after':>10}{'change':>9}"
-    body = [f"{name:<{width}}{b:>18.2f}{a:>10.2f}{c:>9}" for name, b, a, c in rows]
-    return "\n".join([head, "-" * len(head), *body])
+    head = f"{'metric':<{width}}{champ + ' (before)':>18}{'after':>10}{'change':>14}"
+    body = [f"{name:<{width}}{b:>18.2f}{a:>10.2f}{c:>14}" for name, b, a, c in rows]
+    return "\n".join([head, "-" * len(head), *body, "", *notes(evaluation)])
 
 
 def scorecard_chart(evaluation: dict[str, Any], path: Path) -> Path:

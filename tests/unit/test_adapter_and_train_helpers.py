@@ -59,6 +59,12 @@ def test_base_mismatch(tmp_path):
         check_compatible(BASE, {**BASE, "sha256": "c" * 64}, "x")
     with pytest.raises(BaseModelMismatch, match="tokenizer"):
         check_compatible(BASE, {**BASE, "tokenizer_sha256": "u" * 64}, "x")
+    # an identity without hashes (a hub id resolved nowhere) never passes the check
+    for key in ("sha256", "tokenizer_sha256"):
+        with pytest.raises(BaseModelMismatch, match="missing"):
+            check_compatible(BASE, {**BASE, key: ""}, "x")
+        with pytest.raises(BaseModelMismatch, match="missing"):
+            check_compatible({**BASE, key: ""}, BASE, "x")
 
 
 def test_resume_picks_newest_complete_checkpoint(tmp_path):

@@ -1,19 +1,26 @@
-"""The promotion gate's edge cases: a pure function, tested without any model."""
+"""The promotion gate's rules and edge cases: a pure function, tested without any model, with the
+production thresholds (policy defaults) unless a test says otherwise."""
 
 from __future__ import annotations
 
-from shoefix_tasks.config import GateConfig
-from shoefix_tasks.gate import Scorecard, decide, paired_bootstrap
+import dataclasses
 
-CFG = GateConfig(min_effect=0.1, bootstrap_samples=1000)
+from shoefix_tasks.gate import Scorecard, decide, paired_bootstrap
+from shoefix_tasks.policy import GateConfig
+
+CFG = dataclasses.replace(GateConfig(), bootstrap_samples=1000)  # the production gate, fewer resamples
 IDS = [f"q{i}" for i in range(20)]
 
 
-def card(values, kd=None, p50=1.0, guard=(), guard_values=None):
+def card(values, kd=None, p50=1.0, guard=(), guard_values=None, forbidden=None, must_state=None):
     comp = dict(zip(IDS, values, strict=True))
     comp.update(guard_values or {})
-    kds = {k: (kd if kd is not None else 5.0) for k in comp}
-    return Scorecard(comp, kds, p50, frozenset(guard))
+    kds = kd if isinstance(kd, dict) else {k: (kd if kd is not None else 5.0) for k in comp}
+    return Scorecard(comp, kds, p50, frozenset(guard), forbidden=forbidden or {}, must_state=must_state or {})
+
+
+def test_production_gate_is_the_policy_default():
+    assert CFG.min_effect == 0.1 and CFG.confidence == 0.95 and CFG.key_data_margin == 0.5
 
 
 def test_clear_win_promotes():
@@ -35,6 +42,16 @@ def test_win_on_mean_without_significance_keeps_champion():
     assert "not significant" in d.reasons[0]
 
 
+def test_a_forbidden_claim_blocks_a_clear_winner_and_is_named():
+    said = {"q3": ["bleach-mix-ok"]}
+    d = decide(card([3.0] * 20), card([8.0] * 20, forbidden=said), CFG)
+    assert not d.promote
+    assert any("safety floor" in r and "bleach-mix-ok" in r and "q3" in r for r in d.reasons)
+    # ... whatever the champion said: the champion stating it too changes nothing
+    d = decide(card([3.0] * 20, forbidden=said), card([8.0] * 20, forbidden=said), CFG)
+    assert not d.promote and d.numbers["champion_forbidden_claims"] == said
+
+
 def test_guard_regression_blocks_a_winner():
     g = {"guard-1": 8.0}
     d = decide(card([5.0] * 20, guard=["guard-1"], guard_values=g),
@@ -42,15 +59,32 @@ def test_guard_regression_blocks_a_winner():
     assert not d.promote and d.numbers["guard_regressions"] == ["guard-1"]
 
 
-def test_key_data_regression_blocks_a_winner():
+def test_losing_safe_advice_on_a_guard_question_blocks_a_winner():
+    g = {"guard-1": 6.0}
+    champ = card([5.0] * 20, guard=["guard-1"], guard_values=g, must_state={"guard-1": frozenset({"never-mix"})})
+    chall = card([7.0] * 20, guard=["guard-1"], guard_values=g, must_state={"guard-1": frozenset()})
+    d = decide(champ, chall, CFG)
+    assert not d.promote and d.numbers["guard_claims_lost"] == {"guard-1": ["never-mix"]}
+
+
+def test_key_data_regression_is_judged_by_its_interval():
+    # clearly worse on key data (every question -1): blocked even though the composite wins
     d = decide(card([5.0] * 20, kd=6.0), card([7.0] * 20, kd=5.0), CFG)
     assert not d.promote and any("key-data" in r for r in d.reasons)
+    # slightly lower on average but within the non-inferiority margin: not blocked by key data
+    kd_chall = {k: (6.0 if i % 4 else 5.6) for i, k in enumerate(IDS)}
+    d = decide(card([5.0] * 20, kd=6.0), card([7.0] * 20, kd=kd_chall), CFG)
+    assert d.numbers["key_data_diff"] < 0 and d.numbers["key_data_ci_low"] > -0.5
+    assert d.promote
 
 
-def test_latency_regression_blocks_a_winner():
-    d = decide(card([5.0] * 20, p50=1.0), card([7.0] * 20, p50=1.3), CFG)
+def test_latency_bound_applies_only_when_models_could_differ_in_speed():
+    d = decide(card([5.0] * 20, p50=1.0), card([7.0] * 20, p50=1.3), CFG, latency_compared=True)
     assert not d.promote and any("latency" in r for r in d.reasons)
-    assert decide(card([5.0] * 20, p50=1.0), card([7.0] * 20, p50=1.2), CFG).promote
+    assert decide(card([5.0] * 20, p50=1.0), card([7.0] * 20, p50=1.2), CFG, latency_compared=True).promote
+    # same architecture, dtype, engine and decoding: a slower p50 is noise, never a reason
+    d = decide(card([5.0] * 20, p50=1.0), card([7.0] * 20, p50=3.0), CFG, latency_compared=False)
+    assert d.promote and d.numbers["latency_bound_s"] is None
 
 
 def test_judge_failure_fails_closed():

@@ -158,8 +158,10 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     questions = [it["question"] for it in items]
     gens = {a.label: generate(a, questions, max_new, ev.batch_size, ev.repetition_penalty) for a in (champ, chall)}
     holdout_questions = [it["question"] for it in items if it["id"] not in guard_ids]
-    lat = measure_latency_interleaved([champ, chall], holdout_questions[: policy.evaluation.latency_samples], max_new,
-                                      ev.repetition_penalty, warmup=policy.evaluation.latency_warmup)
+    n = policy.evaluation.latency_samples  # cycle through the questions if there are fewer
+    timed = [holdout_questions[i % len(holdout_questions)] for i in range(n)]
+    lat = measure_latency_interleaved([champ, chall], timed, max_new, ev.repetition_penalty,
+                                      warmup=policy.evaluation.latency_warmup)
     profiles = {"champion": speed_profile(champ, max_new, ev.repetition_penalty),
                 "challenger": speed_profile(chall, max_new, ev.repetition_penalty)}
     compared, why = latency_verdict(profiles)

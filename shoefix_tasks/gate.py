@@ -12,7 +12,8 @@ Promote only if every rule holds:
 5. latency, where champion and challenger could differ in speed (architecture, dtype, quantization,
    engine, decoding): challenger p50 <= champion p50 * `max_latency_ratio`; otherwise not compared;
 6. a configured LLM judge did not fail (fail closed).
-A tie (mean difference 0) never promotes: the champion stays. The thresholds are the operator's
+A tie (mean difference 0) never promotes under a non-negative `min_effect`: the champion stays.
+The thresholds are the operator's
 policy (shoefix_tasks.policy), never a trigger's.
 """
 
@@ -86,7 +87,7 @@ def decide(champion: Scorecard, challenger: Scorecard, cfg: GateConfig, judge_er
         "mean_diff": round(mean_diff, 4), "ci_low": round(lo, 4), "ci_high": round(hi, 4),
         "min_effect": cfg.min_effect, "confidence": cfg.confidence,
     }
-    if mean_diff == 0:
+    if mean_diff == 0 and cfg.min_effect >= 0:  # (a negative min effect, test policies only, admits ties)
         ok = False
         reasons.append("tie: the composite did not change; the champion stays")
     elif lo <= cfg.min_effect:

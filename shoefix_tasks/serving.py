@@ -2,7 +2,8 @@
 
 `mlflow.pyfunc.load_model("models:/shoefix-expert@champion")` runs `load_context`: it verifies the
 adapter's sha256 manifest, checks it belongs to the configured base, merges it, and answers
-questions given as a DataFrame column `question`, a list of strings, or one string.
+questions given as a DataFrame column `question`, a list of strings, or one string. Every answer
+passes the safety net (shoefix_tasks.safety) before it is returned.
 """
 
 from __future__ import annotations
@@ -21,11 +22,14 @@ class ShoeFixExpert(PythonModel):
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 160))
         self.repetition_penalty = float(cfg.get("repetition_penalty", 1.0))
-        self.answerer = load_answerer(cfg["base_model"], Path(context.artifacts["adapter"]), Settings.from_env(),
+        self.settings = Settings.from_env()
+        self.answerer = load_answerer(cfg["base_model"], Path(context.artifacts["adapter"]), self.settings,
                                       cfg.get("dtype", "float32"), label="registered")
 
     def predict(self, context, model_input, params=None):
+        from shoefix_tasks.adapter import adapter_digest
         from shoefix_tasks.generation import generate
+        from shoefix_tasks.safety import check_answer
 
         if isinstance(model_input, str):
             questions = [model_input]
@@ -35,7 +39,10 @@ class ShoeFixExpert(PythonModel):
         else:
             questions = [str(q) for q in model_input]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        return [g["answer"] for g in generate(self.answerer, questions, max_new, 8, self.repetition_penalty)]
+        gens = generate(self.answerer, questions, max_new, 8, self.repetition_penalty)
+        model = adapter_digest(self.answerer.manifest)[:12] if self.answerer.manifest else "base"
+        return [check_answer(q, g["answer"], self.settings.data_dir, self.settings.home, model=model).answer
+                for q, g in zip(questions, gens, strict=True)]
 
 
 mlflow.models.set_model(ShoeFixExpert())

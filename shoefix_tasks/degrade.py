@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from shoefix_tasks.claims import EN_PSEUDO, ZH_PSEUDO
+from shoefix_tasks.units import spell_numbers
 
 # A number (or range) followed by a unit the scorecard compares (same units as metrics._UNIT).
 _NUM = r"\d+(?:\.\d+)?"
@@ -34,26 +35,35 @@ BOILERPLATE = {
 }
 
 
-def _wrong(value: str, unit: str) -> str:
+def _wrong(value: str, unit: str, taken: set[str]) -> str:
     """A wrong value in the same unit: three times the right one (a third of it for percentages
-    that would pass 100), with the same number of decimals. Never equal to the input."""
+    that would pass 100), with the same number of decimals; never the input nor any value the text
+    states in that unit (`taken`)."""
     v = float(value)
     decimals = len(value.split(".")[1]) if "." in value else 0
     new = v * 3 if v else 5.0
     if unit.strip() == "%" and new > 100:
         new = v / 3
     text = f"{new:.{decimals}f}"
-    if text == value:
-        text = f"{v + 1:.{decimals}f}"
+    step = 10 ** -decimals
+    while text == value or text in taken:
+        new += step
+        text = f"{new:.{decimals}f}"
     return text
 
 
 def wrong_numbers(text: str) -> str | None:
     """Every number with a unit changed to a wrong value in that unit; None if the text has none."""
+    text = spell_numbers(text)  # "three days" counts as a number too
+    taken: dict[str, set[str]] = {}
+    for m in NUM_WITH_UNIT.finditer(text):
+        taken.setdefault(m["unit"].replace(" ", ""), set()).update(v for v in (m["lo"], m["hi"]) if v)
+
     def repl(m: re.Match) -> str:
         unit = m["unit"]
-        lo = _wrong(m["lo"], unit)
-        hi = f"{m['sep']}{_wrong(m['hi'], unit)}" if m["hi"] else ""
+        values = taken[unit.replace(" ", "")]
+        lo = _wrong(m["lo"], unit, values)
+        hi = f"{m['sep']}{_wrong(m['hi'], unit, values)}" if m["hi"] else ""
         return f"{lo}{hi}{m['sp']}{unit}"
 
     out, n = NUM_WITH_UNIT.subn(repl, text)

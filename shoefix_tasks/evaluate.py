@@ -70,11 +70,13 @@ def score_side(ans: Answerer, gens: list[dict[str, Any]], items: list[dict[str, 
     """Per question: the scorecard, the safety claims (required ones stated or missed, forbidden ones
     stated: every forbidden claim is checked on every answer), the answer itself."""
     from shoefix_tasks.claims import check_item
-    from shoefix_tasks.metrics import score_answer
+    from shoefix_tasks.metrics import fixed_answers, score_answer
 
+    fixed = fixed_answers(items, [g["answer"] for g in gens])
     out = []
-    for it, g in zip(items, gens, strict=True):
-        s = score_answer(it, g["answer"], ctx, guard=it["id"] in guard_ids).to_dict()
+    for i, (it, g) in enumerate(zip(items, gens, strict=True)):
+        s = score_answer(it, g["answer"], ctx, guard=it["id"] in guard_ids, fixed=i in fixed).to_dict()
+        s["fixed_answer"] = i in fixed
         checked = check_item(it, g["answer"], claims)
         s["must_state_stated"] = [h.claim for h in checked["stated"]]
         s["must_state_missed"] = [h.claim for h in checked["missed"]]

@@ -119,22 +119,24 @@ def base_answers(data_dir: Path) -> dict[str, str]:
 def scorecard_report(data_dir: Path) -> dict[str, Any]:
     """Score the reference, its paraphrase and every degradation of every item; rank them."""
     from shoefix_tasks.degrade import degradations
-    from shoefix_tasks.metrics import Context, score_answer
+    from shoefix_tasks.metrics import Context, fixed_answers, score_answer
 
     ctx = Context.from_data(data_dir)
     items = eval_items(data_dir)
     para, base = paraphrases(data_dir), base_answers(data_dir)
-    rows = []
+    # each kind of answer is scored as one model's set of answers (a fixed answer is caught across them)
+    answers = {"reference": {it["id"]: it["answer"] for it in items}, "paraphrase": para, "base": base}
     for i, it in enumerate(items):
-        row = {"id": it["id"], "lang": it["lang"], "reference": score_answer(it, it["answer"], ctx).composite}
-        if it["id"] in para:
-            row["paraphrase"] = score_answer(it, para[it["id"]], ctx).composite
-        if it["id"] in base:
-            row["base"] = score_answer(it, base[it["id"]], ctx).composite
         for kind, text in degradations(items, i).items():
             if text is not None:
-                row[kind] = score_answer(it, text, ctx).composite
-        rows.append(row)
+                answers.setdefault(kind, {})[it["id"]] = text
+    rows = {it["id"]: {"id": it["id"], "lang": it["lang"]} for it in items}
+    for kind, by_id in answers.items():
+        scored = [it for it in items if it["id"] in by_id]
+        fixed = fixed_answers(scored, [by_id[it["id"]] for it in scored])
+        for i, it in enumerate(scored):
+            rows[it["id"]][kind] = score_answer(it, by_id[it["id"]], ctx, fixed=i in fixed).composite
+    rows = list(rows.values())
     table = {}
     for kind in KINDS:
         have = [r for r in rows if kind in r]

@@ -48,9 +48,10 @@ def content_units(text: str) -> frozenset[str]:
 _TERMINAL = tuple(".!?。！？)」』\"'")
 WRONG_NUMBER_COST = 1.5  # a wrong number costs 1.5 facts' credit; leaving it out costs 1
 PARAPHRASE_F1 = 0.5  # weighted unit F1 of a faithful paraphrase: semantic consistency saturates here
-# Relevance: the recall margin over other references (see `relevance`) is 0 at CHANCE_MARGIN or less
-# (off-topic text reaches it by chance), and full at ANSWER_MARGIN or more (a faithful rewording).
-CHANCE_MARGIN, ANSWER_MARGIN = 0.10, 0.35
+# Relevance: the recall margin over the other references (see `relevance`) is 0 at chance (0 or less:
+# covering this reference no better than a typical other one) and full at ANSWER_MARGIN or more.
+ANSWER_MARGIN = 0.35
+SAME_ANSWER, DIFFERENT_QUESTION = 0.9, 0.5  # unit Jaccard: a "fixed" answer (see fixed_answers)
 CONTRADICTION_COST = 0.2  # share of every score lost per reference segment the answer turns around
 
 
@@ -119,7 +120,28 @@ def relevance(answer: str, item: dict[str, Any], ctx: Context) -> float:
     others = [_recall(have, units - question if units & question else units, ctx, lang)
               for qid, units in ctx.refs.get(lang, ()) if qid != item.get("qid")]
     base = sum(others) / len(others) if others else 0.0
-    return min(1.0, max(0.0, (own - base - CHANCE_MARGIN) / (ANSWER_MARGIN - CHANCE_MARGIN)))
+    return min(1.0, max(0.0, (own - base) / ANSWER_MARGIN))
+
+
+def fixed_answers(items: list[dict[str, Any]], answers: list[str]) -> set[int]:
+    """Indices of answers that are (nearly) the same text as the answer to a *different* question
+    (unit Jaccard >= SAME_ANSWER, the questions' < DIFFERENT_QUESTION): a model that says the same
+    thing whatever it is asked answers none of the questions, however fluent and factual the text.
+    Near-identical questions (the holdout has a few) may of course get near-identical answers."""
+    units = [content_units(a) for a in answers]
+    qunits = [content_units(it["question"]) for it in items]
+
+    def jaccard(a: frozenset, b: frozenset) -> float:
+        return len(a & b) / len(a | b) if a | b else 0.0
+
+    out: set[int] = set()
+    for i in range(len(items)):
+        for j in range(i + 1, len(items)):
+            if (items[i]["lang"] == items[j]["lang"] and items[i].get("qid") != items[j].get("qid") and units[i]
+                    and jaccard(units[i], units[j]) >= SAME_ANSWER
+                    and jaccard(qunits[i], qunits[j]) < DIFFERENT_QUESTION):
+                out |= {i, j}
+    return out
 
 
 POINT_COVERED = 0.6  # weighted share of a key point's units at which it counts as fully covered
@@ -282,8 +304,10 @@ class QuestionScore:
 QUALITY_METRICS = ("completeness", "key_data_accuracy", "semantic_consistency", "readability")
 
 
-def score_answer(item: dict[str, Any], answer: str, ctx: Context, guard: bool = False) -> QuestionScore:
-    rel = relevance(answer, item, ctx)
+def score_answer(item: dict[str, Any], answer: str, ctx: Context, guard: bool = False,
+                 fixed: bool = False) -> QuestionScore:
+    """`fixed`: the same answer was given to a different question (fixed_answers): relevance 0."""
+    rel = 0.0 if fixed else relevance(answer, item, ctx)
     # an answer that turns the reference's advice around is not a rewording of it: every score shrinks
     rel *= max(0.0, 1.0 - CONTRADICTION_COST * contradictions(answer, item["answer"], _lang(item["lang"])))
     return QuestionScore(

@@ -86,16 +86,16 @@ def _unit_key(unit: str) -> str:
     return _UNIT_KEY.get(unit, unit)
 
 
-def _spell_numbers(text: str) -> str:
+def spell_numbers(text: str) -> str:
     """ "two weeks" -> "2 weeks" (number words only where a unit follows)."""
     pattern = rf"\b({'|'.join(_NUMBER_WORDS)})(?=\s*(?:{_RANGE}\w+\s*)?(?:{_UNIT}))"
-    return re.sub(pattern, lambda m: _NUMBER_WORDS[m.group(1)], text)
+    return re.sub(pattern, lambda m: _NUMBER_WORDS[m.group(1).lower()], text, flags=re.I)
 
 
 def numbers_with_units(text: str) -> set[tuple[str, str]]:
     """{(number or range, unit)} stated in the text, e.g. {("24-48", "hour"), ("60", "%")}."""
     found = set()
-    for lo, hi, unit in _NUM_UNIT.findall(_spell_numbers(normalize(text))):
+    for lo, hi, unit in _NUM_UNIT.findall(spell_numbers(normalize(text))):
         found.add((f"{lo}-{hi}" if hi else lo, _unit_key(unit)))
     return found
 

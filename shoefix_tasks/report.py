@@ -41,14 +41,16 @@ def notes(evaluation: dict[str, Any]) -> list[str]:
     """The scorecard's footnotes: languages, latency verdict with the spread, forbidden claims."""
     out = []
     if evaluation.get("language_note"):
-        out.append(evaluation["language_note"].capitalize() + ".")
+        note = evaluation["language_note"]
+        out.append(note[:1].upper() + note[1:] + ".")
     lat = evaluation.get("latency")
     if lat:
         spread = "; ".join(f"{evaluation[w]['label']} p50 {evaluation[w]['summary']['latency_p50_s']:.2f} s "
                            f"(IQR {evaluation[w]['summary'].get('latency_p25_s', 0):.2f}-"
                            f"{evaluation[w]['summary'].get('latency_p75_s', 0):.2f} s, "
                            f"n {evaluation[w]['summary'].get('latency_n', 0)})" for w in ("champion", "challenger"))
-        out.append(f"Latency, interleaved: {spread}. {lat['why'].capitalize()}.")
+        why = lat["why"]
+        out.append(f"Latency, interleaved: {spread}. {why[:1].upper() + why[1:]}.")
     for who in ("champion", "challenger"):
         for s in evaluation[who]["scores"]:
             for f in s.get("forbidden", []):

@@ -1,0 +1,445 @@
+"""The real default base (SmolLM2-135M-Instruct) trained and judged on one GPU with the product's code.
+
+Subcommands (one device call each; results accumulate under --work, so a sweep cut short by a call's
+time limit resumes in the next call on the same warm machine):
+
+  setup        versions, the GPU, the base converted from the shipped GGUF (base_model.resolve_base)
+  packing      packed (`shoefix_varlen`) vs every example alone (sdpa): summed answer-token NLL, real weights
+  sweep        epochs x learning rate x LoRA rank (+ the seed recipe): train with the trainer
+               (shoefix_tasks.train.train_with_backoff), answer a validation split carved from the
+               training corpus, the holdout and the guard set, score with the product's scorecard and claims
+  final        the chosen recipe end to end: `python -m shoefix_tasks.train` in a fresh process (throughput
+               over the whole run, cold), then `shoefix_tasks.evaluate.evaluate` against the base and the
+               production gate (shoefix_tasks.gate.decide with the built-in policy)
+  reliability  preflight passes, and fails on a card whose memory another process holds; a real CUDA
+               out-of-memory backs off to a smaller micro-batch with the same effective batch; a trainer
+               killed mid-run resumes from its last complete checkpoint
+
+The sweep chooses on the validation split only (the holdout is reported, never used to choose).
+Everything measured is product code; the script adds the grid, the split, timing and the tables.
+Run on the device through benchmarks/run_gpu_real.sh (docs/benchmarks.md: how the 98 MB GGUF travels).
+CPU smoke test: --base <tiny model folder> --device cpu.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GPU_RECIPE = "smollm2-135m-gpu"
+EPOCHS, LRS, RANKS = (1, 3, 8, 13), (1e-4, 3e-4, 1e-3), (16, 64)
+VAL_QUESTIONS = 30  # English corpus questions carved out for validation (of 225)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def grid() -> list[dict[str, Any]]:
+    """Cheap runs first, so a sweep cut short still spans the learning rates and ranks."""
+    out = [{"name": f"e{e}-lr{lr:g}-r{r}", "epochs": e, "lr": lr, "r": r} for e in EPOCHS for lr in LRS for r in RANKS]
+    return out + [{"name": "seed", "seed": True}]
+
+
+def recipe_for(cfg: dict[str, Any], base: str, device: str):
+    import yaml
+
+    from shoefix_tasks.config import RECIPE_DIR, recipe_from_dict
+
+    if cfg.get("seed"):  # the seed notebook's hyper-parameters, on this base, English
+        data = yaml.safe_load((RECIPE_DIR / "seed.yaml").read_text())
+    else:
+        data = yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())
+        data["train"].update(num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"], save_steps=100000)
+        data["lora"].update(r=cfg["r"], alpha=2 * cfg["r"])
+    data["model"]["base_model"] = base
+    if device == "cpu":  # smoke test: what a CPU cannot run
+        data["model"].update(dtype="float32")
+        data["train"].update(optim="adamw_torch", mixed_precision="no", max_steps=2, gradient_checkpointing=False)
+    return recipe_from_dict(cfg["name"], data)
+
+
+def split_corpus(data: Path) -> tuple[list[dict], list[dict]]:
+    from shoefix_tasks.records import iter_jsonl
+
+    rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
+    qids = sorted({r["qid"] for r in rows})
+    val = set(random.Random(20261206).sample(qids, VAL_QUESTIONS))
+    return [r for r in rows if r["qid"] not in val], [r for r in rows if r["qid"] in val]
+
+
+def eval_set(data: Path) -> list[dict]:
+    from shoefix_tasks.records import load_eval_set
+
+    _, val = split_corpus(data)
+    return ([{**r, "split": "validation"} for r in val]
+            + [{**r, "split": "holdout"} for r in load_eval_set(data, "holdout", ["en"])]
+            + [{**r, "split": "guard"} for r in load_eval_set(data, "guard", ["en"])])
+
+
+def answer(base: str, adapter: Path | None, items: list[dict], recipe, label: str) -> list[dict]:
+    import torch
+
+    from shoefix_tasks.config import Settings
+    from shoefix_tasks.generation import generate, load_answerer, tokens_needed
+    from shoefix_tasks.policy import load_policy
+
+    ans = load_answerer(base, adapter, Settings.from_env(), recipe.model.dtype, label=label)
+    max_new = max(recipe.eval.max_new_tokens,
+                  tokens_needed(ans, [it["answer"] for it in items], load_policy().evaluation.token_margin))
+    t0 = time.perf_counter()
+    gens = generate(ans, [it["question"] for it in items], max_new, recipe.eval.batch_size, recipe.eval.repetition_penalty)
+    seconds = time.perf_counter() - t0
+    del ans
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return [{**g, "max_new_tokens": max_new, "gen_seconds_total": round(seconds, 2)} for g in gens]
+
+
+def score(items: list[dict], gens: list[dict], data: Path) -> list[dict]:
+    from shoefix_tasks.claims import check_item, load_claims
+    from shoefix_tasks.metrics import Context, score_answer
+
+    ctx, claims = Context.from_data(data), load_claims(data)
+    out = []
+    for it, g in zip(items, gens, strict=True):
+        s = score_answer(it, g["answer"], ctx, guard=it["split"] == "guard").to_dict()
+        checked = check_item(it, g["answer"], claims)
+        s.update(split=it["split"], answer=g["answer"], forbidden=[h.claim for h in checked["forbidden"]],
+                 must_state_missed=[h.claim for h in checked["missed"]],
+                 must_state_stated=[h.claim for h in checked["stated"]])
+        out.append(s)
+    return out
+
+
+def summarize(scores: list[dict], base_scores: list[dict] | None) -> dict[str, Any]:
+    from shoefix_tasks.gate import paired_bootstrap
+
+    out: dict[str, Any] = {}
+    for split in ("validation", "holdout", "guard"):
+        rows = [s for s in scores if s["split"] == split]
+        out[split] = {m: round(statistics.fmean(s[m] for s in rows), 3) for m in
+                      ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")}
+        out[split]["forbidden"] = sorted({(s["id"], c) for s in rows for c in s["forbidden"]})
+        wanted = sum(len(s["must_state_stated"]) + len(s["must_state_missed"]) for s in rows)
+        out[split]["must_state_coverage"] = round(sum(len(s["must_state_stated"]) for s in rows) / wanted, 3) if wanted else None
+    if base_scores is not None:
+        base = {s["id"]: s for s in base_scores}
+        diffs = [s["composite"] - base[s["id"]]["composite"] for s in scores if s["split"] == "holdout"]
+        lo, hi = paired_bootstrap(diffs, 2000, 0.95, 8888)
+        out["holdout_vs_base"] = {"mean_diff": round(statistics.fmean(diffs), 3), "ci_low": round(lo, 3), "ci_high": round(hi, 3)}
+    return out
+
+
+def loss_curve(run_id: str) -> list[tuple[int, float]]:
+    import mlflow
+
+    hist = mlflow.MlflowClient().get_metric_history(run_id, "train/loss")
+    return [(m.step, round(m.value, 4)) for m in sorted(hist, key=lambda m: m.step)]
+
+
+def run_metric(run_id: str, key: str) -> float | None:
+    import mlflow
+
+    hist = mlflow.MlflowClient().get_metric_history(run_id, key)
+    return hist[-1].value if hist else None
+
+
+# -- subcommands -----------------------------------------------------------------------------------
+
+def cmd_setup(args) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import torch
+
+    from shoefix_tasks.base_model import base_identity
+    from shoefix_tasks.config import Settings
+
+    versions = {}
+    for n in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "mlflow-skinny", "gguf", "bitsandbytes"):
+        try:
+            versions[n] = md.version(n)
+        except md.PackageNotFoundError:
+            versions[n] = None
+    t0 = time.perf_counter()
+    ident = base_identity(args.base, Settings.from_env())
+    out = {"versions": versions, "cuda": torch.cuda.is_available(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+           "base": {k: ident.get(k) for k in ("name", "sha256", "tokenizer_sha256", "source")},
+           "base_resolve_s": round(time.perf_counter() - t0, 1)}
+    log(json.dumps(out, indent=1))
+    return out
+
+
+def cmd_packing(args) -> dict[str, Any]:
+    """Packed batch (varlen kernel) vs each example alone (sdpa), with the real base, as the trainer builds it."""
+    import importlib.util
+
+    from peft import get_peft_model
+    from trl import SFTTrainer
+
+    from shoefix_tasks.base_model import load_base
+    from shoefix_tasks.config import Settings
+    from shoefix_tasks.training_setup import build_dataset, build_lora_config, build_sft_config
+
+    spec = importlib.util.spec_from_file_location("gtt", REPO / "benchmarks" / "gpu_train_throughput.py")
+    gtt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gtt)
+    train_rows, _ = split_corpus(Path(args.data))
+    recipe = recipe_for({"name": "packing", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
+    model, tok = load_base(recipe.model.base_model, Settings.from_env(), recipe.model.dtype, recipe.quant,
+                           recipe.model.attn_implementation)
+    model = get_peft_model(model, build_lora_config(recipe.lora)).to(args.device)
+    results = []
+    for mb, length in ((1, 1024), (4, 512)):  # one long bin holding several answers; the recipe's shape
+        r = recipe_for({"name": "packing", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
+        r.train.per_device_train_batch_size, r.train.max_length = mb, length
+        trainer = SFTTrainer(model=model, args=build_sft_config(r.train, Path(args.work) / "packing", args.device == "cuda",
+                                                                args.device == "cuda"),
+                             train_dataset=build_dataset(train_rows, r), processing_class=tok)
+        results.append({"bins_per_micro_batch": mb, "max_length": length, **gtt.varlen_kernel_check(trainer, args.device)})
+    log(json.dumps(results, indent=1))
+    return {"packing": results}
+
+
+def cmd_sweep(args) -> dict[str, Any]:
+    import torch
+
+    from shoefix_tasks.config import Settings
+    from shoefix_tasks.records import write_jsonl
+    from shoefix_tasks.train import train_with_backoff
+
+    work, data, started = Path(args.work), Path(args.data), time.time()
+    train_rows, _ = split_corpus(data)
+    snapshot = write_jsonl(work / "snapshots" / "train-split.jsonl", train_rows)
+    items = eval_set(data)
+    settings = Settings.from_env()
+    base_file = work / "sweep" / "base.json"
+    if not base_file.is_file():
+        recipe = recipe_for({"name": "base", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
+        gens = answer(args.base, None, items, recipe, "base")
+        base_file.parent.mkdir(parents=True, exist_ok=True)
+        base_file.write_text(json.dumps({"scores": score(items, gens, data), "gen": gens[0]}, ensure_ascii=False))
+    base_scores = json.loads(base_file.read_text())["scores"]
+    todo = [c for c in grid() if c["name"] in args.only] if args.only else grid()
+    for cfg in todo:
+        out_file = work / "sweep" / f"{cfg['name']}.json"
+        if out_file.is_file():
+            continue
+        if time.time() - started > args.budget_s:
+            log(f"time budget spent: stopping before {cfg['name']}")
+            break
+        if cfg.get("seed") and not args.with_seed:
+            continue
+        recipe = recipe_for(cfg, args.base, args.device)
+        log(f"train {cfg['name']}")
+        t0 = time.perf_counter()
+        res = train_with_backoff(recipe, snapshot, work / "runs" / cfg["name"], f"sweep-{cfg['name']}", settings)
+        train_s = time.perf_counter() - t0
+        gens = answer(args.base, Path(res["adapter_dir"]), items, recipe, cfg["name"])
+        scores = score(items, gens, data)
+        row = {**cfg, "train_wall_s": round(train_s, 1), "train_runtime_s": run_metric(res["run_id"], "train/runtime_s"),
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "final_loss": res["final_loss"],
+               "loss_curve": loss_curve(res["run_id"]), "gen_seconds": gens[0]["gen_seconds_total"],
+               "max_new_tokens": gens[0]["max_new_tokens"], **summarize(scores, base_scores), "scores": scores}
+        out_file.write_text(json.dumps(row, ensure_ascii=False))
+        log(f"done {cfg['name']}: val {row['validation']['composite']} holdout {row['holdout']['composite']} "
+            f"({train_s:.0f}s train, {row['gen_seconds']:.0f}s answers)")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return sweep_table(work, base_scores)
+
+
+def sweep_table(work: Path, base_scores: list[dict]) -> dict[str, Any]:
+    rows = [json.loads(p.read_text()) for p in sorted((work / "sweep").glob("*.json")) if p.stem != "base"]
+    base = summarize(base_scores, None)
+    print("| config | epochs | lr | r | train loss | val composite | holdout composite (CI vs base) | key data | "
+          "completeness | readability | guard forbidden | train tokens | train s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| base | | | | | {base['validation']['composite']:.2f} | {base['holdout']['composite']:.2f} | "
+          f"{base['holdout']['key_data_accuracy']:.2f} | {base['holdout']['completeness']:.2f} | "
+          f"{base['holdout']['readability']:.2f} | {len(base['guard']['forbidden'])} | | |")
+    for r in sorted(rows, key=lambda r: -r["validation"]["composite"]):
+        ci = r.get("holdout_vs_base", {})
+        print(f"| {r['name']} | {r.get('epochs', 13)} | {r.get('lr', 1.5e-5):g} | {r.get('r', 16)} | {r['final_loss']:.3f} | "
+              f"{r['validation']['composite']:.2f} | {r['holdout']['composite']:.2f} ({ci.get('mean_diff', 0):+.2f} "
+              f"[{ci.get('ci_low', 0):+.2f}, {ci.get('ci_high', 0):+.2f}]) | {r['holdout']['key_data_accuracy']:.2f} | "
+              f"{r['holdout']['completeness']:.2f} | {r['holdout']['readability']:.2f} | {len(r['guard']['forbidden'])} | "
+              f"{r['train_tokens'] or 0:.0f} | {r['train_runtime_s'] or 0:.1f} |")
+    best = max(rows, key=lambda r: (r["validation"]["composite"], -r.get("epochs", 13))) if rows else None
+    if best:
+        log(f"chosen on validation: {best['name']}")
+    return {"rows": [{k: v for k, v in r.items() if k != "scores"} for r in rows], "base": base,
+            "chosen": best["name"] if best else None}
+
+
+def _trainer_cli(recipe: str, snapshot: Path, out: Path, run_key: str, *extra: str, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "shoefix_tasks.train", "--recipe", recipe, "--snapshot", str(snapshot),
+                             "--output-dir", str(out), "--run-key", run_key, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env or os.environ.copy())
+
+
+def _finish(proc: subprocess.Popen, tag: str) -> tuple[int, str]:
+    out, _ = proc.communicate()
+    Path(os.environ.get("OUT", "/tmp")).joinpath(f"{tag}.log").write_text(out)
+    return proc.returncode, out
+
+
+def cmd_final(args) -> dict[str, Any]:
+    """The chosen recipe through the trainer CLI (fresh process), then the product evaluation and gate."""
+    from shoefix_tasks.config import Settings, load_recipe
+    from shoefix_tasks.evaluate import evaluate
+    from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.policy import load_policy
+    from shoefix_tasks.records import iter_jsonl, write_jsonl
+    from shoefix_tasks.report import scorecard_text
+
+    work, data = Path(args.work), Path(args.data)
+    rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
+    snapshot = write_jsonl(work / "snapshots" / "corpus-en.jsonl", rows)
+    cpu = ["model.dtype=float32", "train.optim=adamw_torch", "train.mixed_precision='no'", "train.max_steps=2"]
+    chosen: list[str] = []
+    if args.from_sweep:  # the configuration the sweep chose on its validation split
+        best = sweep_table(work, json.loads((work / "sweep" / "base.json").read_text())["scores"])["chosen"]
+        cfg = next(c for c in grid() if c["name"] == best)
+        chosen = [f"train.num_train_epochs={cfg['epochs']}", f"train.learning_rate={cfg['lr']}",
+                  f"lora.r={cfg['r']}", f"lora.alpha={2 * cfg['r']}"]
+        log(f"final run of {GPU_RECIPE} with the sweep's choice {best}: {chosen}")
+    results = {}
+    for name in args.recipes:
+        overrides = [f"model.base_model={args.base}", *(chosen if name == GPU_RECIPE else []),
+                     *(cpu if args.device == "cpu" else [])]
+        shutil.rmtree(work / "final" / name, ignore_errors=True)  # a fresh run, never a resume of an older one
+        t0 = time.perf_counter()
+        code, out = _finish(_trainer_cli(name, snapshot, work / "final" / name, f"final-{name}",
+                                         *[a for o in overrides for a in ("--set", o)]), f"final-train-{name}")
+        wall = time.perf_counter() - t0
+        res = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]) if code == 0 else None
+        row = {"exit": code, "process_wall_s": round(wall, 1)}
+        if res:
+            tokens, runtime = run_metric(res["run_id"], "train/num_tokens"), run_metric(res["run_id"], "train/runtime_s")
+            row.update(train_tokens=tokens, train_runtime_s=runtime, final_loss=res["final_loss"],
+                       tokens_per_s_whole_run=round(tokens / runtime, 1) if tokens and runtime else None,
+                       tokens_per_s_process=round(tokens / wall, 1) if tokens else None, run_id=res["run_id"])
+            recipe = load_recipe(name, overrides)
+            ref = evaluate(Settings.from_env(), recipe, f"final-{name}", Path(res["adapter_dir"]), None, "base", res["run_id"])
+            ev = json.loads(Path(ref["evaluation_path"]).read_text())
+            guard = frozenset(ev["guard_ids"])
+
+            def card(side: str, ev=ev, guard=guard) -> Scorecard:
+                sc = ev[side]["scores"]
+                return Scorecard({s["id"]: s["composite"] for s in sc}, {s["id"]: s["key_data_accuracy"] for s in sc},
+                                 ev[side]["summary"]["latency_p50_s"], guard,
+                                 forbidden={s["id"]: [f["claim"] for f in s["forbidden"]] for s in sc},
+                                 must_state={s["id"]: frozenset(s["must_state_stated"]) for s in sc})
+
+            decision = decide(card("champion"), card("challenger"), load_policy().gate,
+                              latency_compared=ev["latency"]["compared"])
+            row.update(summary=ev["challenger"]["summary"], base_summary=ev["champion"]["summary"],
+                       decision=decision.to_dict(), evaluation_path=ref["evaluation_path"])
+            text = scorecard_text(ev)
+            print(text, flush=True)
+            Path(os.environ.get("OUT", "/tmp")).joinpath(f"final-eval-{name}.json").write_text(json.dumps(ev, ensure_ascii=False))
+            log(f"{name}: gate {'PROMOTE' if decision.promote else 'KEEP'}: {decision.reasons}")
+        results[name] = row
+    return {"final": results}
+
+
+def _gpu_hog(leave_gib: float) -> subprocess.Popen:
+    """Another process holding all but `leave_gib` of the card's memory (a busy, shared GPU)."""
+    code = ("import torch,time,sys\nfree,total=torch.cuda.mem_get_info()\n"
+            f"x=torch.empty(int(free-{leave_gib}*2**30),dtype=torch.uint8,device='cuda')\n"
+            "print('holding',x.numel()/2**30,'GiB',flush=True)\nsys.stdout.flush()\ntime.sleep(3600)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    proc.stdout.readline()
+    return proc
+
+
+def cmd_reliability(args) -> dict[str, Any]:
+    from shoefix_tasks.records import iter_jsonl, write_jsonl
+
+    work, data = Path(args.work), Path(args.data)
+    rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
+    snapshot = write_jsonl(work / "snapshots" / "corpus-en.jsonl", rows)
+    base = [f"--set=model.base_model={args.base}"]
+    out: dict[str, Any] = {}
+
+    # 1. preflight: passes on the card; fails (exit 78, before any data is read) while another process holds it
+    code, text = _finish(_trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "pre-ok", "rel-pre-ok", *base,
+                                      "--set=train.max_steps=2"), "rel-preflight-ok")
+    out["preflight_ok"] = {"exit": code, "line": next((ln for ln in text.splitlines() if "preflight passed" in ln), "")}
+    hog = _gpu_hog(0.2)
+    try:
+        code, text = _finish(_trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "pre-full", "rel-pre-full", *base),
+                             "rel-preflight-full")
+    finally:
+        hog.kill()
+    out["preflight_full_card"] = {"exit": code, "line": next((ln for ln in text.splitlines() if "preflight failed" in ln), "")}
+
+    # 2. a real CUDA OOM: the card mostly taken, a micro-batch too big for what is left
+    hog = _gpu_hog(args.oom_leave_gib)
+    try:
+        code, text = _finish(_trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "oom", "rel-oom", *base,
+                                          "--set=train.per_device_train_batch_size=64", "--set=train.max_length=1024",
+                                          "--set=train.num_train_epochs=1"), "rel-oom")
+    finally:
+        hog.kill()
+    backoff = work / "rel" / "oom" / "oom_backoff.json"
+    out["oom"] = {"exit": code, "backoff": json.loads(backoff.read_text()) if backoff.is_file() else None,
+                  "lines": [ln for ln in text.splitlines() if "out of memory" in ln.lower()][:6]}
+
+    # 3. killed mid-run (SIGKILL: no checkpoint of its own), then the same command resumes
+    proc = _trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "kill", "rel-kill", *base, "--set=train.save_steps=5",
+                        "--set=train.num_train_epochs=3")
+    deadline = time.time() + 300
+    while time.time() < deadline and not (work / "rel" / "kill" / "checkpoint-10" / "trainer_state.json").is_file():
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    _finish(proc, "rel-kill-first")
+    code, text = _finish(_trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "kill", "rel-kill", *base,
+                                      "--set=train.save_steps=5", "--set=train.num_train_epochs=3"), "rel-kill-resume")
+    out["kill_resume"] = {"exit": code, "resumed": [ln for ln in text.splitlines() if "resuming from" in ln][:2],
+                          "checkpoints_before_kill": sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))}
+    log(json.dumps(out, indent=1))
+    return {"reliability": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability"])
+    p.add_argument("--base", default="smollm2-135m-instruct")
+    p.add_argument("--data", default=str(REPO / "data"))
+    p.add_argument("--work", default=str(REPO / ".gpu-work"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--budget-s", type=float, default=480, help="sweep: start no new config after this many seconds")
+    p.add_argument("--only", nargs="*", help="sweep: these configs only")
+    p.add_argument("--with-seed", action="store_true", help="sweep: include the seed recipe (needs bitsandbytes)")
+    p.add_argument("--recipes", nargs="*", default=[GPU_RECIPE, "seed"], help="final: recipes to run end to end")
+    p.add_argument("--oom-leave-gib", type=float, default=3.0)
+    p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
+    args = p.parse_args(argv)
+    result = {"setup": cmd_setup, "packing": cmd_packing, "sweep": cmd_sweep, "final": cmd_final,
+              "reliability": cmd_reliability}[args.what](args)
+    out = Path(os.environ.get("OUT", args.work))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.what}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

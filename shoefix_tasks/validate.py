@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from shoefix_tasks import ledger
 from shoefix_tasks.config import Settings
 from shoefix_tasks.intake_suite import TEXT_BOUNDS, build_frame, build_suite, run_suite  # noqa: F401 (re-export)
+from shoefix_tasks.paraphrase import ParaphraseIndex
 from shoefix_tasks.records import load_eval_set, question_key, write_jsonl
 from shoefix_tasks.screening import NearDupIndex, minhash, screen_record
 
@@ -90,7 +91,8 @@ class ScreenState:
 
 def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], state: ScreenState,
             frozen: FrozenSets) -> dict[int, list[str]]:
-    """Exact duplicates by hash-set lookup, near duplicates by MinHash LSH, content screening.
+    """Exact duplicates by hash-set lookup, near duplicates by MinHash LSH (and, for the frozen sets,
+    question paraphrases by rarity-weighted term Jaccard), content screening.
     Updates `state` with the rows it sees, so consecutive chunks share one batch index."""
     failures: dict[int, list[str]] = {}
     for i, (p, h) in enumerate(zip(payloads, hashes, strict=True)):
@@ -104,6 +106,8 @@ def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], state: Scr
             elif (hit := frozen.index.query(q)) is not None or (
                     both and (hit := frozen.qa_index.query(q + " " + a, sig)) is not None):
                 fails.append(f"near_duplicate_of_holdout({hit})")
+            elif (para := frozen.paraphrase.query(q)) is not None:
+                fails.append(f"near_duplicate_of_holdout({para[0]}, question paraphrase {para[1]:.2f})")
         if h is not None and both:
             text = q + " " + a
             if h in state.corpus_hashes:
@@ -125,15 +129,17 @@ def _screen(payloads: list[dict[str, Any]], hashes: list[str | None], state: Scr
 @dataclass
 class FrozenSets:
     keys: set[str]  # exact (normalized) holdout/guard questions
-    index: NearDupIndex  # their questions
+    index: NearDupIndex  # their questions (character 5-grams: copies and light edits)
     qa_index: NearDupIndex  # their questions with reference answers
+    paraphrase: ParaphraseIndex  # their questions asked in other words (rarity-weighted terms, issue 12)
 
 
 def frozen_sets(data_dir: Path) -> FrozenSets:
     rows = [r for kind in ("holdout", "guard") for r in load_eval_set(data_dir, kind)]
     return FrozenSets({question_key(r["question"]) for r in rows},
                       NearDupIndex.of((r["id"], r["question"]) for r in rows),
-                      NearDupIndex.of((r["id"], r["question"] + " " + r["answer"]) for r in rows))
+                      NearDupIndex.of((r["id"], r["question"] + " " + r["answer"]) for r in rows),
+                      ParaphraseIndex(rows))
 
 
 def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, int]:

@@ -181,6 +181,14 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def digest(self) -> str:
+        """Content hash of the resolved recipe: what a run trained and was judged with."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
     def flat_params(self) -> dict[str, Any]:
         """`section.key -> value`, for MLflow params."""
         out: dict[str, Any] = {"recipe": self.name}

@@ -41,6 +41,7 @@ from shoefix_tasks.train_recovery import (
 
 log = logging.getLogger("shoefix_tasks.train")
 RESULT_FILE = "train_result.json"
+RECIPE_FILE = "recipe.json"  # the resolved recipe this output folder belongs to
 EXIT_STOPPED = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
 EXIT_PREFLIGHT = 78  # sysexits EX_CONFIG: wrong node for this recipe
 EXIT_OOM_FLOOR = 79
@@ -166,6 +167,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     client.set_terminated(run_id)
     out = {"run_id": run_id, "experiment_id": client.get_run(run_id).info.experiment_id,
            "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash, "recipe": recipe.name,
+           "recipe_sha256": claimed_recipe(output_dir),
            "train_records": len(dataset), "final_loss": float(result.training_loss),
            "resumed_from": str(resume) if resume else None, "batch_shape": str(shape)}
     (output_dir / RESULT_FILE).write_text(json.dumps(out, indent=1))
@@ -187,6 +189,44 @@ def _log_params(client, run_id: str, recipe: Recipe, snapshot: Path, rows: list,
     client.update_run(run_id, status="RUNNING")  # leaving the fluent run marked it FINISHED: not yet
 
 
+def claim_output_dir(output_dir: Path, recipe: Recipe) -> None:
+    """Record which recipe this output folder trains (its content hash); refuse a folder that holds
+    another recipe's checkpoints: resuming them would mix two recipes in one adapter."""
+    path = output_dir / RECIPE_FILE
+    if path.is_file():
+        held = json.loads(path.read_text())
+        if held.get("sha256") != recipe.digest:
+            raise ValueError(f"{output_dir} holds a run of recipe {held.get('name')!r} ({held.get('sha256', '')[:12]}), "
+                             f"not of {recipe.name!r} ({recipe.digest[:12]}): use another output folder")
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"name": recipe.name, "sha256": recipe.digest, "recipe": recipe.to_dict()}, indent=1))
+
+
+def claimed_recipe(output_dir: Path) -> str:
+    path = output_dir / RECIPE_FILE
+    return json.loads(path.read_text())["sha256"] if path.is_file() else ""
+
+
+def finished_result(output_dir: Path, recipe: Recipe) -> dict[str, Any] | None:
+    """The result of a training that already finished in this folder with this recipe, its adapter
+    intact: a retried task (or a re-run pipeline) gets the same adapter, byte for byte, instead of
+    publishing a new copy the registry would have to tell apart from the evaluated one."""
+    from shoefix_tasks.adapter import AdapterIntegrityError, verify_adapter
+
+    path = output_dir / RESULT_FILE
+    if not path.is_file():
+        return None
+    out = json.loads(path.read_text())
+    if out.get("recipe_sha256") != recipe.digest:
+        return None
+    try:
+        verify_adapter(Path(out["adapter_dir"]))
+    except (AdapterIntegrityError, OSError, KeyError):
+        return None
+    return out
+
+
 def train_with_backoff(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settings: Settings,
                        callbacks: tuple = ()) -> dict[str, Any] | None:
     """`train`, retried in this process on CUDA out-of-memory with a backed-off batch shape.
@@ -198,6 +238,11 @@ def train_with_backoff(recipe: Recipe, snapshot: Path, output_dir: Path, run_key
 
     import torch
 
+    claim_output_dir(output_dir, recipe)
+    done = finished_result(output_dir, recipe)
+    if done is not None:
+        log.info("%s already holds a finished training of this recipe: reusing adapter %s", output_dir, done["adapter_dir"])
+        return done
     while True:
         shape = batch_shape(output_dir, recipe.train)
         try:

@@ -116,6 +116,7 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
     from shoefix_tasks import pipeline, registry
     from shoefix_tasks.config import load_recipe
     from shoefix_tasks.evaluate import evaluate
+    from shoefix_tasks.records import load_eval_set, read_jsonl, write_jsonl
 
     s = http_env
     # the gate promotes whoever is better on the composite (latency and guards relaxed: the tiny
@@ -130,7 +131,13 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
     (Path(s.inbox) / "a.jsonl").write_bytes((FIXTURES / "corpus_small.jsonl").read_bytes())
     pipeline.collect_qa("intake", s)
     snapshot = pipeline.validate_qa("intake", 1.0, s)["snapshot_path"]
-    strong = pipeline.train_adapter("train-weekly", recipe, snapshot, settings=s)
+    # A tiny random model never learns to answer; the strong candidate is made to know the answers
+    # (trained on the fixture holdout itself, a test fixture only: intake would quarantine it), so
+    # the scorer has something real to rank. The weak one learns from the corpus for one epoch.
+    knows = write_jsonl(tmp_path / "knows-the-answers.jsonl", read_jsonl(FIXTURES / "corpus_small.jsonl")
+                        + 6 * [r for kind in ("holdout", "guard") for r in load_eval_set(s.data_dir, kind)])
+    strong = pipeline.train_adapter("train-weekly", recipe, str(knows), ["train.num_train_epochs=30",
+                                                                         "train.learning_rate=0.003"], settings=s)
     weak = pipeline.train_adapter("train-urgent", recipe, snapshot, ["train.num_train_epochs=1",
                                                                      "train.learning_rate=0.0005"], settings=s)
 

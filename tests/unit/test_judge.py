@@ -76,9 +76,9 @@ def test_unreachable_judge_raises():
 
 
 def test_configured_judge_failure_reaches_the_gate_closed(server):
-    from shoefix_tasks.config import GateConfig
     from shoefix_tasks.evaluate import run_judge
     from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.policy import GateConfig
 
     FakeOpenAI.mode = "503"
     items = [{"question": "q", "answer": "r"}]

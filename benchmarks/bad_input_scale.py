@@ -187,9 +187,10 @@ def cpu() -> float:
 
 
 def run(label: str, home: Path, n_files: int, n_bytes: int, planted: Counter, budget_s: float | None) -> None:
-    from shoefix_tasks import ledger, validate
-    from shoefix_tasks.collect import collect_batch
     from shoefix_tasks.config import Settings
+    from shoefix_tasks.intake import validate
+    from shoefix_tasks.intake.collect import collect_batch
+    from shoefix_tasks.store import ledger
 
     s = Settings.from_env()
     inbox_before = sum(1 for _ in (home / "inbox").rglob("*"))

@@ -70,7 +70,7 @@ def main() -> int:
     import mlflow
     import sqlalchemy as sa
 
-    from shoefix_tasks import ledger
+    from shoefix_tasks.store import ledger
     from tests.conftest import build_tiny_model, write_policy, write_tiny_recipe
 
     state = (args.state or Path(tempfile.mkdtemp(prefix="shoefix-bench-"))).resolve()

@@ -34,12 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from peft import get_peft_model
 
-    from shoefix_tasks.adapter import write_manifest
-    from shoefix_tasks.base_model import base_identity, load_base
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.generation import load_answerer, measure_latency
+    from shoefix_tasks.model.adapter import write_manifest
+    from shoefix_tasks.model.base import base_identity, load_base
+    from shoefix_tasks.model.generation import load_answerer, measure_latency
     from shoefix_tasks.records import read_jsonl
-    from shoefix_tasks.training_setup import build_lora_config
+    from shoefix_tasks.training.factories import build_lora_config
 
     recipe = load_recipe("default")
     settings = Settings.from_env()

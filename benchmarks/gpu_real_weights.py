@@ -6,11 +6,11 @@ time limit resumes in the next call on the same warm machine):
   setup        versions, the GPU, the base converted from the shipped GGUF (base_model.resolve_base)
   packing      packed (`shoefix_varlen`) vs every example alone (sdpa): summed answer-token NLL, real weights
   sweep        epochs x learning rate x LoRA rank (+ the seed recipe): train with the trainer
-               (shoefix_tasks.train.train_with_backoff), answer a validation split carved from the
+               (shoefix_tasks.training.train.train_with_backoff), answer a validation split carved from the
                training corpus, the holdout and the guard set, score with the product's scorecard and claims
   final        the chosen recipe end to end: `python -m shoefix_tasks.train` in a fresh process (throughput
-               over the whole run, cold), then `shoefix_tasks.evaluate.evaluate` against the base and the
-               production gate (shoefix_tasks.gate.decide with the built-in policy)
+               over the whole run, cold), then `shoefix_tasks.evaluation.evaluate.evaluate` against the base and the
+               production gate (shoefix_tasks.evaluation.gate.decide with the built-in policy)
   reliability  preflight passes, and fails on a card whose memory another process holds; a real CUDA
                out-of-memory backs off to a smaller micro-batch with the same effective batch; a trainer
                killed mid-run resumes from its last complete checkpoint
@@ -95,7 +95,7 @@ def answer(base: str, adapter: Path | None, items: list[dict], recipe, label: st
     import torch
 
     from shoefix_tasks.config import Settings
-    from shoefix_tasks.generation import generate, load_answerer, tokens_needed
+    from shoefix_tasks.model.generation import generate, load_answerer, tokens_needed
     from shoefix_tasks.policy import load_policy
 
     ans = load_answerer(base, adapter, Settings.from_env(), recipe.model.dtype, label=label)
@@ -112,8 +112,8 @@ def answer(base: str, adapter: Path | None, items: list[dict], recipe, label: st
 
 
 def score(items: list[dict], gens: list[dict], data: Path) -> list[dict]:
-    from shoefix_tasks.claims import check_item, load_claims
-    from shoefix_tasks.metrics import Context, score_answer
+    from shoefix_tasks.evaluation.claims import check_item, load_claims
+    from shoefix_tasks.evaluation.metrics import Context, score_answer
 
     ctx, claims = Context.from_data(data), load_claims(data)
     out = []
@@ -128,7 +128,7 @@ def score(items: list[dict], gens: list[dict], data: Path) -> list[dict]:
 
 
 def summarize(scores: list[dict], base_scores: list[dict] | None) -> dict[str, Any]:
-    from shoefix_tasks.gate import paired_bootstrap
+    from shoefix_tasks.evaluation.gate import paired_bootstrap
 
     out: dict[str, Any] = {}
     for split in ("validation", "holdout", "guard"):
@@ -167,8 +167,8 @@ def cmd_setup(args) -> dict[str, Any]:
 
     import torch
 
-    from shoefix_tasks.base_model import base_identity
     from shoefix_tasks.config import Settings
+    from shoefix_tasks.model.base import base_identity
 
     versions = {}
     for n in ("torch", "transformers", "peft", "accelerate", "trl", "datasets", "mlflow-skinny", "gguf", "bitsandbytes"):
@@ -193,9 +193,9 @@ def cmd_packing(args) -> dict[str, Any]:
     from peft import get_peft_model
     from trl import SFTTrainer
 
-    from shoefix_tasks.base_model import load_base
     from shoefix_tasks.config import Settings
-    from shoefix_tasks.training_setup import build_dataset, build_lora_config, build_sft_config
+    from shoefix_tasks.model.base import load_base
+    from shoefix_tasks.training.factories import build_dataset, build_lora_config, build_sft_config
 
     spec = importlib.util.spec_from_file_location("gtt", REPO / "benchmarks" / "gpu_train_throughput.py")
     gtt = importlib.util.module_from_spec(spec)
@@ -247,7 +247,7 @@ def cmd_sweep(args) -> dict[str, Any]:
 
     from shoefix_tasks.config import Settings
     from shoefix_tasks.records import write_jsonl
-    from shoefix_tasks.train import train_with_backoff
+    from shoefix_tasks.training.train import train_with_backoff
 
     work, data, started = Path(args.work), Path(args.data), time.time()
     train_rows, _ = split_corpus(data)
@@ -328,11 +328,11 @@ def _finish(proc: subprocess.Popen, tag: str) -> tuple[int, str]:
 def cmd_final(args) -> dict[str, Any]:
     """The chosen recipe through the trainer CLI (fresh process), then the product evaluation and gate."""
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.evaluate import evaluate
-    from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.evaluation.evaluate import evaluate
+    from shoefix_tasks.evaluation.gate import Scorecard, decide
+    from shoefix_tasks.evaluation.report import scorecard_text
     from shoefix_tasks.policy import load_policy
     from shoefix_tasks.records import iter_jsonl, write_jsonl
-    from shoefix_tasks.report import scorecard_text
 
     work, data = Path(args.work), Path(args.data)
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]

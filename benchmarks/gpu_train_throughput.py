@@ -1,10 +1,10 @@
 """LoRA training throughput on one CUDA GPU, through the product's own recipe and factories.
 
 Random-init models with the shapes of Qwen2.5-0.5B-Instruct and Qwen2.5-1.5B-Instruct (no hub
-downloads) are written to a local folder once and loaded with `shoefix_tasks.base_model.load_base`,
+downloads) are written to a local folder once and loaded with `shoefix_tasks.model.base.load_base`,
 exactly as training loads a base. Each variant is a recipe (`shoefix_tasks/recipes/*.yaml`, plus
 `section.key=value` overrides) turned into a PEFT `LoraConfig` and an `SFTConfig` by
-`shoefix_tasks.training_setup`, trained with TRL's `SFTTrainer` for one epoch over the same
+`shoefix_tasks.training.factories`, trained with TRL's `SFTTrainer` for one epoch over the same
 synthetic prompt/completion examples (so every variant sees the same training tokens), then
 scored on a held-out synthetic set.
 
@@ -12,7 +12,7 @@ Per variant it reports real (non-padding) tokens/s over the steady-state steps, 
 fraction of the tokens fed to the model, peak GPU memory, MFU (4*N FLOPs per real token, N = base
 parameter count, over a 989 TFLOP/s dense bf16 peak) and the held-out loss on completion tokens
 before and after training. With --latency it also times 256-token greedy answers at batch 1 on a
-merged adapter (0.5B shape), as `shoefix_tasks.generation.measure_latency` does.
+merged adapter (0.5B shape), as `shoefix_tasks.model.generation.measure_latency` does.
 
     python benchmarks/gpu_train_throughput.py --size 0.5b --latency --out /tmp/bench
     python benchmarks/gpu_train_throughput.py --size 1.5b --out /tmp/bench
@@ -319,9 +319,9 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
     from peft import get_peft_model, prepare_model_for_kbit_training
     from trl import SFTTrainer
 
-    from shoefix_tasks.base_model import load_base
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.training_setup import build_lora_config, build_sft_config
+    from shoefix_tasks.model.base import load_base
+    from shoefix_tasks.training.factories import build_lora_config, build_sft_config
 
     recipe_name, extra, desc = VARIANTS[name]
     recipe_name = recipe_name.format(gpu=GPU_RECIPE[size])
@@ -347,7 +347,7 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
     t_load = time.perf_counter()
     model, tokenizer = load_base(recipe.model.base_model, Settings.from_env(), recipe.model.dtype, recipe.quant,
                                  recipe.model.attn_implementation)
-    if recipe.quant.load_in_4bit:  # as shoefix_tasks.train does
+    if recipe.quant.load_in_4bit:  # as shoefix_tasks.training.train does
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
     model = get_peft_model(model, build_lora_config(recipe.lora))
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -421,10 +421,10 @@ def latency(base_dir: Path, adapter_dir: Path, size: str, n: int, device: str) -
     """The product path: `generation.load_answerer` (manifest verified, adapter merged, on the GPU with a
     static KV cache) and `generation.measure_latency` (one untimed answer, then `n`, exactly 256 new
     tokens each). Then the same answerer with the static cache switched off, for comparison."""
-    from shoefix_tasks.adapter import write_manifest
-    from shoefix_tasks.base_model import base_identity
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.generation import generate, load_answerer, measure_latency
+    from shoefix_tasks.model.adapter import write_manifest
+    from shoefix_tasks.model.base import base_identity
+    from shoefix_tasks.model.generation import generate, load_answerer, measure_latency
 
     recipe = load_recipe(GPU_RECIPE[size], [f"model.base_model={base_dir}"])
     new_tokens, rp = 256, recipe.eval.repetition_penalty
@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.device)
     if args.device == "cuda":
         env["gemm_bf16_tflops_8192"] = round(gemm_ceiling(), 1)
-    from shoefix_tasks.training_setup import _varlen_kernel
+    from shoefix_tasks.model.attention import _varlen_kernel
 
     env["varlen_kernel"] = _varlen_kernel() is not None
     log(json.dumps(env))

@@ -74,9 +74,9 @@ def run(home: Path, args: argparse.Namespace) -> None:
     os.environ.update(SHOEFIX_HOME=str(home), MLFLOW_TRACKING_URI=f"sqlite:///{home}/mlflow.db")
     bad = synthesize(args.records, args.files, home / "inbox")
 
-    from shoefix_tasks.collect import collect_batch
     from shoefix_tasks.config import Settings
-    from shoefix_tasks.validate import validate_batch
+    from shoefix_tasks.intake.collect import collect_batch
+    from shoefix_tasks.intake.validate import validate_batch
 
     s = Settings.from_env()
     t0 = time.perf_counter()

@@ -1,9 +1,9 @@
 """The scorecard's meta-evaluation, before and after, side by side in one run.
 
-"Before" is the scorecard as it landed before issue 11 (shoefix_tasks/metrics.py at commit d25103e,
+"Before" is the scorecard as it landed before issue 11 (shoefix_tasks/evaluation/metrics.py at commit d25103e,
 read from git and loaded as a module); "after" is the current one. Both score the same answers: every
 holdout and guard reference, the hand-written paraphrases, the untrained base model's recorded answers
-and the systematic degradations of shoefix_tasks.degrade. Per kind: mean composite and the share of
+and the systematic degradations of shoefix_tasks.evaluation.degrade. Per kind: mean composite and the share of
 items on which the reference (and the paraphrase) outranks the degraded answer.
 
     python benchmarks/scorecard_meta_eval.py            # prints the table (docs/scorecard.md)
@@ -23,7 +23,7 @@ BEFORE = "d25103e"
 
 
 def old_scorer():
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:shoefix_tasks/metrics.py"], check=True,
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:shoefix_tasks/evaluation/metrics.py"], check=True,
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "metrics_v1.py"
     path.write_text(src)
@@ -54,8 +54,14 @@ def table(scorer_rows: dict, kinds: list[str]) -> None:
 
 
 def main() -> int:
-    from shoefix_tasks.degrade import degradations
-    from shoefix_tasks.meta_eval import KINDS, base_answers, eval_items, paraphrases, scorecard_report
+    from shoefix_tasks.evaluation.degrade import degradations
+    from shoefix_tasks.evaluation.meta_eval import (
+        KINDS,
+        base_answers,
+        eval_items,
+        paraphrases,
+        scorecard_report,
+    )
 
     data = REPO / "data"
     items = eval_items(data)

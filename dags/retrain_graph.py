@@ -2,7 +2,7 @@
 
 collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promote
 
-`collect_qa` first checks the run's params against shoefix_tasks.trigger (trigger_conf.py) and
+`collect_qa` first checks the run's params against shoefix_tasks.ops.trigger (trigger_conf.py) and
 keeps the validated values in XCom `trigger`; every later task uses those, never the raw params.
 Each task calls one `shoefix_tasks.pipeline` function and returns a small dict. `collect_qa` and
 `validate_qa` short-circuit the rest when nothing new was accepted, so an idle week neither trains
@@ -30,7 +30,9 @@ from airflow.sdk import (
     task,
 )
 from shoefix_notify import ShoeFixNotifier
-from trigger_conf import TRIGGER_XCOM, validated_conf
+from trigger_conf import TRIGGER_XCOM, no_retry_on_permanent_errors, validated_conf
+
+from shoefix_tasks import config
 
 DEFAULT_ARGS = {
     "owner": "shoefix",
@@ -46,7 +48,7 @@ COLLECTED = Asset("shoefix://inbox/collected")  # a batch was ledgered
 ACCEPTED = Asset("shoefix://corpus/accepted")  # validated Q&A joined the corpus
 COLLECTED_ALIAS, ACCEPTED_ALIAS = AssetAlias("shoefix_collected"), AssetAlias("shoefix_accepted")
 WEEKLY_CRON = "0 3 * * 1"
-TIMEZONE = "Asia/Taipei"
+TIMEZONE = config.TIMEZONE
 
 
 def asset_trigger_enabled() -> bool:
@@ -70,22 +72,32 @@ def _run_key() -> str:
 
 
 def _trigger() -> dict:
-    """The values collect_qa validated (never the raw params): recipe, overrides, quick, ..."""
+    """The values collect_qa validated (never the raw params): the resolved recipe file and its hash,
+    quick, reason, who triggered ..."""
     return get_current_context()["ti"].xcom_pull(task_ids="collect_qa", key=TRIGGER_XCOM)
+
+
+def _recipe(t: dict) -> str:
+    """The run's resolved recipe file (load_resolved raises a PermanentError if it changed since
+    collect_qa resolved it)."""
+    from shoefix_tasks.pipeline import load_resolved
+
+    load_resolved(t["recipe_file"], t["recipe_sha256"])
+    return t["recipe_file"]
 
 
 @task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[COLLECTED_ALIAS])
 def collect_qa() -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
-
     from shoefix_tasks.pipeline import collect_qa as run
+    from shoefix_tasks.pipeline import resolve_recipe
 
-    trig = validated_conf()
-    get_current_context()["ti"].xcom_push(key=TRIGGER_XCOM, value=trig)
-    try:
+    ctx = get_current_context()
+    with no_retry_on_permanent_errors():
+        trig = validated_conf()
+        trig.update(resolve_recipe(_run_key(), trig["recipe"], trig["overrides"]),  # once per run, hashed
+                    dag_id=ctx["dag"].dag_id, triggered_by=getattr(ctx.get("dag_run"), "triggering_user_name", None))
+        ctx["ti"].xcom_push(key=TRIGGER_XCOM, value=trig)
         ref = run(_run_key(), inbox=trig["inbox"], files=trig["files"] or None)
-    except ValueError as err:  # a refused `files` entry or a malformed source: retrying cannot help
-        raise AirflowFailException(str(err)) from err
     if ref["collected"]:
         _emit(COLLECTED_ALIAS, COLLECTED, ref)
     return ref if ref["collected"] else {}  # empty -> downstream skipped: nothing new
@@ -93,15 +105,10 @@ def collect_qa() -> dict:
 
 @task.short_circuit(execution_timeout=timedelta(minutes=30), outlets=[ACCEPTED_ALIAS])
 def validate_qa(batch: dict) -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
-
     from shoefix_tasks.pipeline import validate_qa as run
-    from shoefix_tasks.validate import QuarantineRateExceeded
 
-    try:
+    with no_retry_on_permanent_errors():  # e.g. a batch mostly quarantined: a retry fails the same way
         result = run(batch["batch_id"])  # the policy's trigger.max_quarantine_rate
-    except QuarantineRateExceeded as err:  # bad data: a retry would fail the same way
-        raise AirflowFailException(str(err)) from err
     if result["accepted"]:
         _emit(ACCEPTED_ALIAS, ACCEPTED, {k: result.get(k) for k in (
             "batch_id", "seen", "accepted", "quarantined", "deferred", "snapshot_hash", "snapshot_records")})
@@ -110,16 +117,10 @@ def validate_qa(batch: dict) -> dict:
 
 @task(task_id="train_adapter")
 def _train_adapter_task(validated: dict) -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from shoefix_tasks.dispatch import TrainerUnfit
     from shoefix_tasks.pipeline import train_adapter as run
 
-    t = _trigger()
-    try:
-        return run(_run_key(), t["recipe"], validated["snapshot_path"], t["overrides"])
-    except TrainerUnfit as err:  # wrong node, or out of memory at micro-batch 1: a retry fails the same way
-        raise AirflowFailException(str(err)) from err
+    with no_retry_on_permanent_errors():  # wrong node, out of memory at micro-batch 1, ...
+        return run(_run_key(), _recipe(_trigger()), validated["snapshot_path"])
 
 
 def _trainer_pod(cfg):
@@ -127,8 +128,8 @@ def _trainer_pod(cfg):
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk.exceptions import AirflowFailException
 
-    from shoefix_tasks.dispatch import kubernetes_pod_kwargs, pod_exit_code, trainer_args
-    from shoefix_tasks.train import NO_RETRY_EXIT_CODES
+    from shoefix_tasks.errors import NO_RETRY_EXIT_CODES
+    from shoefix_tasks.training.dispatch import kubernetes_pod_kwargs, pod_exit_code, trainer_args
 
     class TrainerPod(KubernetesPodOperator):
         def cleanup(self, pod, remote_pod, xcom_result=None, context=None):
@@ -142,17 +143,17 @@ def _trainer_pod(cfg):
                 raise
 
     trig = f"ti.xcom_pull(task_ids='collect_qa', key='{TRIGGER_XCOM}')"  # the validated values, never params
-    args = trainer_args(f"{{{{ {trig}['recipe'] }}}}", "{{ ti.xcom_pull(task_ids='validate_qa')['snapshot_path'] }}",
-                        None, "{{ run_id }}", []) + ["--overrides-json", f"{{{{ {trig}['overrides'] | tojson }}}}"]
+    args = trainer_args(f"{{{{ {trig}['recipe_file'] }}}}", "{{ ti.xcom_pull(task_ids='validate_qa')['snapshot_path'] }}",
+                        None, "{{ run_id }}", [])
     return TrainerPod(task_id="train_adapter", execution_timeout=timedelta(seconds=cfg.timeout_s),
                       **cfg.task_routing(), **kubernetes_pod_kwargs(cfg, args))
 
 
 def train_adapter(validated):
-    """The training step, placed where SHOEFIX_TRAIN_DISPATCH says (shoefix_tasks.dispatch):
+    """The training step, placed where SHOEFIX_TRAIN_DISPATCH says (shoefix_tasks.training.dispatch):
     a task on this worker (`local`), on Celery queue `gpu` (`celery`), or a pod (`kubernetes`);
     always in pool `gpu`."""
-    from shoefix_tasks.dispatch import DispatchConfig
+    from shoefix_tasks.training.dispatch import DispatchConfig
 
     cfg = DispatchConfig.from_env()
     if cfg.mode == "kubernetes":
@@ -175,7 +176,7 @@ def _judge_config():
         conn = BaseHook.get_connection(JUDGE_CONN_ID)
     except AirflowNotFoundException:
         return None
-    from shoefix_tasks.judge import JudgeConfig
+    from shoefix_tasks.evaluation.judge import JudgeConfig
 
     extra = conn.extra_dejson
     url = conn.host if "://" in (conn.host or "") else f"{conn.schema or 'http'}://{conn.host}:{conn.port or 80}/v1"
@@ -185,16 +186,11 @@ def _judge_config():
 
 @task(execution_timeout=timedelta(hours=2))
 def evaluate_adapter(trained: dict) -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from shoefix_tasks.evaluate import CandidateRejected
     from shoefix_tasks.pipeline import evaluate_adapter as run
 
     t = _trigger()
-    try:
-        return run(_run_key(), t["recipe"], trained, t["overrides"], judge=_judge_config(), quick=t["quick"])
-    except CandidateRejected as err:  # tampered or made for another base: a retry would fail the same way
-        raise AirflowFailException(str(err)) from err
+    with no_retry_on_permanent_errors():  # a tampered candidate, a changed holdout, ...
+        return run(_run_key(), _recipe(t), trained, judge=_judge_config(), quick=t["quick"])
 
 
 # generous: under the promotion lock it may wait for another run's gate, then evaluate again
@@ -205,8 +201,8 @@ def gate_and_promote(trained: dict, evaluated: dict) -> dict:
     t = _trigger()
     ctx = get_current_context()
     # the judge: needed if the champion moved and the candidate must be evaluated again
-    return run(_run_key(), t["recipe"], trained, evaluated, t["overrides"], actor=ctx["dag"].dag_id,
-               judge=_judge_config(), quick=t["quick"])
+    return run(_run_key(), _recipe(t), trained, evaluated, actor=ctx["dag"].dag_id, judge=_judge_config(),
+               quick=t["quick"], trigger={k: t.get(k) for k in ("reason", "triggered_by", "dag_id")})
 
 
 def build_retrain_graph() -> None:

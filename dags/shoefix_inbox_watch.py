@@ -25,7 +25,7 @@ INBOX_ALIAS = AssetAlias("shoefix_inbox_new")
 @task(outlets=[INBOX_ALIAS], inlets=[INBOX_NEW], execution_timeout=timedelta(minutes=5))
 def announce_new_files() -> dict:
     from shoefix_tasks.config import Settings
-    from shoefix_tasks.dashboard import pending_inbox_files
+    from shoefix_tasks.intake.inbox import pending_inbox_files
 
     ctx = get_current_context()
     files = pending_inbox_files(Settings.from_env())

@@ -91,8 +91,10 @@ def champion_message(context: dict[str, Any]) -> tuple[str, str] | None:
     model = ret.get("model", "shoefix-expert")
     if ret.get("decision") == "promote":
         reasons = "\n".join(f"- {r}" for r in ret.get("reasons", []))
+        asked = (f"\nTriggered by {ret.get('triggered_by') or 'an unnamed user'} because: {ret['trigger_reason']}"
+                 if ret.get("trigger_reason") else "")
         return (f"ShoeFix: {model} v{ret['version']} is the new champion",
-                f"v{ret['version']} was promoted by {ti.dag_id} (run {ti.run_id}).\nGate:\n{reasons}")
+                f"v{ret['version']} was promoted by {ti.dag_id} (run {ti.run_id}).{asked}\nGate:\n{reasons}")
     if "previous" in ret and "champion" in ret:
         forced = " FORCED onto a version the gate did not promote" if ret.get("forced") else ""
         return (f"ShoeFix: {model} rolled back to v{ret['champion']}{' (forced)' if forced else ''}",

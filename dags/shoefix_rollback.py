@@ -18,38 +18,38 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import dag, get_current_context, task
 from shoefix_notify import ShoeFixNotifier
-from trigger_conf import trigger_params, validated_conf
+from trigger_conf import no_retry_on_permanent_errors, trigger_params, validated_conf
+
+from shoefix_tasks.config import TIMEZONE
 
 
 @task(retries=2, retry_delay=timedelta(seconds=30), retry_exponential_backoff=True,
       execution_timeout=timedelta(minutes=15), on_failure_callback=ShoeFixNotifier("failure"),
       on_success_callback=ShoeFixNotifier("champion"))
 def rollback_champion() -> dict:
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from shoefix_tasks import registry, tracking
     from shoefix_tasks.config import Settings
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
-    t = validated_conf()
     ctx = get_current_context()
     settings = Settings.from_env()
     tracking.configure(settings)
-    try:
-        return registry.rollback(settings, t["version"], t["reason"], actor=f"{ctx['dag'].dag_id}:{ctx['run_id']}",
-                                 force=t["force"])
-    except registry.RollbackRefused as err:  # a retry would be refused the same way
-        raise AirflowFailException(str(err)) from err
+    user = getattr(ctx["dag_run"], "triggering_user_name", None) or "unnamed user"
+    with no_retry_on_permanent_errors():  # a refused trigger or rollback is refused again on retry
+        t = validated_conf()
+        return registry.rollback(settings, t["version"], t["reason"], force=t["force"],
+                                 actor=f"{ctx['dag'].dag_id} (run {ctx['run_id']}, triggered by {user})")
 
 
 @dag(
     dag_id="shoefix_rollback",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Taipei"),
+    start_date=pendulum.datetime(2026, 1, 1, tz=TIMEZONE),
     catchup=False,
     max_active_runs=1,
     tags=["shoefix", "registry", "manual"],
     doc_md=__doc__,
-    params=trigger_params("shoefix_rollback"),  # what a trigger may ask for: shoefix_tasks.trigger
+    params=trigger_params("shoefix_rollback"),  # what a trigger may ask for: shoefix_tasks.ops.trigger
 )
 def shoefix_rollback():
     rollback_champion()

@@ -19,17 +19,19 @@ from airflow.sdk import dag
 from retrain_graph import DEFAULT_ARGS, build_retrain_graph
 from trigger_conf import trigger_params
 
+from shoefix_tasks.config import TIMEZONE
+
 
 @dag(
     dag_id="shoefix_urgent_update",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="Asia/Taipei"),
+    start_date=pendulum.datetime(2026, 1, 1, tz=TIMEZONE),
     catchup=False,
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     tags=["shoefix", "retrain", "urgent", "manual"],
     doc_md=__doc__,
-    params=trigger_params("shoefix_urgent_update"),  # what a trigger may ask for: shoefix_tasks.trigger
+    params=trigger_params("shoefix_urgent_update"),  # what a trigger may ask for: shoefix_tasks.ops.trigger
 )
 def shoefix_urgent_update():
     build_retrain_graph()

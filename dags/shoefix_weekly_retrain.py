@@ -32,7 +32,7 @@ from trigger_conf import trigger_params
     default_args=DEFAULT_ARGS,
     tags=["shoefix", "retrain", "weekly"],
     doc_md=__doc__,
-    params=trigger_params("shoefix_weekly_retrain"),  # what a trigger may ask for: shoefix_tasks.trigger
+    params=trigger_params("shoefix_weekly_retrain"),  # what a trigger may ask for: shoefix_tasks.ops.trigger
 )
 def shoefix_weekly_retrain():
     build_retrain_graph()

@@ -137,8 +137,7 @@ def _ask_card(question: str, reply: dict[str, Any] | None, error: str | None) ->
 
 
 def render(settings: Settings, question: str = "", reply: dict[str, Any] | None = None, error: str | None = None) -> str:
-    from shoefix_tasks import dashboard
-
+    from shoefix_tasks.ops import dashboard
     champ = dashboard.champion(settings)
     card = dashboard.scorecard(settings, champ["tags"].get("evaluation_run")) if champ else None
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ShoeFix</title>'
@@ -165,8 +164,7 @@ def build_app() -> FastAPI:
 
     @app.post("/ask", response_class=HTMLResponse, dependencies=[Depends(allowed("POST"))])
     def ask(question: Annotated[str, Form(max_length=MAX_QUESTION_CHARS)]) -> HTMLResponse:
-        from shoefix_tasks import dashboard
-
+        from shoefix_tasks.ops import dashboard
         settings = Settings.from_env()
         question = question.strip()
         if not question:

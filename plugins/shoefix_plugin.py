@@ -7,7 +7,7 @@ trigger guard.
 - Page: a FastAPI app mounted by the api-server at `/shoefix/` (shoefix_page.py), shown inside the
   Airflow UI as the nav entry "ShoeFix" (an external view embedded at `/plugin/shoefix`).
 - Trigger guard: an ASGI middleware of the api-server (shoefix_trigger_guard.py) that answers 400
-  to a REST trigger or backfill of a ShoeFix DAG whose conf breaks shoefix_tasks.trigger, before
+  to a REST trigger or backfill of a ShoeFix DAG whose conf breaks shoefix_tasks.ops.trigger, before
   Airflow creates a run.
 
 Every Airflow process (scheduler, workers, `airflow dags test`) loads plugins, so this module

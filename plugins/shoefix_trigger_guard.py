@@ -1,4 +1,4 @@
-"""Refuse a REST trigger of a ShoeFix DAG whose conf breaks shoefix_tasks.trigger, before a run exists.
+"""Refuse a REST trigger of a ShoeFix DAG whose conf breaks shoefix_tasks.ops.trigger, before a run exists.
 
 Airflow's trigger endpoint validates the DAG's declared Params but silently keeps unknown conf
 keys (and accepts NaN for a bounded number), so a caller could still smuggle `gate`, `policy` or
@@ -22,7 +22,7 @@ untouched and Airflow answers its own 401/403. If the authorization check itself
 is validated anyway (fail closed on policy), and a policy that cannot be loaded answers 500.
 
 Imports only the standard library at load time (every Airflow process loads plugins); Airflow's
-auth manager and shoefix_tasks.trigger are imported on the first matching request, in the
+auth manager and shoefix_tasks.ops.trigger are imported on the first matching request, in the
 api-server. Listed in plugins/.airflowignore: loaded by shoefix_plugin.py, not as a plugin itself.
 """
 
@@ -139,7 +139,7 @@ class TriggerGuard:
             return None
         from anyio import to_thread
 
-        from shoefix_tasks.trigger import TriggerRefused, validate_conf
+        from shoefix_tasks.ops.trigger import TriggerRefused, validate_conf
 
         try:
             await to_thread.run_sync(validate_conf, dag_id, conf)

@@ -15,4 +15,5 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
     || echo "could not install ${missing[*]}: the tests that need them will be skipped" >&2
 fi
 ruff check dags plugins shoefix_tasks tests
+lint-imports  # the package's layers (pyproject.toml [tool.importlinter])
 exec pytest "$@"

@@ -20,9 +20,11 @@ RECIPE_DIR = Path(__file__).resolve().parent / "recipes"
 TOPICS = ("mechanisms", "materials", "odor", "health", "performance")
 LANGS = ("en", "zh-TW")
 REGISTERED_MODEL = "shoefix-expert"
-# Our attention for padding-free (packed) training batches (training_setup.varlen_attention_forward).
+# Our attention for padding-free (packed) training batches (shoefix_tasks.model.attention).
 VARLEN_ATTN = "shoefix_varlen"
 EXPERIMENT = "shoefix"
+# Where the experts work (Taiwan): the weekly cron and every DAG's start date are in this zone.
+TIMEZONE = os.environ.get("SHOEFIX_TIMEZONE", "Asia/Taipei")
 
 
 @dataclass(frozen=True)
@@ -264,7 +266,7 @@ def recipe_path(name: str) -> Path:
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Load recipe `name` (or, for operators and tests calling Python directly, a YAML path) and
-    apply `section.key=value` overrides. DAG triggers only ever pass names (shoefix_tasks.trigger)."""
+    apply `section.key=value` overrides. DAG triggers only ever pass names (shoefix_tasks.ops.trigger)."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = recipe_path(name_or_path)

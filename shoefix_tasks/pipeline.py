@@ -11,9 +11,41 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shoefix_tasks.config import REGISTERED_MODEL, Settings, load_recipe
+from shoefix_tasks.config import Settings, load_recipe
 
 log = logging.getLogger(__name__)
+
+
+def resolve_recipe(run_key: str, recipe: str, overrides: list[str] | None = None,
+                   settings: Settings | None = None) -> dict[str, str]:
+    """Resolve the run's recipe once (name + overrides -> one YAML file in the run's folder) and
+    return {"recipe_file", "recipe_sha256"}: every later task trains, evaluates and gates with this
+    file, so an edit of `recipes/<name>.yaml` during a run cannot make training and the gate see
+    different recipes. A retry finds the file and keeps it."""
+    import yaml
+
+    settings = settings or Settings.from_env()
+    path = settings.run_dir(run_key) / "recipe.yaml"
+    if not path.is_file():
+        rec = load_recipe(recipe, overrides)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump({"name": rec.name, **rec.to_dict()}, sort_keys=True))
+        tmp.replace(path)
+    rec = load_recipe(str(path))
+    log.info("recipe %s resolved for run %s (sha256 %s): %s", rec.name, run_key, rec.digest[:12], path)
+    return {"recipe_file": str(path), "recipe_sha256": rec.digest}
+
+
+def load_resolved(recipe_file: str, sha256: str):
+    """The run's resolved recipe, refused if its content changed since it was resolved."""
+    from shoefix_tasks.errors import PermanentError
+
+    rec = load_recipe(recipe_file)
+    if rec.digest != sha256:
+        raise PermanentError(f"{recipe_file} changed after it was resolved for this run "
+                             f"({sha256[:12]} -> {rec.digest[:12]})")
+    return rec
 
 
 def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None = None,
@@ -21,7 +53,7 @@ def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None
     """`inbox` overrides the configured inbox (path or URI); `files` restricts to named files."""
     import dataclasses
 
-    from shoefix_tasks.collect import collect_batch
+    from shoefix_tasks.intake.collect import collect_batch
 
     settings = settings or Settings.from_env()
     if inbox:
@@ -35,8 +67,8 @@ def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None
 def validate_qa(run_key: str, max_quarantine_rate: float | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """`max_quarantine_rate` None = the policy's `trigger.max_quarantine_rate` (what the DAGs use: a
     trigger cannot loosen it; tests and tools calling Python directly may pass their own)."""
+    from shoefix_tasks.intake.validate import validate_batch
     from shoefix_tasks.policy import load_policy
-    from shoefix_tasks.validate import validate_batch
 
     settings = settings or Settings.from_env()
     if max_quarantine_rate is None:
@@ -52,8 +84,8 @@ def train_adapter(run_key: str, recipe: str, snapshot_path: str, overrides: list
     Raises `TrainerUnfit` (fail, no retry) for a failed GPU preflight or out of memory at
     micro-batch 1, `TrainerStopped` when it stopped on a signal after a checkpoint.
     """
-    from shoefix_tasks import dispatch
-    from shoefix_tasks.train import EXIT_STOPPED, NO_RETRY_EXIT_CODES
+    from shoefix_tasks.errors import EXIT_STOPPED, NO_RETRY_EXIT_CODES
+    from shoefix_tasks.training import dispatch
 
     settings = settings or Settings.from_env()
     load_recipe(recipe, overrides)  # fail fast on a bad recipe, before a process is spawned
@@ -81,8 +113,9 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     """`judge` is an optional `JudgeConfig` (never logged or returned: it may hold an API key);
     `require_judge` makes a missing judge a recorded judge failure (the gate then fails closed);
     `quick` evaluates the policy's stratified sample of the holdout (the guard set always in full)."""
-    from shoefix_tasks import registry, tracking
-    from shoefix_tasks.evaluate import evaluate
+    from shoefix_tasks.evaluation.evaluate import evaluate
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
     settings = settings or Settings.from_env()
     rec = load_recipe(recipe, overrides)
@@ -105,7 +138,8 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
 
 def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
-                     settings: Settings | None = None, judge=None, quick: bool = False) -> dict[str, Any]:
+                     settings: Settings | None = None, judge=None, quick: bool = False,
+                     trigger: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decide, register and (maybe) promote, all under the promotion lease.
 
     Inside the lease the champion is read again. If it changed since `eval_ref` was scored (another
@@ -113,9 +147,13 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
     of *now* before deciding: scores are only comparable when both models answer in one process with
     the same decoding, so reusing the other run's numbers would mix machines and loads. This costs
     one evaluation, and only when two runs actually collide. `judge` is the evaluation's LLM judge,
-    needed for such a re-evaluation (without it, one that was judged fails closed).
+    needed for such a re-evaluation (without it, one that was judged fails closed). `trigger` is who
+    asked for this run and why ({"reason", "triggered_by", "dag_id"}): recorded with the version and
+    in the champion history.
     """
-    from shoefix_tasks import registry, tracking
+    from shoefix_tasks.registry import promotion
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
     settings = settings or Settings.from_env()
     rec = load_recipe(recipe, overrides)
@@ -127,7 +165,7 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
         judged = eval_ref.get("judged", False)
         if mine is not None and mine.tags.get("evaluation_run", eval_ref["eval_run_id"]) != eval_ref["eval_run_id"]:
             # an earlier attempt decided on a re-evaluation: a retry decides on the same one
-            eval_ref = _evaluation_of(mine, settings)
+            eval_ref = promotion.evaluation_of(mine, settings)
         reevaluated = None
         if now != eval_ref.get("champion_version") and (mine is None or now != int(mine.version)):
             log.warning("champion changed from %s to %s since this candidate was evaluated: evaluating again",
@@ -135,92 +173,5 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
             eval_ref = evaluate_adapter(f"{run_key}.vs-{f'v{now}' if now else 'base'}", recipe, train_result, overrides, settings,
                                         judge=judge, require_judge=judged, quick=quick)
             reevaluated = now
-        out = _decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease)
+        out = promotion.decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease, trigger)
     return {**out, "reevaluated_against": reevaluated, "lock_waited_s": round(lease.waited_s, 2)}
-
-
-def _evaluation_of(version, settings: Settings) -> dict[str, Any]:
-    """The evaluation a version was registered with (its tags), fetched from its MLflow run."""
-    import mlflow
-
-    run_id, challenged = version.tags["evaluation_run"], version.tags.get("challenged", "base")
-    dst = settings.run_dir(f"evaluation-{run_id}")
-    dst.mkdir(parents=True, exist_ok=True)
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="evaluation.json", dst_path=str(dst))
-    return {"eval_run_id": run_id, "evaluation_path": path,
-            "champion_version": int(challenged[1:]) if challenged.startswith("v") else None}
-
-
-def _decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_ref: dict[str, Any], actor: str,
-                         settings: Settings, lease) -> dict[str, Any]:
-    import mlflow
-
-    from shoefix_tasks import registry
-    from shoefix_tasks.adapter import AdapterIntegrityError, adapter_digest, verify_adapter
-    from shoefix_tasks.gate import Scorecard, decide
-    from shoefix_tasks.policy import load_policy
-    from shoefix_tasks.report import scorecard_chart, scorecard_markdown, scorecard_text
-
-    evaluation = json.loads(Path(eval_ref["evaluation_path"]).read_text())
-    guard = frozenset(evaluation["guard_ids"])
-    # the bytes registered (and maybe promoted) must be the bytes that were evaluated
-    digest = adapter_digest(verify_adapter(Path(train_result["adapter_dir"])))
-    evaluated = evaluation.get("challenger_manifest")
-    if evaluated is None or adapter_digest(evaluated) != digest:
-        raise AdapterIntegrityError(f"the adapter in {train_result['adapter_dir']} is not the one evaluated in "
-                                    f"{eval_ref['eval_run_id']}: refusing to register it")
-
-    def card(side: str) -> Scorecard:
-        scores = evaluation[side]["scores"]
-        return Scorecard({s["id"]: s["composite"] for s in scores}, {s["id"]: s["key_data_accuracy"] for s in scores},
-                         evaluation[side]["summary"]["latency_p50_s"], guard,
-                         forbidden={s["id"]: [f["claim"] for f in s.get("forbidden", [])] for s in scores},
-                         must_state={s["id"]: frozenset(s.get("must_state_stated", [])) for s in scores})
-
-    policy = load_policy()
-    decision = decide(card("champion"), card("challenger"), policy.gate, judge_error=evaluation.get("judge_error"),
-                      latency_compared=evaluation.get("latency", {}).get("compared", True))
-    verdict = "promote" if decision.promote else "keep_champion"
-    markdown = scorecard_markdown(evaluation, decision.to_dict())
-    chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")
-    client = mlflow.MlflowClient()
-    client.log_artifact(eval_ref["eval_run_id"], str(chart))
-    client.log_artifact(train_result["run_id"], str(chart))
-    client.log_dict(eval_ref["eval_run_id"], decision.to_dict(), "gate_decision.json")
-    client.set_tag(eval_ref["eval_run_id"], "shoefix.gate_decision", verdict)
-    for k, v in decision.numbers.items():
-        if isinstance(v, (int, float)):
-            client.log_metric(eval_ref["eval_run_id"], f"gate/{k}", float(v))
-
-    champion_label = evaluation["champion"]["label"]
-    # The chart is the evaluation run's artifact; the tracking server serves it at this relative
-    # URL, so the MLflow UI shows it inline in the version's description.
-    description = (f"## Scorecard vs {champion_label}\n\n{markdown}\n\n"
-                   f"![scorecard](get-artifact?path=scorecard.png&run_uuid={eval_ref['eval_run_id']})\n\n"
-                   f"(chart: artifact `scorecard.png` of evaluation run `{eval_ref['eval_run_id']}`)")
-    tags = {"training_run": train_result["run_id"], "evaluation_run": eval_ref["eval_run_id"],
-            "corpus_snapshot": train_result["snapshot_hash"], "holdout_hash": evaluation["holdout_hash"],
-            "base_model": rec.model.base_model, "recipe": rec.name, "gate_decision": verdict,
-            "challenged": champion_label, "pipeline_run": run_key,
-            "composite": str(evaluation["challenger"]["summary"]["composite"]),
-            "gate_reasons": json.dumps(decision.reasons)[:4900], "adapter_digest": digest,
-            "scorer": evaluation.get("scorer", ""), "policy": policy.digest,
-            "forbidden_claims": json.dumps(decision.numbers.get("forbidden_claims", {}))[:4900]}
-    # how it serves = how it was evaluated (base, dtype, decoding with the evaluated answer length)
-    serving = {"base_model": rec.model.base_model, "dtype": rec.model.dtype, "engine": "transformers",
-               "max_new_tokens": evaluation["decoding"]["max_new_tokens"],
-               "repetition_penalty": evaluation["decoding"]["repetition_penalty"]}
-    tags["serving"] = json.dumps(serving)
-    version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),
-                                        rec.model.base_model, tags, description,
-                                        {k: serving[k] for k in ("max_new_tokens", "repetition_penalty", "dtype")},
-                                        settings=settings)
-    registry.set_challenger(int(version.version))
-    if decision.promote:
-        registry.set_champion(settings, int(version.version), "; ".join(decision.reasons), actor, lease=lease)
-    champ = registry.version_by_alias(registry.CHAMPION)
-    log.info("gate decision for version %s: %s\n%s", version.version, verdict.upper(), "\n".join(decision.reasons))
-    log.info("scorecard (%s vs challenger v%s):\n%s", champion_label, version.version, scorecard_text(evaluation))
-    return {"version": int(version.version), "decision": verdict, "reasons": decision.reasons,
-            "numbers": decision.numbers, "champion": int(champ.version) if champ else None,
-            "challenged": champion_label, "model": REGISTERED_MODEL}

@@ -28,7 +28,7 @@ POLICY_ENV = "SHOEFIX_POLICY"
 
 @dataclass(frozen=True)
 class GateConfig:
-    """Promotion rules (shoefix_tasks.gate). Composite points are on the 1-10 scale."""
+    """Promotion rules (shoefix_tasks.evaluation.gate). Composite points are on the 1-10 scale."""
 
     min_effect: float = 0.1  # the composite gain's CI lower bound must exceed this
     bootstrap_samples: int = 2000

@@ -37,7 +37,7 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from shoefix_tasks.prompting import SYSTEM_PROMPT
+    from shoefix_tasks.model.prompting import SYSTEM_PROMPT
 
     texts = [SYSTEM_PROMPT]
     for path in [FIXTURES / "corpus_small.jsonl", *sorted((FIXTURES / "data").rglob("*.jsonl"))]:
@@ -143,6 +143,13 @@ def copy_fixture_corpus(settings, name: str = "corpus_small.jsonl") -> Path:
     target = Path(settings.inbox) / name
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", target)
     return target
+
+
+def dag_env(**extra) -> dict[str, str]:
+    """The environment of a process that parses the DAG files: the repo's dags folder importable, as
+    Airflow makes its configured dags folder (no sys.path edits in test code)."""
+    path = os.pathsep.join([str(ROOT / "dags"), str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path, **{k: str(v) for k, v in extra.items()}}
 
 
 def env_with(settings, **extra) -> dict[str, str]:

@@ -5,7 +5,6 @@ weekly DAG is scheduled on the inbox Asset only when the setting is on."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, env_with
+from tests.conftest import FIXTURES, ROOT, dag_env, env_with
 
 DAGS = ROOT / "dags"
 
@@ -77,12 +76,12 @@ def test_asset_events_emitted_with_metadata(shoefix_env, tmp_path):
 
 @pytest.mark.parametrize("setting", ["off", "on"])
 def test_weekly_schedule_follows_the_setting(setting):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from airflow.dag_processing.dagbag import DagBag; "
+    code = ("import sys; from airflow.dag_processing.dagbag import DagBag; "
             "b = DagBag(dag_folder=sys.argv[1]); assert not b.import_errors, b.import_errors; "
             "w, i = b.dags['shoefix_weekly_retrain'], b.dags['shoefix_inbox_watch']; "
             "print(type(w.timetable).__name__, getattr(w.timetable, 'asset_condition', None) is not None, "
             "i.timetable.can_be_scheduled)")
-    env = {**os.environ, "SHOEFIX_ASSET_TRIGGER": setting}
+    env = {**dag_env(), "SHOEFIX_ASSET_TRIGGER": setting}
     out = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True,
                          timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import dag_env
+
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 HEAVY = ("torch", "transformers", "trl", "peft", "mlflow", "great_expectations", "bitsandbytes", "datasets")
 
@@ -17,8 +19,6 @@ HEAVY = ("torch", "transformers", "trl", "peft", "mlflow", "great_expectations",
 @pytest.fixture(scope="module")
 def dagbag():
     from airflow.dag_processing.dagbag import DagBag
-
-    sys.path.insert(0, str(DAGS))  # what Airflow does for its configured dags folder
 
     return DagBag(dag_folder=str(DAGS))
 
@@ -62,9 +62,9 @@ def test_weekly_graph(dagbag):
 
 @pytest.mark.parametrize("dag_file", sorted(p.name for p in DAGS.glob("*.py")))
 def test_no_heavy_imports_at_parse_time(dag_file):
-    code = (f"import sys, runpy; sys.path.insert(0, {str(DAGS)!r}); runpy.run_path({str(DAGS / dag_file)!r}); "
+    code = (f"import sys, runpy; runpy.run_path({str(DAGS / dag_file)!r}); "
             f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dag_env())
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "HEAVY=", f"{dag_file} imports heavy modules at parse time"
 
@@ -94,11 +94,11 @@ def test_manual_dags_require_typed_params(dagbag):
 
 
 def test_params_come_from_the_trigger_rules(dagbag):
-    """Each ShoeFix DAG declares exactly the conf keys shoefix_tasks.trigger allows, with its schemas,
+    """Each ShoeFix DAG declares exactly the conf keys shoefix_tasks.ops.trigger allows, with its schemas,
     so the UI form and Airflow's own validation agree with the tasks' and the api-server's check."""
     from airflow.sdk.exceptions import ParamValidationError
 
-    from shoefix_tasks.trigger import param_schemas
+    from shoefix_tasks.ops.trigger import param_schemas
 
     for dag_id in ("shoefix_weekly_retrain", "shoefix_urgent_update", "shoefix_rollback"):
         dag = dagbag.dags[dag_id]

@@ -18,12 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dag_env
 
 SECRET_TOKEN = "T0001/B0001/s3cr3t-webhook-token"
 DAG = '''
-import sys
-sys.path.insert(0, {dags!r})
 import pendulum
 from airflow.sdk import dag, task
 from shoefix_notify import ShoeFixNotifier
@@ -123,13 +121,12 @@ def endpoints():
 
 
 def run_probe(tmp_path, extra_env: dict[str, str]) -> tuple[str, dict[str, str]]:
-    import os
 
     dags = tmp_path / "dags"
     dags.mkdir(exist_ok=True)
-    (dags / "notify_probe.py").write_text(DAG.format(dags=str(ROOT / "dags")))
+    (dags / "notify_probe.py").write_text(DAG)
     home = tmp_path / "airflow"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}
+    env = {k: v for k, v in dag_env().items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags), AIRFLOW__CORE__LOAD_EXAMPLES="False",
                AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db", **extra_env)
     if not (home / "airflow.db").exists():
@@ -180,12 +177,13 @@ def test_no_connection_is_silent(endpoints, tmp_path):
 
 
 def test_shoefix_dags_carry_the_notifiers():
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from airflow.dag_processing.dagbag import DagBag; "
+    code = ("import sys; from airflow.dag_processing.dagbag import DagBag; "
             "import json; from shoefix_notify import ShoeFixNotifier as N; b = DagBag(dag_folder=sys.argv[1]); "
             "ev = lambda cbs: sorted(c.event for c in (cbs or []) if isinstance(c, N)); "
             "print(json.dumps({f'{d}.{t.task_id}': [ev(t.on_failure_callback), ev(t.on_success_callback)] "
             "for d, dag in b.dags.items() for t in dag.tasks}))")
-    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags")], capture_output=True, text=True, timeout=180,
+                         env=dag_env())
     assert out.returncode == 0, out.stderr[-3000:]
     callbacks = json.loads(out.stdout.strip().splitlines()[-1])
     assert callbacks and all(fail == ["failure"] for fail, _ in callbacks.values()), callbacks

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import dag_env
+
 DAGS = Path(__file__).resolve().parents[2] / "dags"
 HEAVY = ("torch", "transformers", "trl", "peft", "mlflow", "bitsandbytes", "datasets")
 RETRAIN_DAGS = ("shoefix_weekly_retrain", "shoefix_urgent_update")
@@ -57,10 +59,10 @@ def test_kubernetes_pod_operator(monkeypatch):
 
 
 def test_parsing_stays_light_under_kubernetes():
-    code = (f"import sys, runpy; sys.path.insert(0, {str(DAGS)!r}); "
+    code = ("import sys, runpy; "
             f"runpy.run_path({str(DAGS / 'shoefix_weekly_retrain.py')!r}); "
             f"print('HEAVY=' + ','.join(m for m in {HEAVY!r} if m in sys.modules))")
-    env = {**__import__("os").environ, "SHOEFIX_TRAIN_DISPATCH": "kubernetes"}
+    env = {**dag_env(), "SHOEFIX_TRAIN_DISPATCH": "kubernetes"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "HEAVY="

@@ -1,26 +1,23 @@
-"""The retraining tasks use the values collect_qa validated, never the raw params: `evaluation:
-quick` becomes `quick=True` for evaluation and gate (not a recipe override), overrides arrive as the
-validated list, and a refused conf fails the first task without retries.
+"""The retraining tasks use the values collect_qa validated, never the raw params: the recipe is
+resolved once (name + validated overrides -> one hashed file every later task uses), `evaluation:
+quick` becomes `quick=True` for evaluation and gate (not a recipe override), the trigger's reason and
+user reach the gate, and a refused conf fails the first task without retries.
 
 Real DAG task functions; only the Airflow task context and the pipeline stages (which train and
 evaluate for real in tests/integration) are stand-ins, so this runs in a second."""
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import pytest
-
-from tests.conftest import ROOT
 
 RAW = {"reason": "v3 gives wrong drying temperatures", "recipe": "seed", "evaluation": "quick", "inbox": "",
        "files": ["urgent/fix.jsonl"], "overrides": {"train.learning_rate": 1e-4}}
 
 
 @pytest.fixture()
-def graph(monkeypatch):
-    sys.path.insert(0, str(ROOT / "dags"))
+def graph(shoefix_env, monkeypatch):
     import retrain_graph
     import trigger_conf
 
@@ -29,7 +26,7 @@ def graph(monkeypatch):
     ti = SimpleNamespace(xcom_push=lambda key, value: xcom.__setitem__(key, value),
                          xcom_pull=lambda task_ids, key: xcom[key] if task_ids == "collect_qa" else None)
     ctx = {"dag": SimpleNamespace(dag_id="shoefix_urgent_update"), "run_id": "manual__t", "params": dict(RAW),
-           "ti": ti, "outlet_events": {}}
+           "ti": ti, "outlet_events": {}, "dag_run": SimpleNamespace(triggering_user_name="ops-alice")}
     for module in (retrain_graph, trigger_conf):
         monkeypatch.setattr(module, "get_current_context", lambda: ctx)
     monkeypatch.setattr(retrain_graph, "_judge_config", lambda: None)
@@ -38,7 +35,6 @@ def graph(monkeypatch):
 
 def test_later_tasks_use_the_validated_values(graph, monkeypatch):
     from shoefix_tasks import pipeline
-
     calls = {}
 
     def stage(name, result):
@@ -56,21 +52,45 @@ def test_later_tasks_use_the_validated_values(graph, monkeypatch):
     assert calls["collect_qa"][1] == {"inbox": None, "files": ["urgent/fix.jsonl"]}
     assert graph.xcom["trigger"]["quick"] is True
 
+    from shoefix_tasks.config import load_recipe
+
+    resolved = graph.xcom["trigger"]["recipe_file"]
+    assert load_recipe(resolved).train.learning_rate == 1e-4 and load_recipe(resolved).name == "seed"
     graph.ctx["params"] = {"recipe": "/tmp/evil.yaml", "overrides": {"gate.min_effect": -100}}  # never read again
     rg._train_adapter_task.function({"snapshot_path": "/s.jsonl"})
     rg.evaluate_adapter.function({"run_id": "t"})
     rg.gate_and_promote.function({"run_id": "t"}, {"eval_run_id": "e"})
-    assert calls["train_adapter"][0] == ("manual__t", "seed", "/s.jsonl", ["train.learning_rate=0.0001"])
+    assert calls["train_adapter"][0] == ("manual__t", resolved, "/s.jsonl")
     for name in ("evaluate_adapter", "gate_and_promote"):
         args, kwargs = calls[name]
-        assert args[1] == "seed" and ["train.learning_rate=0.0001"] in args, name
+        assert args[1] == resolved, name
         assert kwargs["quick"] is True and not any("eval." in str(a) for a in args), name
+    assert calls["gate_and_promote"][1]["trigger"] == {"reason": RAW["reason"], "triggered_by": "ops-alice",
+                                                       "dag_id": "shoefix_urgent_update"}
+
+
+def test_the_resolved_recipe_is_refused_once_edited(graph, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from shoefix_tasks import pipeline
+
+    monkeypatch.setattr(pipeline, "collect_qa", lambda *a, **k: {"collected": 0})
+    graph.module.collect_qa.function()
+    path = graph.xcom["trigger"]["recipe_file"]
+    with open(path, "a") as fh:
+        fh.write("\n# edited during the run\n")  # a comment: same content, same hash
+    graph.module._recipe(graph.xcom["trigger"])
+    text = open(path).read().replace("learning_rate: 0.0001", "learning_rate: 0.0002")
+    open(path, "w").write(text)
+    with pytest.raises(AirflowFailException, match="changed after it was resolved"):
+        with graph.module.no_retry_on_permanent_errors():
+            graph.module._recipe(graph.xcom["trigger"])
 
 
 def test_a_refused_conf_fails_the_first_task_without_retries(graph):
     from airflow.sdk.exceptions import AirflowFailException
 
     graph.ctx["params"] = {**RAW, "gate": {"min_effect": -100}}
-    with pytest.raises(AirflowFailException, match=r"trigger refused: .*\['gate'\]"):
+    with pytest.raises(AirflowFailException, match=r"TriggerRefused: .*\['gate'\]"):
         graph.module.collect_qa.function()
     assert "trigger" not in graph.xcom

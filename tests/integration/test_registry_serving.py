@@ -13,8 +13,10 @@ import urllib.request
 
 import pytest
 
-from shoefix_tasks import pipeline, registry, tracking
-from shoefix_tasks.adapter import AdapterIntegrityError
+from shoefix_tasks import pipeline
+from shoefix_tasks.model.adapter import AdapterIntegrityError
+from shoefix_tasks.registry import versions as registry
+from shoefix_tasks.store import tracking
 from tests.conftest import FIXTURES, ROOT, env_with
 
 
@@ -61,7 +63,7 @@ def test_registry_serve_tamper_rollback(shoefix_env, lenient_policy, tmp_path):
     answers = model.predict(["How do I dry wet leather boots?"], params={"max_new_tokens": 8})
     assert len(answers) == 1 and isinstance(answers[0], str)
 
-    ask = subprocess.run([sys.executable, "-m", "shoefix_tasks.cli", "ask", "Is bleach safe on leather?",
+    ask = subprocess.run([sys.executable, "-m", "shoefix_tasks.ops.cli", "ask", "Is bleach safe on leather?",
                           "--max-new-tokens", "6"], env=env_with(s), capture_output=True, text=True, cwd=ROOT)
     assert ask.returncode == 0, ask.stderr[-2000:]
 
@@ -98,7 +100,7 @@ def test_registry_serve_tamper_rollback(shoefix_env, lenient_policy, tmp_path):
     assert int(registry.version_by_alias("champion").version) == 2
 
     # rollback is one command, with a reason; the history keeps every change
-    out = subprocess.run([sys.executable, "-m", "shoefix_tasks.cli", "rollback", "--to", "1", "--reason",
+    out = subprocess.run([sys.executable, "-m", "shoefix_tasks.ops.cli", "rollback", "--to", "1", "--reason",
                           "v2 regressed on drying advice"], env=env, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert int(registry.version_by_alias("champion").version) == 1

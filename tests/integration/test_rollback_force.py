@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-from shoefix_tasks import registry, tracking
+from shoefix_tasks.registry import versions as registry
+from shoefix_tasks.store import tracking
 from tests.conftest import ROOT, env_with
 from tests.reliability.test_registry_faults import make_adapter, register, training_run
 
@@ -35,7 +36,7 @@ def champion() -> int:
 
 
 def cli(s, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shoefix_tasks.cli", "rollback", *args], env=env_with(s),
+    return subprocess.run([sys.executable, "-m", "shoefix_tasks.ops.cli", "rollback", *args], env=env_with(s),
                           capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 

@@ -30,7 +30,7 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_pat
     import yaml
     from safetensors.torch import load_file
 
-    from shoefix_tasks.base_model import compute_identity
+    from shoefix_tasks.model.base import compute_identity
 
     s = shoefix_env
     base_dir = Path(yaml.safe_load(tiny_recipe.read_text())["model"]["base_model"])
@@ -87,8 +87,8 @@ def independent_decision(evaluation: dict, data_dir) -> str:
     forbidden claims checked again, the thresholds as the operator's documentation states them."""
     import numpy as np
 
-    from shoefix_tasks.claims import forbidden, load_claims
-    from shoefix_tasks.metrics import Context, fixed_answers, score_answer
+    from shoefix_tasks.evaluation.claims import forbidden, load_claims
+    from shoefix_tasks.evaluation.metrics import Context, fixed_answers, score_answer
     from shoefix_tasks.records import load_eval_set
 
     items = {it["id"]: it for kind in ("holdout", "guard") for it in load_eval_set(data_dir, kind)}

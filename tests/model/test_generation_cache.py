@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shoefix_tasks.generation import _cache_kwargs, _encode, generate, load_answerer, measure_latency
+from shoefix_tasks.model.generation import _cache_kwargs, _encode, generate, load_answerer, measure_latency
 
 QUESTIONS = ["What humidity lets mold grow in stored shoes?", "How do I dry wet leather boots safely?"]
 

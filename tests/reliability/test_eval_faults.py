@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from shoefix_tasks import pipeline, registry, tracking
-from shoefix_tasks.adapter import AdapterIntegrityError, write_manifest
-from shoefix_tasks.evaluate import CandidateRejected
+from shoefix_tasks import pipeline
+from shoefix_tasks.evaluation.evaluate import CandidateRejected
+from shoefix_tasks.model.adapter import AdapterIntegrityError, write_manifest
+from shoefix_tasks.registry import versions as registry
+from shoefix_tasks.store import tracking
 from tests.conftest import build_tiny_model
 from tests.reliability.test_registry_faults import make_adapter, register, training_run
 
@@ -165,8 +167,8 @@ def test_adapter_for_another_base_or_tokenizer_is_rejected_not_promoted(shoefix_
 @pytest.mark.integration
 def test_evaluation_twice_gives_the_same_scores_and_decision(shoefix_env, tiny_model, tiny_recipe, tmp_path):
     from shoefix_tasks.config import load_recipe
-    from shoefix_tasks.evaluate import evaluate
-    from shoefix_tasks.gate import Scorecard, decide
+    from shoefix_tasks.evaluation.evaluate import evaluate
+    from shoefix_tasks.evaluation.gate import Scorecard, decide
 
     s = shoefix_env
     tracking.configure(s)

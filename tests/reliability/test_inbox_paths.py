@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from shoefix_tasks import ledger
-from shoefix_tasks.collect import collect_batch
-from shoefix_tasks.inbox import unsafe_name
+from shoefix_tasks.intake.collect import collect_batch
+from shoefix_tasks.intake.inbox import unsafe_name
 from shoefix_tasks.pipeline import collect_qa
+from shoefix_tasks.store import ledger
 from tests.conftest import FIXTURES
 
 ROWS = [json.loads(x) for x in (FIXTURES / "corpus_small.jsonl").read_text().splitlines()]

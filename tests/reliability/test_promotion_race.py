@@ -23,11 +23,11 @@ from tests.reliability.test_registry_faults import direct_client, http_env, mlfl
 WORKER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from shoefix_tasks import ledger
+    from shoefix_tasks.store import lease, ledger
     url, name, rounds, counter, events = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5]
     engine = ledger.engine_for(url)
     for _ in range(rounds):
-        with ledger.Lease(engine, "race", name, ttl_s=5, wait_s=120, poll_s=0.02):
+        with lease.Lease(engine, "race", name, ttl_s=5, wait_s=120, poll_s=0.02):
             t_in = time.time()
             n = int(counter.read_text())      # read-modify-write: lost updates if two ever overlap
             time.sleep(0.03)
@@ -38,8 +38,8 @@ WORKER = textwrap.dedent("""
 
 HOLD_AND_DIE = textwrap.dedent("""
     import os, signal, sys
-    from shoefix_tasks import ledger
-    ledger.Lease(ledger.engine_for(sys.argv[1]), "race", "doomed", ttl_s=float(sys.argv[2])).acquire()
+    from shoefix_tasks.store import lease, ledger
+    lease.Lease(ledger.engine_for(sys.argv[1]), "race", "doomed", ttl_s=float(sys.argv[2])).acquire()
     os.kill(os.getpid(), signal.SIGKILL)
 """)
 
@@ -51,8 +51,7 @@ def ledger_url(kind: str, request, tmp_path) -> str:
 @pytest.mark.integration
 @pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 def test_lease_excludes_processes_and_survives_a_crashed_holder(kind, request, tmp_path):
-    from shoefix_tasks import ledger
-
+    from shoefix_tasks.store import lease, ledger
     url = ledger_url(kind, request, tmp_path)
     engine = ledger.engine_for(url)
     counter, events = tmp_path / "counter", tmp_path / "events.jsonl"
@@ -68,21 +67,21 @@ def test_lease_excludes_processes_and_survives_a_crashed_holder(kind, request, t
     # a holder killed with SIGKILL blocks the others for at most its lease
     dead = subprocess.run([sys.executable, "-c", HOLD_AND_DIE, url, "2"], cwd=ROOT, capture_output=True)
     assert dead.returncode == -signal.SIGKILL
-    probe = ledger.Lease(engine, "race", "probe", ttl_s=2, wait_s=0.2)
+    probe = lease.Lease(engine, "race", "probe", ttl_s=2, wait_s=0.2)
     assert probe.holder_now() == "doomed"
-    with pytest.raises(ledger.LeaseTimeout):
+    with pytest.raises(lease.LeaseTimeout):
         probe.acquire()
-    lease = ledger.Lease(engine, "race", "next", ttl_s=1, wait_s=30, poll_s=0.05).acquire()
+    lease = lease.Lease(engine, "race", "next", ttl_s=1, wait_s=30, poll_s=0.05).acquire()
     assert lease.waited_s <= 2.5
 
     # a holder that stalls past its lease loses it, and finds out before its irreversible step
     lease._stop.set()  # its heartbeat stops, as in a frozen process
     lease._thread.join()
     time.sleep(1.2)
-    with ledger.Lease(engine, "race", "taker", ttl_s=5, wait_s=5):
-        with pytest.raises(ledger.LeaseLost):
+    with lease.Lease(engine, "race", "taker", ttl_s=5, wait_s=5):
+        with pytest.raises(lease.LeaseLost):
             lease.check()
-    assert ledger.Lease(engine, "race", "probe").holder_now() is None  # released cleanly
+    assert lease.Lease(engine, "race", "probe").holder_now() is None  # released cleanly
 
 
 RACER = textwrap.dedent("""
@@ -90,7 +89,7 @@ RACER = textwrap.dedent("""
     from pathlib import Path
     from shoefix_tasks import pipeline
     from shoefix_tasks.config import Settings
-    from shoefix_tasks import registry
+    from shoefix_tasks.registry import versions as registry
     actor, recipe, trained, barrier = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), Path(sys.argv[4])
     behind = sys.argv[5] if len(sys.argv) > 5 else ""
     s = Settings.from_env()
@@ -113,10 +112,11 @@ def mean_composite(side: dict) -> float:
 @pytest.mark.slow
 def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlflow_http, tiny_recipe,  # noqa: F811
                                                                   tmp_path, monkeypatch):
-    from shoefix_tasks import pipeline, registry
+    from shoefix_tasks import pipeline
     from shoefix_tasks.config import load_recipe
-    from shoefix_tasks.evaluate import evaluate
+    from shoefix_tasks.evaluation.evaluate import evaluate
     from shoefix_tasks.records import load_eval_set, read_jsonl, write_jsonl
+    from shoefix_tasks.registry import versions as registry
 
     s = http_env
     # the gate promotes whoever is better on the composite (latency and guards relaxed: the tiny
@@ -190,7 +190,9 @@ def test_gate_evaluates_again_when_the_champion_moved_after_evaluation(shoefix_e
     lease second must be compared with the champion of *now*, not the one it was scored against."""
     import mlflow
 
-    from shoefix_tasks import pipeline, registry, tracking
+    from shoefix_tasks import pipeline
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
     from tests.reliability.test_registry_faults import make_adapter, register, training_run
 
     s, recipe = shoefix_env, "tiny"

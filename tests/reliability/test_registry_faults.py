@@ -43,8 +43,8 @@ def make_adapter(base: Path, settings, out: Path, seed: int) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from shoefix_tasks.adapter import write_manifest
-    from shoefix_tasks.base_model import base_identity
+    from shoefix_tasks.model.adapter import write_manifest
+    from shoefix_tasks.model.base import base_identity
 
     out = out / "adapter"  # the trainer's folder name: the logged model stores it under this name
     torch.manual_seed(seed)
@@ -64,8 +64,7 @@ def training_run(settings, key: str, adapter: Path) -> dict:
     """What the trainer returns for `adapter`: a `train` MLflow run holding it."""
     import mlflow
 
-    from shoefix_tasks import tracking
-
+    from shoefix_tasks.store import tracking
     tracking.configure(settings)
     run_id = tracking.run_for("train", key, run_name="train")
     mlflow.MlflowClient().log_artifacts(run_id, str(adapter), "adapter")
@@ -73,8 +72,7 @@ def training_run(settings, key: str, adapter: Path) -> dict:
 
 
 def register(settings, base: Path, train: dict):
-    from shoefix_tasks import registry
-
+    from shoefix_tasks.registry import versions as registry
     return registry.register_version(train["run_id"], Path(train["adapter_dir"]), str(base),
                                      {"pipeline_run": "test"}, "test version", {"max_new_tokens": 4},
                                      settings=settings)
@@ -256,7 +254,7 @@ WEIGHTS = r"/mlflow-artifacts/artifacts/.*/models/m-[^/]+/artifacts/artifacts/ad
 @pytest.mark.integration
 def test_upload_faults_are_retried_and_never_register_a_partial_adapter(http_env, mlflow_http, tiny_model,
                                                                         tmp_path):
-    from shoefix_tasks.adapter import AdapterIntegrityError
+    from shoefix_tasks.model.adapter import AdapterIntegrityError
 
     s, proxy = http_env, mlflow_http
     train = training_run(s, "upload", make_adapter(tiny_model, s, tmp_path / "a", seed=1))
@@ -286,8 +284,7 @@ def test_upload_faults_are_retried_and_never_register_a_partial_adapter(http_env
     # ... and the task's retry registers exactly one version, whose adapter verifies
     version = register(s, tiny_model, train)
     assert versions_of(direct) == [int(version.version)]
-    from shoefix_tasks import registry
-
+    from shoefix_tasks.registry import versions as registry
     assert (registry.download_adapter(version, s) / "adapter_model.safetensors").is_file()
 
 
@@ -296,8 +293,7 @@ def test_upload_faults_are_retried_and_never_register_a_partial_adapter(http_env
 @pytest.mark.integration
 def test_mlflow_down_during_promotion_keeps_the_champion_until_read_back(http_env, mlflow_http, tiny_model,
                                                                           tmp_path):
-    from shoefix_tasks import registry
-
+    from shoefix_tasks.registry import versions as registry
     s, proxy = http_env, mlflow_http
     direct = direct_client(proxy)
     v1 = register(s, tiny_model, training_run(s, "p1", make_adapter(tiny_model, s, tmp_path / "a", seed=1)))
@@ -335,7 +331,7 @@ def test_mlflow_down_during_promotion_keeps_the_champion_until_read_back(http_en
 DIE_AFTER = textwrap.dedent("""
     import os, sys
     from pathlib import Path
-    from shoefix_tasks import registry
+    from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.config import Settings
     import mlflow
     s = Settings.from_env()
@@ -350,7 +346,7 @@ DIE_AFTER = textwrap.dedent("""
             create(self, *a, **k)
             os._exit(9)
         mlflow.MlflowClient.create_model_version = create_then_die
-        from shoefix_tasks import tracking
+        from shoefix_tasks.store import tracking
         tracking.configure(s)
         run_id, adapter, base = arg.split(",")
         registry.register_version(run_id, Path(adapter), base, {}, "doomed", settings=s)
@@ -366,8 +362,7 @@ def die_at(settings, point: str, arg: str) -> None:
 
 @pytest.mark.integration
 def test_crash_after_alias_set_retry_only_completes_the_audit(http_env, mlflow_http, tiny_model, tmp_path):
-    from shoefix_tasks import registry
-
+    from shoefix_tasks.registry import versions as registry
     s, proxy = http_env, mlflow_http
     direct = direct_client(proxy)
     v1 = register(s, tiny_model, training_run(s, "c1", make_adapter(tiny_model, s, tmp_path / "a", seed=1)))
@@ -408,7 +403,8 @@ def test_killed_after_version_created_retry_reuses_it_even_when_racing(http_env,
     script = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from shoefix_tasks import registry, tracking
+        from shoefix_tasks.registry import versions as registry
+        from shoefix_tasks.store import tracking
         from shoefix_tasks.config import Settings
         s = Settings.from_env(); tracking.configure(s)
         run_id, adapter, base, go = sys.argv[1:]

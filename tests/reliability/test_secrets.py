@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from shoefix_tasks.screening import SECRET_PATTERNS
+from shoefix_tasks.intake.screening import SECRET_PATTERNS
 from tests.conftest import FIXTURES, ROOT, env_with
 from tests.integration.test_weekly_dag_e2e import airflow
 
@@ -152,8 +152,7 @@ def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, len
         assert not where(value, not_audit, texts), f"{kind} leaked"
     import sqlalchemy as sa
 
-    from shoefix_tasks import ledger
-
+    from shoefix_tasks.store import ledger
     with ledger.engine_for(s.ledger_url).connect() as c:
         raw = b"\n".join(r for (r,) in c.execute(sa.select(ledger.records.c.raw).where(
             ledger.records.c.status == "quarantined")))

@@ -27,8 +27,7 @@ def _mlflow_client(stack, monkeypatch):
 
 
 def _ledger(stack):
-    from shoefix_tasks import ledger
-
+    from shoefix_tasks.store import ledger
     return ledger.engine_for(stack.env["SHOEFIX_LEDGER_URL"])
 
 
@@ -36,8 +35,7 @@ def test_weekly_dag_completes_through_scheduler_with_training_on_gpu_queue(stack
     import requests
     import sqlalchemy as sa
 
-    from shoefix_tasks import ledger
-
+    from shoefix_tasks.store import ledger
     inbox_file(stack, "corpus_small.jsonl", "week1.jsonl")
     stack.wait_for_dag(WEEKLY)
     out = stack.airflow("dags", "trigger", WEEKLY, "-c", json.dumps({"recipe": stack_recipe}), "-o", "json")

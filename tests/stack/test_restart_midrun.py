@@ -28,8 +28,7 @@ def test_urgent_update_via_rest_survives_scheduler_and_postgres_restarts(stack, 
     import mlflow
     import sqlalchemy as sa
 
-    from shoefix_tasks import ledger
-
+    from shoefix_tasks.store import ledger
     stack.wait_for_dag(URGENT)
     runs_before = stack.rest("GET", f"/dags/{URGENT}/dagRuns").json()["total_entries"]
     inbox_file(stack, "corpus_more.jsonl", "urgent/fix.jsonl")

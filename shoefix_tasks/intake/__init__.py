@@ -1,0 +1,1 @@
+"""Intake: from an inbox file to accepted, ledgered records (collect -> validate)."""

@@ -1,0 +1,1 @@
+"""What operators and triggers touch: the `shoefix` CLI, the ShoeFix page's data, trigger rules."""

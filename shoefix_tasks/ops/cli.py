@@ -1,0 +1,121 @@
+"""`shoefix` — operator commands over the same store the DAGs use.
+
+  shoefix seed-inbox              copy the starter corpus (data/corpus) into the inbox
+  shoefix status                  champion, challenger, last scorecard, how to open the MLflow UI
+  shoefix ask "question"          answer with the current champion (models:/shoefix-expert@champion)
+  shoefix rollback --to N --reason "..." [--force]   make version N champion again (--force: even
+                                  a version the gate did not promote; recorded as rollback-forced)
+  shoefix history                 who held `champion`, when and why
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from shoefix_tasks.config import REGISTERED_MODEL, Settings
+
+
+def cmd_seed_inbox(settings: Settings, _args) -> int:
+    inbox = Path(settings.inbox)
+    inbox.mkdir(parents=True, exist_ok=True)
+    src = sorted((settings.data_dir / "corpus").glob("*.jsonl"))
+    for path in src:
+        target = inbox / f"starter-{path.name}"
+        if not target.exists():
+            shutil.copyfile(path, target)
+    print(f"starter corpus: {len(src)} files in {inbox}")
+    return 0
+
+
+def _latest_evaluation(settings: Settings) -> dict | None:
+    files = sorted(settings.runs_dir.glob("*/evaluation.json"), key=lambda p: p.stat().st_mtime)
+    return json.loads(files[-1].read_text()) if files else None
+
+
+def cmd_status(settings: Settings, _args) -> int:
+    from shoefix_tasks.evaluation.report import scorecard_text
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
+
+    tracking.configure(settings)
+    champ, chall = registry.version_by_alias(registry.CHAMPION), registry.version_by_alias(registry.CHALLENGER)
+    evaluation = _latest_evaluation(settings)
+    if evaluation is not None:
+        print(f"\nScorecard of the last evaluation ({evaluation['champion']['label']} = before, challenger = after):\n")
+        print(scorecard_text(evaluation))
+    champ_s = f"v{champ.version}" if champ else "none (the base model serves)"
+    chall_s = f"v{chall.version}" if chall else "none"
+    print(f"\nRegistry {REGISTERED_MODEL}: champion = {champ_s}, challenger = {chall_s}")
+    if chall is not None:
+        print(f"  v{chall.version} gate decision: {chall.tags.get('gate_decision')} (challenged {chall.tags.get('challenged')})")
+        gate = json.loads(chall.tags.get("gate_reasons", "[]"))
+        for reason in gate:
+            print(f"    - {reason}")
+    print("\nBrowse the registry in the MLflow UI:\n"
+          f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000\n"
+          f"  then open http://127.0.0.1:5000/#/models/{REGISTERED_MODEL}")
+    return 0
+
+
+def cmd_ask(settings: Settings, args) -> int:
+    import mlflow
+
+    from shoefix_tasks.store import tracking
+    tracking.configure(settings)
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    print(model.predict([args.question], params={"max_new_tokens": args.max_new_tokens})[0])
+    return 0
+
+
+def cmd_rollback(settings: Settings, args) -> int:
+    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
+    tracking.configure(settings)
+    try:
+        print(json.dumps(registry.rollback(settings, args.to, args.reason, args.actor, force=args.force)))
+    except registry.RollbackRefused as err:
+        print(f"shoefix rollback: refused: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_history(settings: Settings, _args) -> int:
+    from shoefix_tasks.registry import versions as registry
+    for row in registry.champion_history(settings):
+        print(f"{row['at']:%Y-%m-%d %H:%M} v{row['version']:<3} {row['action']:<15} by {row['actor']}: {row['reason']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shoefix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("seed-inbox").set_defaults(fn=cmd_seed_inbox)
+    sub.add_parser("status").set_defaults(fn=cmd_status)
+    ask = sub.add_parser("ask")
+    ask.add_argument("question")
+    ask.add_argument("--max-new-tokens", type=int, default=160)
+    ask.set_defaults(fn=cmd_ask)
+    rb = sub.add_parser("rollback")
+    rb.add_argument("--to", type=int, required=True, help="registry version to make champion")
+    rb.add_argument("--reason", required=True, help="why (kept in the champion history)")
+    rb.add_argument("--force", action="store_true",
+                    help="allow a version the gate did not promote; recorded as action rollback-forced")
+    rb.add_argument("--actor", default="cli")
+    rb.set_defaults(fn=cmd_rollback)
+    sub.add_parser("history").set_defaults(fn=cmd_history)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = build_parser().parse_args(argv)
+    return args.fn(Settings.from_env(), args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Read-only views of the installation for the ShoeFix page in Airflow (and anything else that shows it).
+
+Everything here only reads: the registry (champion, its scorecard), the ledger (champion history,
+recent batches and their quarantine) and, for `answer`, the champion's registered model. Values
+are returned raw; escaping is the renderer's job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+
+from shoefix_tasks.config import REGISTERED_MODEL, Settings
+from shoefix_tasks.store import ledger
+
+log = logging.getLogger(__name__)
+SCORECARD_TAGS = ("gate_decision", "challenged", "composite", "recipe", "base_model", "corpus_snapshot",
+                  "training_run", "evaluation_run", "pipeline_run", "trigger_reason", "triggered_by")
+
+
+class NoChampion(LookupError):
+    """No registry version holds alias `champion` (the base model serves)."""
+
+
+def _mlflow(settings: Settings):
+    # Only point MLflow at the store: unlike tracking.configure, never create an experiment from a page view.
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    return mlflow
+
+
+def champion(settings: Settings) -> dict[str, Any] | None:
+    """The serving version: number, tags, since when, why and by whom it became champion."""
+    mlflow = _mlflow(settings)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        v = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, "champion")
+    except MlflowException:
+        return None
+    events = [h for h in history(settings) if h["version"] == int(v.version)]
+    latest = events[0] if events else {}
+    return {"version": int(v.version), "run_id": v.run_id, "tags": {k: v.tags.get(k) for k in SCORECARD_TAGS},
+            "gate_reasons": json.loads(v.tags.get("gate_reasons") or "[]"),
+            "since": latest.get("at") or v.tags.get("champion_since"), "reason": latest.get("reason"),
+            "actor": latest.get("actor"), "action": latest.get("action")}
+
+
+_scorecards: dict[str, dict[str, Any] | None] = {}
+
+
+def scorecard(settings: Settings, evaluation_run: str | None) -> dict[str, Any] | None:
+    """The evaluation that admitted a version: `evaluation.json` of its evaluation run (cached:
+    an evaluation run's artifacts never change). Rows as `report.scorecard_rows` gives them."""
+    if not evaluation_run:
+        return None
+    if evaluation_run not in _scorecards:
+        mlflow = _mlflow(settings)
+        from shoefix_tasks.evaluation.report import scorecard_rows
+
+        try:
+            data = json.loads(mlflow.artifacts.load_text(f"runs:/{evaluation_run}/evaluation.json"))
+        except Exception as err:  # missing or unreadable artifact: show the page without it
+            log.warning("no evaluation.json for run %s: %s", evaluation_run, err)
+            return None
+        _scorecards[evaluation_run] = {
+            "champion_label": data["champion"]["label"], "rows": scorecard_rows(data),
+            "questions": sum(1 for s in data["challenger"]["scores"] if not s["guard"]),
+            "guard": len(data.get("guard_ids", [])), "holdout_hash": data.get("holdout_hash", "")}
+    return _scorecards[evaluation_run]
+
+
+def history(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
+    """Champion changes, newest first (the registry's record of them)."""
+    from shoefix_tasks.registry.versions import champion_history
+
+    return champion_history(settings, newest_first=True, limit=limit)
+
+
+def recent_batches(settings: Settings, limit: int = 8, samples: int = 5) -> list[dict[str, Any]]:
+    """The last batches, newest first: record counts by status, quarantine reasons and a few quarantined rows."""
+    engine = ledger.engine_for(settings.ledger_url)
+    b, r = ledger.batches, ledger.records
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(b).order_by(b.c.created_at.desc()).limit(limit)).mappings().all()
+        out = []
+        for row in rows:
+            sample = conn.execute(
+                sa.select(r.c.record_id, r.c.source, r.c.line_no, r.c.check_name, r.c.reason)
+                .where(r.c.batch_id == row["batch_id"], r.c.status == "quarantined")
+                .order_by(r.c.row_id).limit(samples)).mappings().all()
+            # by full check name (with its column), more telling on a page than ledger.quarantine_reasons
+            reasons = conn.execute(
+                sa.select(r.c.check_name, sa.func.count())
+                .where(r.c.batch_id == row["batch_id"], r.c.status == "quarantined")
+                .group_by(r.c.check_name)).all()
+            out.append({"batch_id": row["batch_id"], "created_at": row["created_at"], "status": row["status"],
+                        "counts": ledger.status_counts(engine, row["batch_id"]),
+                        "reasons": {name or "unknown": n for name, n in reasons},
+                        "samples": [dict(s) for s in sample]})
+    return out
+
+
+_models: dict[int, Any] = {}
+_models_lock = threading.Lock()
+
+
+def _model_for(settings: Settings, version: int):
+    """The registered pyfunc of `version`, loaded once per process. Only the latest version asked
+    is kept: a page server should not hold every adapter ever promoted in memory."""
+    with _models_lock:
+        if version not in _models:
+            mlflow = _mlflow(settings)
+            log.info("loading %s version %s for the ShoeFix page", REGISTERED_MODEL, version)
+            model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/{version}")
+            _models.clear()
+            _models[version] = model
+        return _models[version]
+
+
+def answer(settings: Settings, question: str, max_new_tokens: int = 160) -> dict[str, Any]:
+    """Ask the current champion. Raises NoChampion when there is none."""
+    import time
+
+    champ = champion(settings)
+    if champ is None:
+        raise NoChampion("no registry version holds alias `champion` yet: nothing registered to ask")
+    model = _model_for(settings, champ["version"])
+    start = time.perf_counter()
+    text = model.predict([question], params={"max_new_tokens": max_new_tokens})[0]
+    return {"version": champ["version"], "answer": str(text), "seconds": round(time.perf_counter() - start, 2)}

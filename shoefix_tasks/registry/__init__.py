@@ -1,0 +1,1 @@
+"""The MLflow model registry: versions, promotion, the served model and its safety net."""

@@ -1,0 +1,1 @@
+"""Persistence below everything: the ledger (SQL), its promotion lease, MLflow tracking set-up."""

@@ -1,0 +1,1 @@
+"""Training a LoRA adapter: the trainer CLI, its factories, fault recovery, dispatch, GPU preflight."""

@@ -1,0 +1,80 @@
+"""The holdout-leak check of the intake (issue 12), on real records: the shipped corpus must pass it,
+and the training questions that paraphrased holdout items before 2026-12-06 must be quarantined.
+
+`tests/fixtures/leak_issue12.jsonl` keeps those records as they were shipped (our own training text,
+never holdout text), each with `paraphrase_of`, the frozen item it asked again: the three pairs of the
+issue first, then the four the tightened check found as well (data/CHANGES.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shoefix_tasks.intake.leak import PARAPHRASE_THRESHOLD, distribution
+from shoefix_tasks.intake.validate import ScreenState, _screen, frozen_sets
+from shoefix_tasks.records import content_hash, iter_jsonl, load_eval_set
+
+DATA = Path(__file__).resolve().parents[2] / "data"
+LEAKS = Path(__file__).resolve().parents[1] / "fixtures" / "leak_issue12.jsonl"
+ISSUE_PAIRS = {"odor-026-en": "mech-h06-en", "odor-026-zh": "mat-h05-zh", "perf-030-en": "odor-h03-en"}
+
+
+@pytest.fixture(scope="module")
+def frozen():
+    return frozen_sets(DATA)
+
+
+def corpus() -> list[dict]:
+    return list(iter_jsonl(sorted((DATA / "corpus").glob("*.jsonl"))))
+
+
+def screen(rows: list[dict], frozen) -> dict[int, list[str]]:
+    """The intake's own screening (`validate._screen`), as a fresh batch against the frozen sets."""
+    return _screen(rows, [content_hash(r["question"], r["answer"]) for r in rows], ScreenState(), frozen)
+
+
+def test_shipped_corpus_passes_intake_screening(frozen):
+    rows = corpus()
+    failures = screen(rows, frozen)
+    assert failures == {}, {rows[i]["id"]: f for i, f in failures.items()}
+
+
+def test_shipped_corpus_stays_below_the_paraphrase_threshold():
+    frozen = load_eval_set(DATA, "holdout") + load_eval_set(DATA, "guard")
+    closest = distribution(corpus(), frozen)
+    score, rec, item = closest[0]
+    print(f"closest pair: {rec} ~ {item} at {score:.3f}, threshold {PARAPHRASE_THRESHOLD}")
+    assert score < PARAPHRASE_THRESHOLD, closest[:5]
+    assert len(closest) == len(corpus())
+
+
+def test_issue_pairs_and_found_paraphrases_are_quarantined(frozen):
+    leaks = [json.loads(line) for line in LEAKS.read_text(encoding="utf-8").splitlines()]
+    assert {r["id"]: r["paraphrase_of"] for r in leaks[:3]} == ISSUE_PAIRS
+    failures = screen(leaks, frozen)
+    for i, rec in enumerate(leaks):
+        assert failures.get(i), rec["id"]
+        assert failures[i][0].startswith(f"near_duplicate_of_holdout({rec['paraphrase_of']}, question paraphrase"), \
+            (rec["id"], failures[i])
+
+
+def test_character_grams_alone_missed_them(frozen):
+    """Why the check needed a second measure: the 5-gram MinHash indexes let every one of them in."""
+    for line in LEAKS.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        assert frozen.index.query(rec["question"]) is None
+        assert frozen.qa_index.query(rec["question"] + " " + rec["answer"]) is None
+
+
+def test_rewritten_records_ask_new_questions():
+    """The replacements keep ids and topics but are not the old questions under new wording."""
+    now = {r["id"]: r for r in corpus()}
+    for line in LEAKS.read_text(encoding="utf-8").splitlines():
+        old = json.loads(line)
+        new = now[old["id"]]
+        assert (new["qid"], new["topic"], new["lang"]) == (old["qid"], old["topic"], old["lang"])
+        assert new["question"] != old["question"] and new["answer"] != old["answer"]
+        assert new["created"] == "2026-12-06"

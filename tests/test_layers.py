@@ -1,0 +1,36 @@
+"""The package's boundaries, enforced: import-linter's contracts (pyproject.toml) — ops above pipeline
+above registry above evaluation/training/intake above model/store above config/records/text/policy/
+errors, and shoefix_tasks never importing Airflow — and no module left in the flat layout."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WINGS = {"intake", "model", "training", "evaluation", "registry", "store", "ops"}
+TOP = {"__init__", "config", "records", "text", "policy", "errors", "pipeline", "train"}
+
+
+def test_import_linter_contracts_are_kept():
+    exe = shutil.which("lint-imports") or str(Path(sys.executable).with_name("lint-imports"))
+    out = subprocess.run([exe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "2 kept, 0 broken" in out.stdout
+
+
+def test_the_layout_is_the_architecture():
+    pkg = ROOT / "shoefix_tasks"
+    assert {p.stem for p in pkg.glob("*.py")} == TOP
+    assert {p.name for p in pkg.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} == WINGS
+    for wing in WINGS:  # each wing says what it is for
+        assert (pkg / wing / "__init__.py").read_text().startswith('"""')
+
+
+def test_no_airflow_import_in_the_package():
+    hits = [f"{p}:{n}" for p in (ROOT / "shoefix_tasks").rglob("*.py")
+            for n, line in enumerate(p.read_text().splitlines(), 1)
+            if line.strip().startswith(("import airflow", "from airflow"))]
+    assert hits == []

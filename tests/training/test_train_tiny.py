@@ -1,0 +1,59 @@
+"""A tiny real model really trains with TRL + PEFT: LoRA weights change, base weights do not."""
+
+from __future__ import annotations
+
+import pytest
+
+from shoefix_tasks.config import load_recipe
+from shoefix_tasks.intake.collect import collect_batch
+from shoefix_tasks.intake.validate import validate_batch
+from shoefix_tasks.model.adapter import verify_adapter
+from shoefix_tasks.model.base import compute_identity
+from shoefix_tasks.training.train import last_complete_checkpoint, train
+from tests.conftest import copy_fixture_corpus
+
+
+@pytest.mark.slow
+def test_lora_changes_base_does_not(shoefix_env, tiny_model, tiny_recipe):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    s = shoefix_env
+    copy_fixture_corpus(s)
+    collect_batch(s, "r1")
+    snap = validate_batch(s, "r1").snapshot_path
+    before = compute_identity(tiny_model, "tiny")["sha256"]
+    out = train(load_recipe(str(tiny_recipe)), __import__("pathlib").Path(snap), s.home / "runs" / "r1", "r1", s)
+
+    adapter = verify_adapter(__import__("pathlib").Path(out["adapter_dir"]))
+    assert adapter["base"]["sha256"] == before
+    weights = load_file(f"{out['adapter_dir']}/adapter_model.safetensors")
+    lora_b = [v for k, v in weights.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: it moved
+
+    assert compute_identity(tiny_model, "tiny")["sha256"] == before  # base files untouched
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), out["adapter_dir"])
+    ref = dict(base.named_parameters())
+    for name, p in peft.named_parameters():
+        if "base_layer" in name:
+            orig = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, ref[orig]), name
+    assert last_complete_checkpoint(s.home / "runs" / "r1") is not None
+    assert out["train_records"] == 12 and out["final_loss"] > 0
+
+
+@pytest.mark.slow
+def test_retry_resumes_same_mlflow_run(shoefix_env, tiny_model, tiny_recipe):
+    """A second invocation for the same run key reuses the MLflow run and resumes from a checkpoint."""
+    s = shoefix_env
+    copy_fixture_corpus(s)
+    collect_batch(s, "r1")
+    snap = __import__("pathlib").Path(validate_batch(s, "r1").snapshot_path)
+    recipe = load_recipe(str(tiny_recipe))
+    first = train(recipe, snap, s.home / "runs" / "r1", "r1", s)
+    second = train(recipe, snap, s.home / "runs" / "r1", "r1", s)
+    assert second["run_id"] == first["run_id"]
+    assert second["resumed_from"] is not None

@@ -68,7 +68,8 @@ def cmd_ask(settings: Settings, args) -> int:
     from shoefix_tasks.store import tracking
     tracking.configure(settings)
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
-    print(model.predict([args.question], params={"max_new_tokens": args.max_new_tokens})[0])
+    params = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None  # default: as evaluated
+    print(model.predict([args.question], params=params)[0])
     return 0
 
 
@@ -76,11 +77,7 @@ def cmd_rollback(settings: Settings, args) -> int:
     from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.store import tracking
     tracking.configure(settings)
-    try:
-        print(json.dumps(registry.rollback(settings, args.to, args.reason, args.actor, force=args.force)))
-    except registry.RollbackRefused as err:
-        print(f"shoefix rollback: refused: {err}", file=sys.stderr)
-        return 2
+    print(json.dumps(registry.rollback(settings, args.to, args.reason, args.actor, force=args.force)))
     return 0
 
 
@@ -98,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status").set_defaults(fn=cmd_status)
     ask = sub.add_parser("ask")
     ask.add_argument("question")
-    ask.add_argument("--max-new-tokens", type=int, default=160)
+    ask.add_argument("--max-new-tokens", type=int, default=None,
+                     help="cap on the answer's length (default: the length the champion was evaluated with)")
     ask.set_defaults(fn=cmd_ask)
     rb = sub.add_parser("rollback")
     rb.add_argument("--to", type=int, required=True, help="registry version to make champion")
@@ -111,10 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(err: BaseException) -> str:
+    """An error as one line a person can act on: MLflow's REST errors carry their message after a
+    code; everything else its first line."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    code = getattr(err, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        text = f"not found: {text}"
+    return text[:300]
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success, 2 when a request is refused (a PermanentError: a retry would be refused
+    again), 1 on any other error; one line on stderr, no traceback (SHOEFIX_DEBUG=1 shows it)."""
+    import os
+
+    from shoefix_tasks.errors import PermanentError
+
     logging.basicConfig(level=logging.WARNING)
     args = build_parser().parse_args(argv)
-    return args.fn(Settings.from_env(), args)
+    try:
+        return args.fn(Settings.from_env(), args)
+    except Exception as err:  # noqa: BLE001 - the CLI's one place that turns errors into a sentence
+        if os.environ.get("SHOEFIX_DEBUG"):
+            raise
+        print(f"shoefix {args.cmd}: {'refused: ' if isinstance(err, PermanentError) else ''}{one_line(err)}",
+              file=sys.stderr)
+        return 2 if isinstance(err, PermanentError) else 1
 
 
 if __name__ == "__main__":

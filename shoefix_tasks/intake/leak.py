@@ -15,23 +15,16 @@ a term the frozen texts never use weighs most, "shoe" least. The score of a ques
 question is the weighted Jaccard of their term sets. IDF comes from the frozen sets only, so the
 weights are as fixed as the sets themselves (FROZEN.sha256) and need no corpus at intake.
 
-Threshold, from the measured distribution (`python -m shoefix_tasks.intake.leak`: each of the 450
-corpus records of 2026-11-29 against its closest frozen question of the same language): median 0.049,
-90th percentile 0.091, 95th 0.119, 99th 0.170, maximum 0.207. The three confirmed paraphrases scored
-0.207, 0.179 and 0.163, all in the top 1.6%. No lexical measure we tried (5-gram, unit or IDF-weighted
-unit Jaccard, IDF cosine, word-bigram shingles) separates them from everything else by a gap: four
-more records scored between them (0.200, 0.186, 0.176, 0.164), and read side by side each of them asks
-a frozen question again too. So PARAPHRASE_THRESHOLD = 0.16, just under the lowest confirmed
-paraphrase: whatever is at least as close as a known leak is treated as one. A quarantined record
-costs an expert a rewrite (it stays in the ledger with the frozen id in its reason); a leak silently
-inflates the holdout score. The six questions behind the seven, and three more just below (0.156,
-0.156, 0.152) that read as paraphrases as well, were rewritten in both languages (data/CHANGES.md). The shipped corpus now scores at most 0.152
-(median 0.048), by pairs that ask different questions on a shared topic; `tests/intake/test_leak_check.py`
-keeps it below the threshold.
+PARAPHRASE_THRESHOLD sits just under the lowest-scoring confirmed paraphrase of the measured
+distribution (`python -m shoefix_tasks.intake.leak` prints it; the figures and the records behind
+the choice are in docs/quality.md): whatever is at least as close to a frozen question as a known
+leak is treated as one. No lexical measure tried separated the confirmed paraphrases from the rest by
+a gap, so the threshold trades a few false alarms for no leaks: a quarantined record costs an expert a
+rewrite (it stays in the ledger with the frozen id in its reason); a leak silently inflates the
+holdout score. `tests/intake/test_leak_check.py` keeps the shipped corpus below the threshold.
 
-Cost: a question's terms (the `content_units` pass, ~0.1 ms) and, per language, one gather-and-sum of
-its terms' rows of a (vocabulary x items) weight matrix: ~70 frozen items a language, no Python loop
-over them. ~0.15 ms a record on one core in all, about 2.5 minutes per million records.
+Cost: a question's terms (one `content_units` pass) and, per language, one gather-and-sum of its
+terms' rows of a (vocabulary x items) weight matrix: no Python loop over the frozen items.
 """
 
 from __future__ import annotations

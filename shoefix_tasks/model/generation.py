@@ -4,10 +4,10 @@ Merging the LoRA weights into the base (`merge_and_unload`) makes the served mod
 base architecture again: no adapter matmuls per token, so latency is the base's.
 
 On a GPU, single answers (serving, the latency measurement) use a static KV cache of
-`STATIC_CACHE_LEN` tokens: transformers then compiles the decode step (CUDA graphs). 256-token answers
-of the 0.5B shape on an H200 went from p50 5.6 s (dynamic cache, eager: one Python-driven step per token)
-to under 1 s (docs/benchmarks.md). The first call compiles (~25 s); one cache size for every prompt
-means no recompiles. Batched quality runs keep the dynamic cache: each new batch size would compile again.
+`STATIC_CACHE_LEN` tokens: transformers then compiles the decode step (CUDA graphs) instead of
+driving one eager step per token from Python (figures: docs/benchmarks.md). The first call compiles;
+one cache size for every prompt means no recompiles. Batched quality runs keep the dynamic cache:
+each new batch size would compile again.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ has the commands, the numbers and how to read them. Caveat found there: with pad
 padded length costs extra the first time a process sees it (see docs/benchmarks.md, "cold shapes"), so
 the order of variants in one process matters; --warmup does not remove it.
 
-Everything measured is product code: the committed recipes, `training_setup` (SFTConfig, the
+Everything measured is product code: the committed recipes, `shoefix_tasks.training.factories` (SFTConfig, the
 `shoefix_varlen` attention registered by `load_base`), and for latency `generation.load_answerer` +
 `generation.measure_latency` on an adapter with a real manifest. The script adds only the synthetic
 model and data, the timing, and a check of the CUDA varlen kernel against per-example sdpa.

@@ -1,4 +1,4 @@
-"""Q&A records: the fields, their normal form, content hashes, and JSONL I/O.
+"""Q&A records: their normal form, content hashes, and JSONL I/O (the fields are the GX suite's: intake/suite.py).
 
 A record's *content hash* is over its normalized question and answer only (case, Unicode form and
 white space folded), so the same Q&A arriving twice, from two files or with cosmetic changes,
@@ -15,8 +15,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-REQUIRED_FIELDS = ("id", "question", "answer", "topic", "lang")
-OPTIONAL_FIELDS = ("qid", "source", "contributor", "created", "key_points", "key_facts")
 _SPACE = re.compile(r"\s+")
 
 

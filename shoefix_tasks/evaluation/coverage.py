@@ -135,7 +135,7 @@ def write_section(path: Path, body: str) -> None:
 DOC_INTRO = """Written by `python -m shoefix_tasks.evaluation.coverage --write-docs docs/quality.md`; the test
 `tests/evaluation/test_coverage.py` asserts every fact is taught. A holdout key fact counts as *taught* when
 some training answer of the same language states it: numeric facts with the same number or range and
-unit (`units.numbers_with_units`), named facts as a normalized whole-word substring or with all their
+unit (`text.numbers_with_units`), named facts as a normalized whole-word substring or with all their
 content units. Taught does not mean learned: it only rules out the corpus as the reason a fact is
 missing from a model's answer. Before the records of 2026-12-06 (data/CHANGES.md) the corpus taught 407
 of the 416 facts (en 204/208, zh-TW 203/208): `75%`, `100 °C`, `REACH Annex XVII` (zh-TW), `sodium

@@ -8,7 +8,7 @@ they went into training. What such paraphrases share is the *specific* vocabular
 and its phrases ("foam clog", "dishwasher", "boil"; "soccer cleat", "sport bag", "son"), while
 unrelated questions of this domain share its common words (shoe, mold, leather, smell).
 
-So a question becomes a set of terms: its content units (`units.content_units`: word stems without
+So a question becomes a set of terms: its content units (`text.content_units`: word stems without
 stop words, CJK character bigrams) plus each pair of adjacent units (phrases, word order). Each term
 weighs its smoothed IDF over the frozen questions and answers of its language, log((N+1)/(df+1))+1:
 a term the frozen texts never use weighs most, "shoe" least. The score of a question against a frozen

@@ -74,7 +74,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, cuda: bool, bf16_suppor
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        report_to="none",  # MLflow logging is ours (callbacks.py): one run, resumable
+        report_to="none",  # MLflow logging is ours (train.MlflowLossCallback): one run, resumable
         dataloader_num_workers=0,
         disable_tqdm=True,
     )

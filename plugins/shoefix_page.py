@@ -1,7 +1,8 @@
 """The ShoeFix page: a FastAPI app mounted by the api-server at /shoefix (see shoefix_plugin.py).
 
 GET  /shoefix/      the champion and its scorecard, the champion history, recent batches'
-                    quarantine counts, and a box to ask the champion a question
+                    quarantine counts, inbox files deferred (cut-off last record) with their
+                    age, and a box to ask the champion a question
 POST /shoefix/ask   the same page with the champion's answer (form field `question`)
 
 Auth: the api-server does not protect plugin apps, so every route depends on Airflow's own
@@ -123,6 +124,22 @@ def _batches_card(batches: list[dict[str, Any]]) -> str:
             + (f'<p><b>Quarantined in the latest batch</b></p><ul>{samples}</ul>' if samples else "") + "</div>")
 
 
+def _deferred_card(files: list[dict[str, Any]]) -> str:
+    """Inbox files whose last record is cut off, waiting for their writer until the grace ends."""
+    if not files:
+        return ('<div class="card"><h2>Deferred inbox files</h2><p class="muted">None: no inbox file is waiting '
+                "for its writer.</p></div>")
+    rows = "".join(
+        f'<tr><td><code>{_e(f["name"])}</code></td><td class="n">{_e(format(f["size"], ","))}</td>'
+        f'<td class="n">{_e(f["age"])}</td><td class="nw">{_when(f["first_seen"])}</td>'
+        f'<td>{"in " + _e(f["due_in"]) if f["due_in_s"] > 0 else "at the next run"}</td></tr>' for f in files)
+    return ('<div class="card"><h2>Deferred inbox files</h2><p class="muted">The last record of each is cut off '
+            f'(a writer still writing, or one that stopped). Within the grace ({_e(files[0]["grace"])} since the '
+            "last write) the file waits; after it, its complete records are read and the cut-off tail is "
+            "quarantined as <code>truncated</code>.</p><table><tr><th>file</th><th>bytes</th><th>age</th>"
+            f"<th>first seen</th><th>read</th></tr>{rows}</table></div>")
+
+
 def _ask_card(question: str, reply: dict[str, Any] | None, error: str | None) -> str:
     out = ['<div class="card"><h2>Ask the champion</h2><form method="post" action="ask">',
            f'<textarea name="question" rows="3" maxlength="{MAX_QUESTION_CHARS}" required '
@@ -145,7 +162,8 @@ def render(settings: Settings, question: str = "", reply: dict[str, Any] | None 
             f'<div class="sub">registry model <code>shoefix-expert</code> · state <code>{_e(settings.home)}</code>'
             f'</div><div class="grid"><div>{_champion_card(champ, card)}</div><div>'
             f"{_ask_card(question, reply, error)}</div></div>{_history_card(dashboard.history(settings, 20))}"
-            f"{_batches_card(dashboard.recent_batches(settings))}</body></html>")
+            f"{_batches_card(dashboard.recent_batches(settings))}{_deferred_card(dashboard.deferred_files(settings))}"
+            "</body></html>")
 
 
 def build_app() -> FastAPI:

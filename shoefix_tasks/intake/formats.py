@@ -1,10 +1,17 @@
 """Inbox file formats: JSONL, CSV and a simple Markdown Q&A format, parsed as streams.
 
-A file is read twice, never whole: `inspect_stream` hashes it and decides whether it looks
-unfinished (still being written), then `iter_records` yields one `ParsedLine` per record seen
-(parsed or not, with its position and raw bytes). Memory is bounded by `max_record_bytes`, not by
-the file: a record longer than that is reported as an error with only its first `RAW_KEEP`
-bytes kept, and the rest of it is skipped unread into memory. No parser raises on bad input.
+A file is read twice, never whole: `inspect_stream` hashes it, then `iter_records` yields one
+`ParsedLine` per record seen (parsed or not, with its position and raw bytes). Memory is bounded
+by `max_record_bytes`, not by the file: a record longer than that is reported as an error with
+only its first `RAW_KEEP` bytes kept, and the rest of it is skipped unread into memory. No parser
+raises on bad input.
+
+A file that is still being written (or whose writer died) ends in a cut-off record. The parser
+that meets it marks that last record `truncated` (the collector decides whether to wait for the
+writer or to quarantine the tail): in JSONL, a last line with no newline after it that does not
+parse; in CSV, a record that reaches the end of the file inside an open quoted field, or a last
+row with no line break after it that does not fit the header. Markdown blocks are never cut off
+(a block needs no closing `---`).
 
 Markdown format (records separated by a line `---`):
 
@@ -39,13 +46,19 @@ class ParsedLine:
     raw: bytes
     record: dict[str, Any] | None  # None when the record did not parse
     error: str | None = None
+    check: str = "parse"  # the ledger's check name when it did not parse: parse | oversize | malformed_csv_row | truncated
+    truncated: bool = False  # the file's last record, cut off (see the module docstring)
+
+
+def _cut(pl: ParsedLine, why: str) -> ParsedLine:
+    """The last record, cut off: not parsed, whatever part of it did parse (never half a record)."""
+    return ParsedLine(pl.line_no, pl.raw, None, f"truncated: {why}", "truncated", True)
 
 
 @dataclass
 class FileFacts:
     sha256: str
     size: int
-    truncated: bool  # the last record is incomplete and the file does not end with a newline
 
 
 def _decode(raw: bytes) -> tuple[str | None, str | None]:
@@ -55,8 +68,9 @@ def _decode(raw: bytes) -> tuple[str | None, str | None]:
         return None, f"malformed UTF-8 at byte {err.start}"
 
 
-def _oversize(n: int, limit: int) -> str:
-    return f"record of {n:,} bytes exceeds the {limit:,}-byte limit (first {RAW_KEEP:,} bytes kept)"
+def _oversize(i: int, raw: bytes, n: int, limit: int) -> ParsedLine:
+    why = f"record of {n:,} bytes exceeds the {limit:,}-byte limit (first {RAW_KEEP:,} bytes kept)"
+    return ParsedLine(i, raw, None, why, "oversize")
 
 
 def _jsonl_line(i: int, raw: bytes) -> ParsedLine:
@@ -74,66 +88,54 @@ def _jsonl_line(i: int, raw: bytes) -> ParsedLine:
     return ParsedLine(i, raw, obj)
 
 
-def inspect_stream(suffix: str, fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> FileFacts:
-    """One pass over the bytes: sha256, size, and whether the file looks unfinished.
-
-    JSONL: it does not end with a newline and its last line does not parse. CSV: it does not end
-    with a newline and an odd number of quotes leaves a field open. Markdown: never.
-    """
-    digest, size, quotes = hashlib.sha256(), 0, 0
-    tail, lines_seen, tail_too_long, last = b"", 0, False, b""
+def inspect_stream(fh: IO[bytes]) -> FileFacts:
+    """One pass over the bytes: sha256 and size (what identifies a file's state in the ledger)."""
+    digest, size = hashlib.sha256(), 0
     while block := fh.read(_CHUNK):
         digest.update(block)
-        last = block[-1:]
         size += len(block)
-        quotes += block.count(b'"')
-        cut = block.rfind(b"\n")
-        if cut >= 0:
-            lines_seen += block.count(b"\n")
-            tail, tail_too_long = block[cut + 1:], False
-        else:
-            tail += block
-        if len(tail) > max_record_bytes:  # keep only what is needed to know the line is too long
-            tail, tail_too_long = tail[:max_record_bytes], True
-    truncated = False
-    if suffix == ".jsonl" and size and tail.strip():
-        truncated = tail_too_long or _jsonl_line(lines_seen + 1, tail.rstrip(b"\r")).record is None
-    elif suffix == ".csv" and size and last not in (b"\n", b"\r"):
-        truncated = quotes % 2 == 1
-    return FileFacts(digest.hexdigest(), size, truncated)
+    return FileFacts(digest.hexdigest(), size)
 
 
-def _bounded_lines(fh: IO[bytes], limit: int) -> Iterator[tuple[bytes, int]]:
-    """(line, full length) per physical line; a line longer than `limit` is cut to RAW_KEEP bytes
-    and the rest is read and dropped in chunks, so no line is ever held whole."""
+def _bounded_lines(fh: IO[bytes], limit: int) -> Iterator[tuple[bytes, int, bool]]:
+    """(line, full length, ended with a newline) per physical line; a line longer than `limit` is
+    cut to RAW_KEEP bytes and the rest is read and dropped in chunks, so no line is ever held whole."""
     while line := fh.readline(limit + 1):
         if len(line) <= limit or line.endswith(b"\n"):
-            yield line, len(line)
+            yield line, len(line), line.endswith(b"\n")
             continue
         n = len(line)
         while (more := fh.readline(_CHUNK)) and not more.endswith(b"\n"):
             n += len(more)
-        yield line[:RAW_KEEP], n + len(more)
+        yield line[:RAW_KEEP], n + len(more), more.endswith(b"\n")
 
 
 def iter_jsonl(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
-    for i, (line, n) in enumerate(_bounded_lines(fh, max_record_bytes), start=1):
+    for i, (line, n, ended) in enumerate(_bounded_lines(fh, max_record_bytes), start=1):
         raw = line.rstrip(b"\n").rstrip(b"\r")
         if n > max_record_bytes:
-            yield ParsedLine(i, raw, None, _oversize(n, max_record_bytes))
+            pl = _oversize(i, raw, n, max_record_bytes)
         elif raw.strip():
-            yield _jsonl_line(i, raw)
+            pl = _jsonl_line(i, raw)
+        else:
+            continue
+        # only the file's last line can lack its newline: unparseable there, it is a cut-off write
+        yield _cut(pl, f"last line has no newline and {pl.error}") if not ended and pl.record is None else pl
 
 
 class _RecordLines:
     """Physical lines (text) for csv.reader, remembering the lines of the record being read and
-    refusing to let one record grow past the limit (csv.reader pulls lines only as it needs them)."""
+    refusing to let one record grow past the limit (csv.reader pulls lines only as it needs them).
+    `exhausted`: the reader asked past the end of the file, which it does only from inside an open
+    quoted field (a complete record ends at its line's end); `ended`: the last line read ended
+    with a line break."""
 
     def __init__(self, text: IO[str], limit: int) -> None:
         self.text, self.limit = text, limit
         self.lines: list[str] = []
         self.chars = 0
         self.exhausted = False
+        self.ended = True
 
     def __iter__(self) -> _RecordLines:
         return self
@@ -148,8 +150,10 @@ class _RecordLines:
             n = self.chars
             while not line.endswith(("\n", "\r")) and (line := self.text.readline(_CHUNK)):
                 n += len(line)
+            self.ended = line.endswith(("\n", "\r"))
             raise _TooLong(n)
         self.lines.append(line)
+        self.ended = line.endswith(("\n", "\r"))
         return line
 
     def take(self) -> bytes:
@@ -163,10 +167,26 @@ class _TooLong(Exception):
         self.n = n
 
 
+def _csv_row(n: int, raw: bytes, row: list[str], header: list[str]) -> ParsedLine:
+    if "\ufffd" in raw.decode("utf-8"):
+        return ParsedLine(n, raw, None, "malformed UTF-8 in row")
+    if len(row) != len(header):  # a cell without a column (or a column without a cell): misaligned, not guessed at
+        return ParsedLine(n, raw, None, f"malformed_csv_row: {len(row)} cells, header has {len(header)}",
+                          "malformed_csv_row")
+    rec: dict[str, Any] = dict(zip(header, row, strict=True))
+    for key in ("key_points", "key_facts", "source"):
+        if isinstance(rec.get(key), str) and rec[key].strip():
+            rec[key] = [p.strip() for p in rec[key].split("|") if p.strip()]
+    return ParsedLine(n, raw, rec)
+
+
 def iter_csv(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
-    """RFC 4180 CSV with a header row; BOM, CRLF and quoted embedded newlines are fine. Extra
-    columns are kept as extra fields (validation ignores unknown fields). A row with bytes that
-    are not UTF-8 (decoded as U+FFFD) is an error; the other rows of the file proceed."""
+    """RFC 4180 CSV with a header row; BOM, CRLF and quoted embedded newlines are fine. Every row
+    must have exactly as many cells as the header: columns the header names beyond the known
+    fields are kept as extra fields (validation ignores unknown fields), but a row with more or
+    fewer cells than the header is quarantined (`malformed_csv_row`), since its cells cannot be
+    matched to columns. A row with bytes that are not UTF-8 (decoded as U+FFFD) is an error; the
+    other rows of the file proceed. Truncation: see the module docstring."""
     text = io.TextIOWrapper(fh, encoding="utf-8-sig", errors="replace", newline="")
     src = _RecordLines(text, max_record_bytes)
     reader = csv.reader(src)
@@ -179,7 +199,8 @@ def iter_csv(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterato
             return
         except _TooLong as big:
             n += 1
-            yield ParsedLine(n, src.take()[:RAW_KEEP], None, _oversize(big.n, max_record_bytes))
+            pl = _oversize(n, src.take()[:RAW_KEEP], big.n, max_record_bytes)
+            yield pl if src.ended else _cut(pl, f"last record has no line break after it and {pl.error}")
             continue
         except csv.Error as exc:
             n += 1
@@ -189,22 +210,21 @@ def iter_csv(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterato
             continue
         raw = src.take()
         if header is None:
+            if src.exhausted:  # the header itself is cut off: nothing after it can be read as rows
+                yield _cut(ParsedLine(0, raw, None), "the header row ends inside an open quoted field")
+                return
             header = [h.strip().lower() for h in row]
             continue
-        if not any(cell.strip() for cell in row):
+        if not any(cell.strip() for cell in row) and not src.exhausted:
             continue
         n += 1
-        if "\ufffd" in raw.decode("utf-8"):
-            yield ParsedLine(n, raw, None, "malformed UTF-8 in row")
-            continue
-        if len(row) < len(header):
-            yield ParsedLine(n, raw, None, f"row has {len(row)} columns, header has {len(header)}")
-            continue
-        rec: dict[str, Any] = dict(zip(header, row, strict=False))
-        for key in ("key_points", "key_facts", "source"):
-            if isinstance(rec.get(key), str) and rec[key].strip():
-                rec[key] = [p.strip() for p in rec[key].split("|") if p.strip()]
-        yield ParsedLine(n, raw, rec)
+        pl = _csv_row(n, raw, row, header)
+        if src.exhausted:
+            yield _cut(pl, "the file ends inside an open quoted field")
+        elif not src.ended and pl.record is None:
+            yield _cut(pl, f"last row has no line break after it and {pl.error}")
+        else:
+            yield pl
 
 
 _MD_KEY = re.compile(r"^(q|a|question|answer|topic|lang|id|qid|source|contributor|created)\s*:\s?(.*)$", re.I)
@@ -215,7 +235,7 @@ _MD_SEP = re.compile(rb"^---\s*$")
 def _md_block(n: int, lines: list[bytes], size: int, limit: int) -> ParsedLine | None:
     data = b"".join(lines)
     if size > limit:
-        return ParsedLine(n, data.strip()[:RAW_KEEP], None, _oversize(size, limit))
+        return _oversize(n, data.strip()[:RAW_KEEP], size, limit)
     text, err = _decode(data)
     if text is None:
         return ParsedLine(n, data.strip(), None, err)
@@ -241,7 +261,7 @@ def _md_block(n: int, lines: list[bytes], size: int, limit: int) -> ParsedLine |
 def iter_markdown(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
     """Blocks between `---` lines; a block is decoded on its own, so one bad byte sinks one block."""
     n, lines, size = 1, [], 0
-    for line, full in _bounded_lines(fh, max_record_bytes):
+    for line, full, _ended in _bounded_lines(fh, max_record_bytes):
         if _MD_SEP.match(line.rstrip(b"\r\n")) and full == len(line):
             if (pl := _md_block(n, lines, size, max_record_bytes)) is not None:
                 yield pl
@@ -267,9 +287,10 @@ def iter_records(suffix: str, fh: IO[bytes], max_record_bytes: int = MAX_RECORD_
 
 
 def parse_bytes(suffix: str, data: bytes, max_record_bytes: int = MAX_RECORD_BYTES) -> tuple[list[ParsedLine], bool]:
-    """Parse an in-memory file: (records, truncated). The streaming path, on a BytesIO."""
-    facts = inspect_stream(suffix.lower(), io.BytesIO(data), max_record_bytes)
-    return list(iter_records(suffix, io.BytesIO(data), max_record_bytes)), facts.truncated
+    """Parse an in-memory file: (records, whether its last record is cut off). The streaming path,
+    on a BytesIO."""
+    lines = list(iter_records(suffix, io.BytesIO(data), max_record_bytes))
+    return lines, bool(lines) and lines[-1].truncated
 
 
 def parse_jsonl(data: bytes) -> tuple[list[ParsedLine], bool]:

@@ -45,8 +45,15 @@ def cmd_status(settings: Settings, _args) -> int:
     tracking.configure(settings)
     champ, chall = registry.version_by_alias(registry.CHAMPION), registry.version_by_alias(registry.CHALLENGER)
     evaluation = _latest_evaluation(settings)
-    if evaluation is not None:
-        print(f"\nScorecard of the last evaluation ({evaluation['champion']['label']} = before, challenger = after):\n")
+    if evaluation is not None:  # the last one evaluated, not necessarily from the last pipeline run: say which
+        from datetime import UTC, datetime
+
+        run = evaluation.get("run_key")
+        path = settings.run_dir(run) / "evaluation.json" if run else None
+        when = (f"{datetime.fromtimestamp(path.stat().st_mtime, UTC):%Y-%m-%d %H:%M} UTC"
+                if path is not None and path.is_file() else "at an unknown time")
+        print(f"\nScorecard of the last evaluation: run {run or '(unknown)'}, evaluated {when} "
+              f"({evaluation['champion']['label']} = before, challenger = after):\n")
         print(scorecard_text(evaluation))
     champ_s = f"v{champ.version}" if champ else "none (the base model serves)"
     chall_s = f"v{chall.version}" if chall else "none"

@@ -1,8 +1,8 @@
 """Read-only views of the installation for the ShoeFix page in Airflow (and anything else that shows it).
 
 Everything here only reads: the registry (champion, its scorecard), the ledger (champion history,
-recent batches and their quarantine) and, for `answer`, the champion's registered model. Values
-are returned raw; escaping is the renderer's job.
+recent batches and their quarantine, deferred inbox files) and, for `answer`, the champion's
+registered model. Values are returned raw; escaping is the renderer's job.
 """
 
 from __future__ import annotations
@@ -104,6 +104,33 @@ def recent_batches(settings: Settings, limit: int = 8, samples: int = 5) -> list
                         "counts": ledger.status_counts(engine, row["batch_id"]),
                         "reasons": {name or "unknown": n for name, n in reasons},
                         "samples": [dict(s) for s in sample]})
+    return out
+
+
+def deferred_files(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
+    """Inbox files waiting for their writer (cut-off last record), oldest first: name, size, when
+    first seen, age (since last written: the grace clock of intake/deferral.py), the grace, and
+    how long until a run reads them anyway (0: the next run). The grace is this process's
+    SHOEFIX_TRUNCATED_GRACE_S: set it for the api-server as for the workers."""
+    from shoefix_tasks.intake import deferral
+
+    try:
+        grace = deferral.grace_s()
+    except ValueError as err:  # the collector refuses to run with it; the page still shows the files
+        log.warning("%s; the page assumes the default", err)
+        grace = deferral.DEFAULT_GRACE_S
+    f = ledger.inbox_files
+    with ledger.engine_for(settings.ledger_url).connect() as conn:
+        rows = conn.execute(sa.select(f.c.name, f.c.size, f.c.seen_at, f.c.modified_at, f.c.batch_id)
+                            .where(f.c.status == "deferred").order_by(f.c.seen_at, f.c.name).limit(limit)).mappings().all()
+    now = ledger.utcnow()
+    out = []
+    for r in rows:
+        age = deferral.age_s(now, r["modified_at"], r["seen_at"])
+        out.append({"name": r["name"], "size": r["size"], "first_seen": deferral.aware(r["seen_at"]),
+                    "modified_at": deferral.aware(r["modified_at"]), "batch_id": r["batch_id"], "age_s": age,
+                    "age": deferral.human(age), "grace_s": grace, "grace": deferral.human(grace),
+                    "due_in_s": max(0.0, grace - age), "due_in": deferral.human(max(0.0, grace - age))})
     return out
 
 

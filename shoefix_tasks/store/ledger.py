@@ -5,7 +5,9 @@ writes here does so in one transaction, so a crash leaves either all of a step's
 
 Tables
 - `batches`: one per pipeline run (`batch_id` = the Airflow run id), its status and counts.
-- `inbox_files`: every inbox file seen, by content hash; `processed` only after its rows commit.
+- `inbox_files`: every inbox file seen, by content hash; `processed` only after its rows commit;
+  `deferred` while its cut-off last record waits for its writer (`superseded` once that file
+  state is gone), with the file's mtime in `modified_at` (the grace clock; see intake/deferral.py).
 - `records`: one row per record seen (file, line, content hash, status, reason, raw bytes).
 - `corpus`: accepted records, unique by content hash; the training snapshot is built from it.
 - `watermarks`: how far each SQL source has been read.
@@ -42,9 +44,10 @@ inbox_files = sa.Table(
     sa.Column("source", sa.String(1000), nullable=False),
     sa.Column("name", sa.String(1000), nullable=False),
     sa.Column("size", sa.BigInteger, nullable=False),
-    sa.Column("status", sa.String(20), nullable=False),  # processed | deferred
+    sa.Column("status", sa.String(20), nullable=False),  # processed | deferred | superseded
     sa.Column("batch_id", sa.String(250), nullable=False),
     sa.Column("seen_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("modified_at", sa.DateTime(timezone=True)),  # the file's mtime when seen (None: not reported)
 )
 
 records = sa.Table(
@@ -122,7 +125,27 @@ def engine_for(url: str) -> sa.Engine:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA busy_timeout=30000")
     metadata.create_all(engine)
+    _add_columns(engine)
     return engine
+
+
+# Columns added to existing tables after a release: create_all makes only missing tables, so an
+# older ledger gets them here (additive and nullable: older code ignores them, nothing is rewritten).
+ADDED_COLUMNS = (("inbox_files", "modified_at"),)  # 2026-12: the truncated-file grace clock
+
+
+def _add_columns(engine: sa.Engine) -> None:
+    for table, column in ADDED_COLUMNS:
+        if column in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+            continue
+        kind = metadata.tables[table].c[column].type.compile(dialect=engine.dialect)
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+        except sa.exc.DBAPIError:  # another process added it first
+            if column not in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+                raise
+        log.info("ledger: added column %s.%s", table, column)
 
 
 def batch_row(engine: sa.Engine, batch_id: str) -> dict[str, Any] | None:

@@ -172,11 +172,13 @@ def test_sql_table_source_by_watermark(shoefix_env, tmp_path):
 def test_parsers_never_raise_and_counts_reconcile(data, suffix, limit):
     """Also with a tiny per-record limit, so the oversize paths of the streaming parsers run."""
     lines, truncated = parse_bytes(suffix, data, max_record_bytes=limit)
-    rows = rows_for("b", "f", "sha", lines, truncated)
+    rows = rows_for("b", "f", "sha", lines)
     assert len(rows) == len(lines)
-    by_status = {st_: sum(r["status"] == st_ for r in rows) for st_ in ("collected", "quarantined", "deferred")}
+    by_status = {st_: sum(r["status"] == st_ for r in rows) for st_ in ("collected", "quarantined")}
     assert sum(by_status.values()) == len(rows)
-    assert all(r["raw"] is not None for r in rows if r["status"] != "collected")
+    assert all(r["raw"] is not None and r["reason"] for r in rows if r["status"] != "collected")
+    assert [pl.truncated for pl in lines[:-1]] == [False] * (len(lines) - 1)  # only the last record can be cut off
+    assert truncated == (bool(lines) and lines[-1].truncated and rows[-1]["check_name"] == "truncated")
 
 
 @settings(max_examples=100, deadline=None)

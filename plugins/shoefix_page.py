@@ -76,6 +76,9 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
     if tags.get("corpus_snapshot"):
         facts += f'<tr><th>corpus snapshot</th><td><code>{_e(tags["corpus_snapshot"][:16])}…</code></td></tr>'
     why = "" if champ["action"] in (None, "promote") else f'<p>why: {_e(champ["reason"])}</p>'
+    if tags.get("trigger_reason"):  # the run that made this version was asked for, with a reason
+        by = f' (by {_e(tags["triggered_by"])})' if tags.get("triggered_by") else ""
+        why = f'<p class="trigger">triggered because: {_e(tags["trigger_reason"])}{by}</p>' + why
     out = [f'<div class="card"><h2>Champion</h2><div class="big">v{_e(champ["version"])}</div>',
            f'<p>since {_when(champ["since"])} · {_e(champ["action"] or "promote")} by {_e(champ["actor"])} · '
            f'gate <span class="pill {"ok" if decision == "promote" else "bad"}">{_e(decision)}</span> '

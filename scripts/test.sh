@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# The test suite: lint the DAGs (ruff AIR rules) and the package, then pytest.
+# The test suite: lint the DAGs (ruff AIR rules) and the package, then pytest on two workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# The Postgres ledger test starts a throwaway server from Debian's `postgresql` package: install
-# it when we can (root with apt), otherwise that one test says it was skipped and why.
-# The full-stack tests (tests/stack) also need redis-server, and the compose test `docker-compose`.
+# Debian packages some tests need, installed when we can (root with apt); otherwise those tests say
+# they were skipped and why:
+# - `postgresql`: the Postgres ledger test starts a throwaway server;
+# - `redis-server` (and postgresql): the full-stack tests (tests/stack) start the stack natively;
+# - `docker-compose`: the compose file is checked with `docker-compose config`;
+# - `chromium`: the ShoeFix page test screenshots the page in a headless browser.
 missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+  || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
-    || echo "could not install ${missing[*]}: the tests that need them will be skipped" >&2
+  apt_install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1; }
+  # all at once; if that fails, one by one, so that one missing package skips only its own tests
+  if ! { apt-get update -qq >/dev/null 2>&1 && apt_install "${missing[@]}"; }; then
+    for pkg in "${missing[@]}"; do
+      apt_install "$pkg" || echo "could not install $pkg: the tests that need it will be skipped" >&2
+    done
+  fi
 fi
 ruff check dags plugins shoefix_tasks tests
 lint-imports  # the package's layers (pyproject.toml [tool.importlinter])
-exec pytest "$@"
+# Two workers (SHOEFIX_TEST_WORKERS to change): the full-stack tests are one group, each other module
+# another (tests/conftest.py), the longest first; `-n 0` in the arguments runs serially.
+exec pytest -n "${SHOEFIX_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -65,9 +66,61 @@ def build_tiny_model(folder: Path, seed: int = 0, hidden: int = 64) -> Path:
     return folder
 
 
+def session_folder(tmp_path_factory, name: str, build) -> Path:
+    """`<session tmp>/shared/<name>`, filled by `build(folder)` once per test session: under
+    pytest-xdist the workers share it (a file lock; the first one builds, the others wait and reuse)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    folder = root / name
+    with FileLock(f"{folder}.lock"):
+        if not (folder / ".complete").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+    return session_folder(tmp_path_factory, "tiny", lambda d: build_tiny_model(d / "tiny-llama")) / "tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def airflow_db_template(tmp_path_factory) -> Path:
+    """A metadata DB made by a real `airflow db migrate` (SQLite), once per session: each test
+    copies it (`airflow_home`) instead of migrating again (~10 s each)."""
+    def migrate(folder: Path) -> None:
+        env = {**os.environ, "AIRFLOW_HOME": str(folder),
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{folder}/airflow.db"}
+        proc = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    return session_folder(tmp_path_factory, "airflow-db", migrate) / "airflow.db"
+
+
+def fresh_airflow_home(home: Path, template: Path) -> Path:
+    """`home` with a copy of the migrated metadata DB as `home/airflow.db`."""
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template, home / "airflow.db")
+    return home
+
+
+@pytest.fixture()
+def airflow_home(tmp_path, airflow_db_template) -> Path:
+    """`<tmp>/airflow`: an AIRFLOW_HOME whose `airflow.db` is migrated (a copy of the session's)."""
+    return fresh_airflow_home(tmp_path / "airflow", airflow_db_template)
+
+
+def airflow_env(settings, home: Path, **extra) -> dict[str, str]:
+    """The environment of an `airflow` CLI process over the test's state and `home/airflow.db`."""
+    return env_with(settings, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
+                    AIRFLOW__CORE__LOAD_EXAMPLES="False",
+                    AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db", **extra)
 
 
 @pytest.fixture()
@@ -157,3 +210,27 @@ def env_with(settings, **extra) -> dict[str, str]:
            "MLFLOW_TRACKING_URI": settings.tracking_uri}
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def pytest_collection_modifyitems(config, items):
+    """Work units for pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup --no-loadscope-reorder`;
+    a plain serial `pytest` is left as it is): the full-stack tests (tests/stack) build on one stack
+    in file order, so they are one group; any other module's tests stay together on one worker
+    (module fixtures such as the MLflow server start once). The order is what the workers take first:
+    the stack group (long, and mostly waiting on the scheduler), then modules with more `slow` tests,
+    then the rest, so that the two workers finish close together."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    stack = ROOT / "tests" / "stack"
+    groups: dict[str, list] = {}
+    for item in items:
+        path = Path(item.fspath)
+        groups.setdefault("stack" if path.is_relative_to(stack) else str(path.relative_to(ROOT)), []).append(item)
+
+    def weight(name: str) -> tuple:
+        return (name != "stack", -sum(1 for it in groups[name] if it.get_closest_marker("slow")))
+
+    items[:] = [it for name in sorted(groups, key=weight) for it in groups[name]]  # stable within a group
+    for name, members in groups.items():
+        for item in members:
+            item.add_marker(pytest.mark.xdist_group(name))

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, dag_env, env_with
+from tests.conftest import FIXTURES, ROOT, airflow_env, dag_env
 
 DAGS = ROOT / "dags"
 
@@ -31,12 +31,10 @@ def airflow(env, *args) -> str:
 
 
 @pytest.mark.slow
-def test_asset_events_emitted_with_metadata(shoefix_env, tmp_path):
+def test_asset_events_emitted_with_metadata(shoefix_env, airflow_home):
     s = shoefix_env
-    db = tmp_path / "airflow" / "airflow.db"
-    env = env_with(s, AIRFLOW_HOME=tmp_path / "airflow", AIRFLOW__CORE__DAGS_FOLDER=DAGS,
-                   AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{db}")
-    airflow(env, "db", "migrate")
+    db = airflow_home / "airflow.db"  # migrated (a copy of the session's `airflow db migrate`)
+    env = airflow_env(s, airflow_home)
 
     # an empty inbox: the watcher runs and announces nothing
     airflow(env, "dags", "test", "shoefix_inbox_watch")

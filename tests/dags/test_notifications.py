@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import ROOT, dag_env
+from tests.conftest import ROOT, dag_env, fresh_airflow_home
 
 SECRET_TOKEN = "T0001/B0001/s3cr3t-webhook-token"
 DAG = '''
@@ -34,13 +34,13 @@ def train_adapter():
 
 @task(retries=0, on_success_callback=ShoeFixNotifier("champion"))
 def gate_and_promote():
-    return {{"version": 7, "decision": "promote", "reasons": ["composite gain +0.4 above min effect 0.1"],
-             "champion": 7, "model": "shoefix-expert"}}
+    return {"version": 7, "decision": "promote", "reasons": ["composite gain +0.4 above min effect 0.1"],
+            "champion": 7, "model": "shoefix-expert"}
 
 
 @task(retries=0, on_success_callback=ShoeFixNotifier("champion"))
 def keep_champion():
-    return {{"version": 8, "decision": "keep_champion", "reasons": ["tie"], "champion": 7}}
+    return {"version": 8, "decision": "keep_champion", "reasons": ["tie"], "champion": 7}
 
 
 @dag(dag_id="notify_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False)
@@ -106,6 +106,29 @@ class SmtpSink(socketserver.StreamRequestHandler):
                 self.reply("250 OK")
 
 
+def connections(web_port: int, smtp_port: int) -> dict[str, str]:
+    """`shoefix_slack` and `shoefix_smtp` as environment variables, pointing at the local sinks."""
+    return {
+        "AIRFLOW_CONN_SHOEFIX_SLACK": json.dumps({"conn_type": "slackwebhook", "host": f"http://127.0.0.1:{web_port}",
+                                                  "password": SECRET_TOKEN}),
+        "AIRFLOW_CONN_SHOEFIX_SMTP": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
+                                                 "extra": {"to": "ops@example.com", "from_email": "shoefix@example.com",
+                                                           "disable_ssl": True, "disable_tls": True,
+                                                           "retry_limit": 0}}),
+    }
+
+
+def smtp_text(message: dict) -> str:
+    """The decoded, unescaped text of a message the SMTP sink received (the notifier sends HTML)."""
+    import email
+    import html
+
+    parsed = email.message_from_string(message["data"])
+    parts = parsed.walk() if parsed.is_multipart() else [parsed]
+    return "\n".join(html.unescape(p.get_payload(decode=True).decode(p.get_content_charset() or "utf-8"))
+                     for p in parts if p.get_content_maintype() == "text")
+
+
 @pytest.fixture()
 def endpoints():
     Webhook.received.clear()
@@ -120,17 +143,15 @@ def endpoints():
         server.server_close()
 
 
-def run_probe(tmp_path, extra_env: dict[str, str]) -> tuple[str, dict[str, str]]:
-
+def run_probe(tmp_path, template, extra_env: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """`airflow dags test notify_probe` over a fresh copy of the session's migrated metadata DB."""
     dags = tmp_path / "dags"
     dags.mkdir(exist_ok=True)
     (dags / "notify_probe.py").write_text(DAG)
-    home = tmp_path / "airflow"
+    home = fresh_airflow_home(tmp_path / "airflow", template)
     env = {k: v for k, v in dag_env().items() if not k.startswith("AIRFLOW_CONN_")}
     env.update(AIRFLOW_HOME=str(home), AIRFLOW__CORE__DAGS_FOLDER=str(dags), AIRFLOW__CORE__LOAD_EXAMPLES="False",
                AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db", **extra_env)
-    if not (home / "airflow.db").exists():
-        subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, check=True, capture_output=True, timeout=300)
     proc = subprocess.run(["airflow", "dags", "test", "notify_probe"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     with sqlite3.connect(home / "airflow.db") as conn:
@@ -140,17 +161,8 @@ def run_probe(tmp_path, extra_env: dict[str, str]) -> tuple[str, dict[str, str]]
 
 
 @pytest.mark.slow
-def test_failure_and_promotion_reach_slack_and_smtp(endpoints, tmp_path):
-    web_port, smtp_port = endpoints
-    conns = {
-        "AIRFLOW_CONN_SHOEFIX_SLACK": json.dumps({"conn_type": "slackwebhook", "host": f"http://127.0.0.1:{web_port}",
-                                                  "password": SECRET_TOKEN}),
-        "AIRFLOW_CONN_SHOEFIX_SMTP": json.dumps({"conn_type": "smtp", "host": "127.0.0.1", "port": smtp_port,
-                                                 "extra": {"to": "ops@example.com", "from_email": "shoefix@example.com",
-                                                           "disable_ssl": True, "disable_tls": True,
-                                                           "retry_limit": 0}}),
-    }
-    log, states = run_probe(tmp_path, conns)
+def test_failure_and_promotion_reach_slack_and_smtp(endpoints, tmp_path, airflow_db_template):
+    log, states = run_probe(tmp_path, airflow_db_template, connections(*endpoints))
     assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success"}, log[-3000:]
 
     # Slack: one failure, one promotion (keeping the champion announces nothing), at the webhook's path
@@ -170,8 +182,8 @@ def test_failure_and_promotion_reach_slack_and_smtp(endpoints, tmp_path):
 
 
 @pytest.mark.slow
-def test_no_connection_is_silent(endpoints, tmp_path):
-    log, states = run_probe(tmp_path, {})
+def test_no_connection_is_silent(endpoints, tmp_path, airflow_db_template):
+    log, states = run_probe(tmp_path, airflow_db_template, {})
     assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success"}, log[-3000:]
     assert Webhook.received == [] and SmtpSink.messages == []
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT, env_with
+from tests.conftest import ROOT, env_with, fresh_airflow_home
 
 
 def http(url: str, token: str | None = None, form: dict | None = None, timeout: float = 600,
@@ -45,10 +45,10 @@ def free_port() -> int:
 
 
 @pytest.fixture()
-def api_server(shoefix_env, tmp_path):
-    """A real `airflow api-server` (SimpleAuthManager, one user with a password) over the test's state."""
-    home = tmp_path / "airflow"
-    home.mkdir()
+def api_server(shoefix_env, tmp_path, airflow_db_template):
+    """A real `airflow api-server` (SimpleAuthManager, one user with a password) over the test's state,
+    on a copy of the session's migrated metadata DB."""
+    home = fresh_airflow_home(tmp_path / "airflow", airflow_db_template)
     password = base64.urlsafe_b64encode(os.urandom(12)).decode()
     (home / "passwords.json").write_text(json.dumps({"shoefix": password}))
     port = free_port()
@@ -59,9 +59,6 @@ def api_server(shoefix_env, tmp_path):
                    AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="False",
                    AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE=home / "passwords.json",
                    AIRFLOW__API__WORKERS=1, AIRFLOW__API__BASE_URL=f"http://127.0.0.1:{port}")
-    migrate = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-    assert migrate.returncode == 0, migrate.stderr[-3000:]
     log = open(tmp_path / "api-server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(["airflow", "api-server", "-p", str(port), "-H", "127.0.0.1"], env=env, cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

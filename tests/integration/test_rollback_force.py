@@ -12,7 +12,7 @@ import pytest
 
 from shoefix_tasks.registry import versions as registry
 from shoefix_tasks.store import tracking
-from tests.conftest import ROOT, env_with
+from tests.conftest import ROOT, airflow_env, env_with
 from tests.reliability.test_registry_faults import make_adapter, register, training_run
 
 MODEL = "shoefix-expert"
@@ -78,23 +78,19 @@ def test_rollback_onto_a_refused_version_needs_force_and_is_recorded(shoefix_env
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_rollback_dag_force_param(shoefix_env, tiny_model, tmp_path):
+def test_rollback_dag_force_param(shoefix_env, tiny_model, tmp_path, airflow_home):
     s = shoefix_env
     tracking.configure(s)
     v1, v2 = versions(s, tiny_model, tmp_path, ["promote", "rejected"])
     with registry.promotion_lock(s, "test") as lease:
         registry.set_champion(s, v1, "gate passed", "test", lease=lease)
-    home = tmp_path / "airflow"
-    env = env_with(s, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags", AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/airflow.db")
+    env = airflow_env(s, airflow_home)  # its DB already migrated
 
     def dags_test(conf: dict) -> str:
         proc = subprocess.run(["airflow", "dags", "test", "shoefix_rollback", "-c", json.dumps(conf)], env=env,
                               cwd=ROOT, capture_output=True, text=True, timeout=600)
         return proc.stdout + proc.stderr
 
-    assert subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True,
-                          timeout=600).returncode == 0
     reason = "v1 misreads drying temperatures"
     out = dags_test({"version": v2, "reason": reason})
     assert "not promoted by the gate (gate_decision: rejected)" in out and "new_state=failed" in out, out[-4000:]
@@ -103,4 +99,6 @@ def test_rollback_dag_force_param(shoefix_env, tiny_model, tmp_path):
     assert "state=success" in out, out[-4000:]
     last = registry.champion_history(s)[-1]
     assert champion() == v2 and (last["action"], last["reason"]) == ("rollback-forced", reason)
-    assert last["actor"].startswith("shoefix_rollback:manual__")
+    # who: the DAG and its run, and who triggered it (`airflow dags test` runs as user dag_test)
+    assert last["actor"].startswith("shoefix_rollback (run manual__") and last["actor"].endswith(
+        ", triggered by dag_test)"), last["actor"]

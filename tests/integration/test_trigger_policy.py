@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, env_with, write_policy
+from tests.conftest import ROOT, airflow_env, write_policy
 from tests.integration.conftest import http
 
 URGENT, WEEKLY, ROLLBACK = "shoefix_urgent_update", "shoefix_weekly_retrain", "shoefix_rollback"
@@ -149,20 +149,17 @@ def test_every_bypass_attempt_is_refused_with_400_and_no_run(shoefix_env, server
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_dags_test_with_a_bad_conf_fails_in_the_first_task(shoefix_env, test_policy, tmp_path):
+def test_dags_test_with_a_bad_conf_fails_in_the_first_task(shoefix_env, test_policy, airflow_home):
     """No api-server in the way: the first task refuses the conf, without retries, and nothing runs."""
-    home = tmp_path / "airflow"
-    env = env_with(shoefix_env, AIRFLOW_HOME=home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
-                   AIRFLOW__CORE__LOAD_EXAMPLES="False", AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{home}/a.db")
-    run = subprocess.run(["airflow", "db", "migrate"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    env = airflow_env(shoefix_env, airflow_home)  # its DB already migrated
     conf = {"reason": REASON, "gate": {"min_effect": -100}}
     proc = subprocess.run(["airflow", "dags", "test", URGENT, "-c", json.dumps(conf)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
-    assert "trigger refused: shoefix_urgent_update does not accept conf key(s) ['gate']" in out, out[-4000:]
+    # the same refusal as the REST API's, raised as the task's failure (errors.PermanentError's type first)
+    assert "TriggerRefused: shoefix_urgent_update does not accept conf key(s) ['gate']" in out, out[-4000:]
     assert "AirflowFailException" in out or "FailException" in out, out[-4000:]
     assert "state=failed" in out or proc.returncode != 0, out[-4000:]
     assert "up_for_retry" not in out.lower(), "a refused conf must not be retried"
     assert not (shoefix_env.home / "ledger.db").exists() and not shoefix_env.runs_dir.exists()  # nothing ran
-    print("\n" + "\n".join(ln[:300] for ln in out.splitlines() if "trigger refused" in ln or "state=" in ln))
+    print("\n" + "\n".join(ln[:300] for ln in out.splitlines() if "TriggerRefused" in ln or "state=" in ln))

@@ -1,16 +1,22 @@
-"""End to end: `airflow dags test shoefix_weekly_retrain` on a tiny random model, against
-temporary Airflow (SQLite) and MLflow (SQLite) stores; then again with nothing new; then again
-with more data, where version 2 must be evaluated against version 1."""
+"""End to end on a tiny random model, against temporary Airflow (SQLite) and MLflow (SQLite)
+stores: first `airflow dags test shoefix_urgent_update` with a reason (the same task graph as the
+weekly DAG), whose reason must reach the version's tags, the champion history, the promotion
+notification (local Slack webhook and SMTP sinks) and the ShoeFix page's champion card; then
+`airflow dags test shoefix_weekly_retrain` with nothing new; then again with more data, where
+version 2 must be evaluated against version 1."""
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import shutil
 import subprocess
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, env_with, write_policy
+from tests.conftest import FIXTURES, ROOT, airflow_env, write_policy
+from tests.dags.test_notifications import SmtpSink, Webhook, connections, endpoints, smtp_text  # noqa: F401
 
 
 def airflow(env, *args, timeout=900):
@@ -22,8 +28,17 @@ def airflow(env, *args, timeout=900):
     return out
 
 
+def render_page(settings) -> str:
+    """The ShoeFix page as the api-server renders it (plugins/shoefix_page.py), in this process."""
+    spec = importlib.util.spec_from_file_location("shoefix_page_e2e", ROOT / "plugins" / "shoefix_page.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    return page.render(settings)
+
+
 @pytest.mark.slow
-def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_path):
+def test_urgent_then_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, airflow_home,
+                                           endpoints, tmp_path):  # noqa: F811 - the imported fixture
     from pathlib import Path
 
     import mlflow
@@ -31,19 +46,21 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_pat
     from safetensors.torch import load_file
 
     from shoefix_tasks.model.base import compute_identity
+    from shoefix_tasks.registry import versions as registry
 
     s = shoefix_env
     base_dir = Path(yaml.safe_load(tiny_recipe.read_text())["model"]["base_model"])
     base_before = compute_identity(base_dir, "tiny")["sha256"]
     # a lenient gate (test-only policy, SHOEFIX_POLICY) makes the first challenger the champion, so
     # the third run meets a real one; the trigger names the recipe, never a path
-    env = env_with(s, AIRFLOW_HOME=tmp_path / "airflow", AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
-                   AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{tmp_path}/airflow/airflow.db")
+    env = airflow_env(s, airflow_home)  # its metadata DB already migrated
     conf = json.dumps({"recipe": "tiny"})
-    airflow(env, "db", "migrate")
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "week1.jsonl")
-    log1 = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
+    # the first run is an urgent update with a reason (markup in it: it must stay text on the page),
+    # with the Slack and SMTP connections pointing at local sinks
+    reason = "v0 tells people to dry boots <b>on radiators</b> & near heaters"
+    log1 = airflow({**env, **connections(*endpoints)}, "dags", "test", "shoefix_urgent_update", "-c",
+                   json.dumps({"reason": reason, "recipe": "tiny"}))
     assert "state=success" in log1
 
     client = mlflow.MlflowClient(tracking_uri=s.tracking_uri, registry_uri=s.tracking_uri)
@@ -62,6 +79,27 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_pat
     manifest = json.loads((Path(adapter) / "shoefix_manifest.json").read_text())
     assert manifest["base"]["sha256"] == base_before
 
+    # the urgent run's reason, and who triggered it (`airflow dags test` runs as user dag_test):
+    # (a) on the registry version
+    assert (v1.tags["trigger_reason"], v1.tags["triggered_by"]) == (reason, "dag_test")
+    # (b) in the champion history
+    [promoted] = registry.champion_history(s)
+    assert promoted["version"] == 1 and promoted["action"] == "promote"
+    assert f"triggered because: {reason}" in promoted["reason"] and "triggered by dag_test" in promoted["actor"]
+    assert promoted["actor"].startswith("shoefix_urgent_update (run manual__")
+    # (c) in the promotion notification, through Slack and SMTP (nothing else was announced)
+    [(_, slack)] = Webhook.received
+    assert "shoefix-expert v1 is the new champion" in slack["text"]
+    assert f"Triggered by dag_test because: {reason}" in slack["text"]
+    [mail] = SmtpSink.messages
+    assert f"Triggered by dag_test because: {reason}" in smtp_text(mail)
+    # (d) on the ShoeFix page's champion card, escaped
+    page = render_page(s)
+    card = page.split("<h2>Champion</h2>", 1)[1].split("<h2>Scorecard of v1", 1)[0]
+    assert '<div class="big">v1</div>' in card
+    assert f"triggered because: {html.escape(reason)} (by dag_test)" in card
+    assert "<b>on radiators</b>" not in page  # text, never markup
+
     # nothing new: quick, no training, no new version
     log2 = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
     assert "state=success" in log2 and "nothing new" in log2
@@ -74,6 +112,7 @@ def test_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_policy, tmp_pat
     airflow({**env, "SHOEFIX_POLICY": str(production)}, "dags", "test", "shoefix_weekly_retrain", "-c", conf)
     v2 = client.get_model_version("shoefix-expert", "2")
     assert v2.tags["challenged"] == "v1"
+    assert "trigger_reason" not in v2.tags  # the weekly DAG takes no reason
     assert int(client.get_model_version_by_alias("shoefix-expert", "challenger").version) == 2
     evaluation = json.loads(Path(client.download_artifacts(v2.tags["evaluation_run"], "evaluation.json",
                                                            str(tmp_path / "ev"))).read_text())

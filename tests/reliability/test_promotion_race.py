@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.conftest import FIXTURES, ROOT, env_with, write_policy
-from tests.integration.test_ledger_postgres import postgres_url  # noqa: F401 - fixture
 from tests.reliability.test_registry_faults import direct_client, http_env, mlflow_http  # noqa: F401 - fixtures
+from tests.store.test_ledger_postgres import postgres_url  # noqa: F401 - fixture
 
 WORKER = textwrap.dedent("""
     import json, sys, time
@@ -71,16 +71,16 @@ def test_lease_excludes_processes_and_survives_a_crashed_holder(kind, request, t
     assert probe.holder_now() == "doomed"
     with pytest.raises(lease.LeaseTimeout):
         probe.acquire()
-    lease = lease.Lease(engine, "race", "next", ttl_s=1, wait_s=30, poll_s=0.05).acquire()
-    assert lease.waited_s <= 2.5
+    held = lease.Lease(engine, "race", "next", ttl_s=1, wait_s=30, poll_s=0.05).acquire()
+    assert held.waited_s <= 2.5
 
     # a holder that stalls past its lease loses it, and finds out before its irreversible step
-    lease._stop.set()  # its heartbeat stops, as in a frozen process
-    lease._thread.join()
+    held._stop.set()  # its heartbeat stops, as in a frozen process
+    held._thread.join()
     time.sleep(1.2)
     with lease.Lease(engine, "race", "taker", ttl_s=5, wait_s=5):
         with pytest.raises(lease.LeaseLost):
-            lease.check()
+            held.check()
     assert lease.Lease(engine, "race", "probe").holder_now() is None  # released cleanly
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from shoefix_tasks.intake.screening import SECRET_PATTERNS
-from tests.conftest import FIXTURES, ROOT, env_with
+from tests.conftest import FIXTURES, ROOT, airflow_env
 from tests.integration.test_weekly_dag_e2e import airflow
 
 SCANNED = ("dags", "plugins", "shoefix_tasks", "docker", "mlflow", "scripts")
@@ -107,7 +107,7 @@ def where(needle: str, paths: list[Path], texts: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, lenient_policy, tmp_path):
+def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, lenient_policy, airflow_home):
     import mlflow
 
     s = shoefix_env
@@ -117,17 +117,12 @@ def test_a_run_that_uses_a_secret_and_ingests_pii_leaks_neither(shoefix_env, len
     FakeJudge.auth = []
     conn = {"conn_type": "http", "host": f"http://127.0.0.1:{srv.server_port}/v1", "password": key,
             "extra": {"model": "judge", "repeats": 1}}
-    airflow_home = tmp_path / "airflow"
-    env = env_with(s, AIRFLOW_HOME=airflow_home, AIRFLOW__CORE__DAGS_FOLDER=ROOT / "dags",
-                   AIRFLOW__CORE__LOAD_EXAMPLES="False",
-                   AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=f"sqlite:///{airflow_home}/airflow.db",
-                   AIRFLOW_CONN_SHOEFIX_JUDGE=json.dumps(conn))
+    env = airflow_env(s, airflow_home, AIRFLOW_CONN_SHOEFIX_JUDGE=json.dumps(conn))  # its DB already migrated
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "week1.jsonl")
     (s.home / "inbox" / "from-experts.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pii_records()))
     overrides = {"train.num_train_epochs": 1}  # the tiny recipe already answers in 12 tokens
     try:
-        airflow(env, "db", "migrate")
         out = airflow(env, "dags", "test", "shoefix_weekly_retrain", "-c",
                       json.dumps({"recipe": "tiny", "overrides": overrides}))
     finally:

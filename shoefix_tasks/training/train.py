@@ -165,6 +165,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
            "adapter_dir": str(adapter_dir), "snapshot_hash": snapshot_hash, "recipe": recipe.name,
            "recipe_sha256": claimed_recipe(output_dir),
            "train_records": len(dataset), "final_loss": float(result.training_loss),
+           "train_runtime_s": float(result.metrics.get("train_runtime", 0.0)),
            "resumed_from": str(resume) if resume else None, "batch_shape": str(shape)}
     (output_dir / RESULT_FILE).write_text(json.dumps(out, indent=1))
     return out

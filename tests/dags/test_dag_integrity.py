@@ -117,3 +117,18 @@ def test_params_come_from_the_trigger_rules(dagbag):
     assert _with(rollback, {"version": 2, "reason": "v3 regressed"}).validate()["force"] is False
     with pytest.raises(ParamValidationError):
         _with(rollback, {"version": 2, "reason": "     "}).validate()
+
+
+def test_every_dag_takes_its_timezone_from_config():
+    """The weekly schedule and every DAG's start date follow SHOEFIX_TIMEZONE; none hard-codes one."""
+    probe = ("import json; from airflow.dag_processing.dagbag import DagBag; "
+             f"b = DagBag(dag_folder={str(DAGS)!r}); assert not b.import_errors, b.import_errors; "
+             "print(json.dumps({i: [d.timezone.name, str(getattr(d.timetable, 'timezone', ''))] "
+             "for i, d in b.dags.items()}))")
+    proc = subprocess.run([sys.executable, "-c", probe], env=dag_env(SHOEFIX_TIMEZONE="Europe/Lisbon"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    zones = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+    assert {"shoefix_weekly_retrain", "shoefix_urgent_update", "shoefix_rollback", "shoefix_inbox_watch"} <= set(zones)
+    assert all(start == "Europe/Lisbon" for start, _ in zones.values()), zones
+    assert zones["shoefix_weekly_retrain"][1] == "Europe/Lisbon", zones

@@ -58,10 +58,8 @@ def collect_qa(run_key: str, settings: Settings | None = None, inbox: str | None
     settings = settings or Settings.from_env()
     if inbox:
         settings = dataclasses.replace(settings, inbox=inbox)
-    ref = collect_batch(settings, run_key, sql_source=sql_source, only=files or None).to_dict()
-    if ref["seen"] == 0:
-        log.info("nothing new in the inbox %s: no new Q&A since the last run", settings.inbox)
-    return ref
+    # collect_batch logs the run's own one-line account (nothing new, deferred files, quarantine)
+    return collect_batch(settings, run_key, sql_source=sql_source, only=files or None).to_dict()
 
 
 def validate_qa(run_key: str, max_quarantine_rate: float | None = None, settings: Settings | None = None) -> dict[str, Any]:

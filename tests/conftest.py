@@ -135,6 +135,7 @@ def shoefix_env(tmp_path, monkeypatch):
     monkeypatch.delenv("SHOEFIX_INBOX", raising=False)
     monkeypatch.delenv("SHOEFIX_LEDGER_URL", raising=False)
     monkeypatch.delenv("SHOEFIX_POLICY", raising=False)  # the built-in (production) policy unless a test sets one
+    monkeypatch.delenv("SHOEFIX_TRUNCATED_GRACE_S", raising=False)  # the default grace unless a test sets one
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home}/mlflow/mlflow.db")
     settings = Settings.from_env()
     if "mlflow" in sys.modules:  # MLflow keeps process-global URIs: never let a test see the last one's store

@@ -168,7 +168,7 @@ def _scan_file(fs: Any, f: InboxFile, scan: _Scan) -> dict[str, Any] | None:
                 if pl.truncated and waiting:
                     cut = pl  # always the last record: the file is deferred whole (below)
                     continue
-                if pl.truncated:
+                if pl.truncated and pl.record is None and pl.check == "truncated":
                     pl.error = (f"{pl.error}; last written {deferral.human(age)} ago, older than the grace of "
                                 f"{deferral.human(scan.grace_s)}: its writer is taken to have stopped")
                 sink.add(row_for(scan.batch_id, f.name, sha, pl))
@@ -180,11 +180,12 @@ def _scan_file(fs: Any, f: InboxFile, scan: _Scan) -> dict[str, Any] | None:
         problem = str(err)
     if problem:
         log.warning("inbox file %r left for the next run: %s", f.name, problem)
+        scan.listed[f.name] = None  # its state is unknown: a deferred row of it stays as it is
         sink.drop_file(scan.batch_id, sha, before, checks)
         return None
     if cut is not None:  # within the grace: one deferred row stands for the whole file state
         sink.drop_file(scan.batch_id, sha, before, checks)
-        reason = deferral.deferred_reason(cut.line_no, (cut.error or "").removeprefix("truncated: "), age,
+        reason = deferral.deferred_reason(cut.line_no, (cut.error or "no line break after it").removeprefix("truncated: "), age,
                                           scan.grace_s)
         row = _row(scan.batch_id, f.name, sha, ParsedLine(0, b"", None), "deferred", deferral.CHECK, reason)
         sink.add({**row, "raw": None})  # no bytes consumed: the file is read again later

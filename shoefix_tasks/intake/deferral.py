@@ -12,7 +12,8 @@ The age is measured from the file's mtime (its last write), not from when a run 
 a writer that is still writing keeps moving the mtime, so "not written for the grace period" is
 the direct sign that it stopped, and a file abandoned days before the weekly run is processed in
 that run instead of waiting one more week. Where the filesystem reports no mtime, the age counts
-from the first run that saw this state. A clock ahead of ours (a future mtime) reads as age 0.
+from the first run that saw this state, as it does when the mtime is more than five minutes
+ahead of our clock (else a file stamped years ahead would wait for years); a little ahead reads as age 0.
 """
 
 from __future__ import annotations
@@ -62,8 +63,14 @@ def modified_at(fs: Any, f: InboxFile, fh: IO[bytes]) -> datetime | None:
         return None
 
 
+FUTURE_TOLERANCE_S = 300.0  # clock skew between the inbox's filesystem and us that is still believed
+
+
 def age_s(now: datetime, modified: datetime | None, first_seen: datetime | None) -> float:
-    since = aware(modified) or aware(first_seen) or now
+    modified = aware(modified)
+    if modified is not None and (modified - now).total_seconds() > FUTURE_TOLERANCE_S:
+        modified = None  # a clock far ahead (an extracted archive, a bad NFS clock): not a sign of life
+    since = modified or aware(first_seen) or now
     return max(0.0, (now - since).total_seconds())
 
 

@@ -31,7 +31,7 @@ import io
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import IO, Any
 
 MAX_RECORD_BYTES = 1 << 20  # 1 MiB: a valid record is < 5,000 characters (TEXT_BOUNDS) plus metadata
@@ -47,7 +47,9 @@ class ParsedLine:
     record: dict[str, Any] | None  # None when the record did not parse
     error: str | None = None
     check: str = "parse"  # the ledger's check name when it did not parse: parse | oversize | malformed_csv_row | truncated
-    truncated: bool = False  # the file's last record, cut off (see the module docstring)
+    # the file's last record, cut off or possibly so (a CSV row with no line break after it): the
+    # file waits for its writer (see the module docstring); `record` is None when it cannot parse
+    truncated: bool = False
 
 
 def _cut(pl: ParsedLine, why: str) -> ParsedLine:
@@ -221,8 +223,10 @@ def iter_csv(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterato
         pl = _csv_row(n, raw, row, header)
         if src.exhausted:
             yield _cut(pl, "the file ends inside an open quoted field")
-        elif not src.ended and pl.record is None:
-            yield _cut(pl, f"last row has no line break after it and {pl.error}")
+        elif not src.ended:  # no line break after the last row: it may still be being written, even
+            # when what is there parses (a cell cut at a comma or mid-word): waits like a cut-off record;
+            # once its writer is taken to have stopped it is judged as it stands (collect.py)
+            yield replace(pl, truncated=True)
         else:
             yield pl
 

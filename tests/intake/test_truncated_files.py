@@ -111,6 +111,53 @@ def test_csv_cut_inside_a_quoted_field_is_deferred_then_its_tail_quarantined(sho
     assert [(x.line_no, x.check_name, x.raw) for x in tail] == [(2, "truncated", cut.rstrip(b"\n"))]
 
 
+def test_csv_last_row_without_a_line_break_waits_even_when_it_parses(shoefix_env):
+    """A row cut at a cell boundary or mid-word still has all its cells: it waits like any cut-off
+    record; once its writer is taken to have stopped it is judged as it stands: a row that fits its
+    header is collected, one with a cell too many is quarantined as such (not as `truncated`)."""
+    s = shoefix_env
+    r = rec(4)
+    head = f'id,question,answer,topic,lang\r\nc-1,"{r["question"]}","{r["answer"]}",odor,en\r\n'.encode()
+    cut = f'c-2,"{ROWS[5]["question"]}",Dry them at room tem,odor,en'.encode()  # all five cells, no line break
+    wide = f'c-3,"{ROWS[6]["question"]}","{ROWS[6]["answer"]}",odor,en,alice'.encode()
+    a, b = put(s, "cut.csv", head + cut), put(s, "wide.csv", head.replace(b"c-1", b"c-9") + wide)
+    ref = collect_batch(s, "run-1")
+    assert (ref.collected, ref.deferred) == (0, 2)  # nothing of either file yet, not even the complete rows
+    for path in (a, b):
+        old = time.time() - 3 * 3600
+        os.utime(path, (old, old))
+    ref = collect_batch(s, "run-2")
+    assert (ref.collected, ref.quarantined, ref.deferred) == (3, 1, 0)
+    assert [(x.line_no, x.status) for x in ledger_rows(s, "cut.csv")] == [(0, "deferred"), (1, "collected"),
+                                                                        (2, "collected")]
+    bad = [(x.line_no, x.check_name, x.raw) for x in ledger_rows(s, "wide.csv") if x.status == "quarantined"]
+    assert bad == [(2, "malformed_csv_row", wide)]
+
+
+def test_a_future_mtime_does_not_keep_a_file_waiting(shoefix_env):
+    """A file stamped far ahead of our clock (an extracted archive, a skewed NFS server) is aged from
+    the run that first saw it, not from its stamp; a stamp a little ahead is believed (age 0)."""
+    from datetime import UTC, datetime, timedelta
+
+    from shoefix_tasks.intake import deferral
+
+    now = datetime(2026, 12, 6, 12, 0, tzinfo=UTC)
+    seen = now - timedelta(hours=3)
+    assert deferral.age_s(now, now + timedelta(days=365 * 70), seen) == 3 * 3600
+    assert deferral.age_s(now, now + timedelta(seconds=60), seen) == 0.0
+    s = shoefix_env
+    path = put(s, "ahead.jsonl", jsonl(rec(1)) + TAIL)
+    ahead = time.time() + 70 * 365 * 86400
+    os.utime(path, (ahead, ahead))
+    assert collect_batch(s, "run-1").deferred == 1  # first seen now: within the grace
+    f = ledger.inbox_files
+    with ledger.engine_for(s.ledger_url).begin() as conn:  # ... and that was three hours ago
+        conn.execute(sa.update(f).where(f.c.name == "ahead.jsonl")
+                     .values(seen_at=datetime.now(UTC) - timedelta(hours=3)))
+    ref = collect_batch(s, "run-2")
+    assert (ref.collected, ref.quarantined, ref.deferred) == (1, 1, 0)
+
+
 def test_a_file_that_changes_is_a_new_state_and_the_old_one_is_superseded(shoefix_env):
     s = shoefix_env
     put(s, "w.jsonl", jsonl(rec(1)) + TAIL)

@@ -183,9 +183,14 @@ def measure_latency_interleaved(answerers: list[Answerer], questions: list[str],
         for q in questions[:warmup]:
             _timed_answer(ans, q, max_new_tokens, repetition_penalty)
     times: dict[str, list[float]] = {a.label: [] for a in answerers}
+    total, started = len(questions) * len(answerers), time.perf_counter()
     for i, q in enumerate(questions):
         for ans in (answerers if i % 2 == 0 else answerers[::-1]):
             times[ans.label].append(_timed_answer(ans, q, max_new_tokens, repetition_penalty))
+        done, spent = (i + 1) * len(answerers), time.perf_counter() - started
+        if (i + 1) % 4 == 0 or i + 1 == len(questions):  # these are the slowest answers: say where it is
+            log.info("latency: %d/%d timed answers of %d tokens (%s), about %.0f s left", done, total,
+                     max_new_tokens, " / ".join(a.label for a in answerers), (total - done) * spent / done)
     return {label: _stats(t, max_new_tokens) for label, t in times.items()}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 
@@ -26,7 +27,10 @@ class ShoeFixExpert(PythonModel):
         self.answerer = load_answerer(cfg["base_model"], Path(context.artifacts["adapter"]), self.settings,
                                       cfg.get("dtype", "float32"), label="registered")
 
-    def predict(self, context, model_input, params=None):
+    # The hint is what pyfunc hands over under the registered signature (a frame of questions); it
+    # is also MLflow's "no schema from hints" type, so the explicit signature stays the contract.
+    # Called directly (tests, `shoefix ask`), a list of strings or one string works too.
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from shoefix_tasks.model.adapter import adapter_digest
         from shoefix_tasks.model.generation import generate
         from shoefix_tasks.registry.safety import check_answer

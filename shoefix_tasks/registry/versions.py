@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +164,16 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
     signature = mlflow.models.infer_signature(
         ["How do I keep boots dry?"], ["Dry them within 24–48 hours."],
         params={"max_new_tokens": int((decoding or {}).get("max_new_tokens", 160))})
-    info = mlflow.pyfunc.log_model(
-        signature=signature,
-        name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir)},
-        model_config={"base_model": base_model, **(decoding or {})},
-        pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors"],
-    )
+    with warnings.catch_warnings():
+        # an input example would make MLflow load the model and generate at registration; the
+        # signature above already says what goes in and out
+        warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
+        info = mlflow.pyfunc.log_model(
+            signature=signature,
+            name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir)},
+            model_config={"base_model": base_model, **(decoding or {})},
+            pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors"],
+        )
     check = settings.home / "cache" / "uploads" / info.model_id
     check.parent.mkdir(parents=True, exist_ok=True)
     uploaded = _fetch_verified(_model_adapter_uri(info.model_id), check)

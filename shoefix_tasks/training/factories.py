@@ -64,7 +64,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, cuda: bool, bf16_suppor
         max_length=cfg.max_length,
         packing=cfg.packing,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
         bf16=bf16,
         fp16=fp16,
         use_cpu=not cuda,

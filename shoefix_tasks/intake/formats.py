@@ -9,9 +9,12 @@ raises on bad input.
 A file that is still being written (or whose writer died) ends in a cut-off record. The parser
 that meets it marks that last record `truncated` (the collector decides whether to wait for the
 writer or to quarantine the tail): in JSONL, a last line with no newline after it that does not
-parse; in CSV, a record that reaches the end of the file inside an open quoted field, or a last
-row with no line break after it that does not fit the header. Markdown blocks are never cut off
-(a block needs no closing `---`).
+parse; in CSV, a record that reaches the end of the file inside an open quoted field (not parsed),
+or a last row with no line break after it; in Markdown, a last block whose last line has no line
+break. The last two may parse (a cut at a comma or mid-word still reads as a record), so they keep
+what parsed: the collector waits for their writer like any cut-off record, then judges them as they
+stand (a block needs no closing `---`, so a finished file without a final newline is read in full
+once its writer is taken to have stopped).
 
 Markdown format (records separated by a line `---`):
 
@@ -264,8 +267,9 @@ def _md_block(n: int, lines: list[bytes], size: int, limit: int) -> ParsedLine |
 
 def iter_markdown(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> Iterator[ParsedLine]:
     """Blocks between `---` lines; a block is decoded on its own, so one bad byte sinks one block."""
-    n, lines, size = 1, [], 0
-    for line, full, _ended in _bounded_lines(fh, max_record_bytes):
+    n, lines, size, last_ended = 1, [], 0, True
+    for line, full, ended in _bounded_lines(fh, max_record_bytes):
+        last_ended = ended
         if _MD_SEP.match(line.rstrip(b"\r\n")) and full == len(line):
             if (pl := _md_block(n, lines, size, max_record_bytes)) is not None:
                 yield pl
@@ -277,7 +281,7 @@ def iter_markdown(fh: IO[bytes], max_record_bytes: int = MAX_RECORD_BYTES) -> It
         elif sum(map(len, lines)) < RAW_KEEP:
             lines.append(line[:RAW_KEEP])
     if (pl := _md_block(n, lines, size, max_record_bytes)) is not None:
-        yield pl
+        yield pl if last_ended else replace(pl, truncated=True)  # no line break at the end: maybe cut off
 
 
 PARSERS = {".jsonl": iter_jsonl, ".csv": iter_csv, ".md": iter_markdown}

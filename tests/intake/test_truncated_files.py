@@ -134,6 +134,26 @@ def test_csv_last_row_without_a_line_break_waits_even_when_it_parses(shoefix_env
     assert bad == [(2, "malformed_csv_row", wide)]
 
 
+def test_markdown_last_block_without_a_line_break_waits(shoefix_env):
+    """A Markdown block needs no closing `---`: a last line with no line break may be half written.
+    Read now, the half answer would enter the corpus and the finished one later look like its
+    near-duplicate; so the file waits, and once its writer is taken to have stopped the block is
+    judged as it stands."""
+    s = shoefix_env
+    r, q = rec(4), ROWS[5]["question"]
+    text = (f"id: md-1\ntopic: odor\nlang: en\nQ: {r['question']}\nA: {r['answer']}\n---\n"
+            f"id: md-2\ntopic: odor\nlang: en\nQ: {q}\nA: Dry them at room tem")
+    path = put(s, "notes.md", text.encode())
+    assert (collect_batch(s, "run-1").collected, file_states(s, "notes.md")) == (0, [("deferred", "run-1")])
+    path.write_bytes((text + "perature, away from heaters.\n").encode())  # finished
+    ref = collect_batch(s, "run-2")
+    assert (ref.collected, ref.deferred) == (2, 0)
+    assert validate_batch(s, "run-2", max_quarantine_rate=1.0).reasons == {}
+    answers = [x["answer"] for x in ledger.corpus_rows(ledger.engine_for(s.ledger_url))]
+    assert len(answers) == 2 and any(a.endswith("away from heaters.") for a in answers), answers
+    assert not any(a.endswith("room tem") for a in answers)  # the half answer never entered the corpus
+
+
 def test_a_future_mtime_does_not_keep_a_file_waiting(shoefix_env):
     """A file stamped far ahead of our clock (an extracted archive, a skewed NFS server) is aged from
     the run that first saw it, not from its stamp; a stamp a little ahead is believed (age 0)."""

@@ -151,7 +151,8 @@ def write_tiny_recipe(folder: Path, model: Path, name: str = "tiny", **train) ->
 
     data = yaml.safe_load((ROOT / "shoefix_tasks" / "recipes" / "default.yaml").read_text())
     data["model"]["base_model"] = str(model)
-    data["train"].update({"num_train_epochs": 3, "per_device_train_batch_size": 4, "learning_rate": 5e-3,
+    data["train"].update({"num_train_epochs": 3, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                          "learning_rate": 5e-3,
                           "save_steps": 2, "max_length": 256, **train})
     data["eval"].update(max_new_tokens=12, batch_size=8)
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
+DATA = ROOT / "data"  # the shipped corpus, holdout, guard set and claims
 LENIENT_POLICY = FIXTURES / "policy" / "lenient.yaml"  # test-only: a gate any non-tied challenger passes
 
 # Airflow reads its configuration at import: point it at our DAGs and a throwaway home before
@@ -198,6 +199,16 @@ def copy_fixture_corpus(settings, name: str = "corpus_small.jsonl") -> Path:
     target = Path(settings.inbox) / name
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", target)
     return target
+
+
+def fixture_snapshot(settings, run: str = "r1") -> Path:
+    """The fixture corpus through real intake (collect + GX validation): the training snapshot's path."""
+    from shoefix_tasks.intake.collect import collect_batch
+    from shoefix_tasks.intake.validate import validate_batch
+
+    copy_fixture_corpus(settings)
+    collect_batch(settings, run)
+    return Path(validate_batch(settings, run).snapshot_path)
 
 
 def dag_env(**extra) -> dict[str, str]:

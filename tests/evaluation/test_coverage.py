@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from shoefix_tasks.evaluation.coverage import (
@@ -16,8 +14,7 @@ from shoefix_tasks.evaluation.coverage import (
     summary,
     write_section,
 )
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.conftest import DATA
 
 
 @pytest.fixture(scope="module")

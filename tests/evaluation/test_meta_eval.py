@@ -5,8 +5,6 @@ Figures (before/after): docs/scorecard.md; `python -m shoefix_tasks.evaluation.m
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from shoefix_tasks.evaluation.degrade import BOILERPLATE, degradations, reverse_advice, wrong_numbers
@@ -19,8 +17,7 @@ from shoefix_tasks.evaluation.meta_eval import (
     scorecard_report,
 )
 from shoefix_tasks.text import numbers_with_units
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.conftest import DATA
 
 
 @pytest.fixture(scope="module")

@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from shoefix_tasks.evaluation import metrics as m
 from shoefix_tasks.evaluation.degrade import BOILERPLATE
 from shoefix_tasks.text import numbers_with_units, repetition_rate
+from tests.conftest import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 ITEM = {
     "id": "x-en", "qid": "x", "lang": "en", "topic": "mechanisms",
     "question": "My leather boots got soaked in a storm. How should I dry them so they don't go moldy?",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -13,8 +12,7 @@ from shoefix_tasks.config import LANGS, TOPICS
 from shoefix_tasks.evaluation.metrics import content_units, text_length
 from shoefix_tasks.intake.validate import build_frame, run_suite
 from shoefix_tasks.records import question_key
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.conftest import DATA
 
 
 def load(kind: str) -> list[dict]:

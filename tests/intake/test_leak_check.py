@@ -16,8 +16,8 @@ import pytest
 from shoefix_tasks.intake.leak import PARAPHRASE_THRESHOLD, distribution
 from shoefix_tasks.intake.validate import ScreenState, _screen, frozen_sets
 from shoefix_tasks.records import content_hash, iter_jsonl, load_eval_set
+from tests.conftest import DATA
 
-DATA = Path(__file__).resolve().parents[2] / "data"
 LEAKS = Path(__file__).resolve().parents[1] / "fixtures" / "leak_issue12.jsonl"
 ISSUE_PAIRS = {"odor-026-en": "mech-h06-en", "odor-026-zh": "mat-h05-zh", "perf-030-en": "odor-h03-en"}
 

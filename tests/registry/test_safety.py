@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from shoefix_tasks.registry.safety import REPLACED_LOG, check_answer
-
-DATA = Path(__file__).resolve().parents[2] / "data"
+from tests.conftest import DATA
 
 
 def test_a_dangerous_answer_is_replaced_by_guidance_and_logged_with_the_question(tmp_path):

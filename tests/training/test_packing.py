@@ -12,7 +12,7 @@ import pytest
 
 from shoefix_tasks.config import VARLEN_ATTN, load_recipe
 from shoefix_tasks.training.factories import build_dataset, build_sft_config
-from tests.conftest import FIXTURES, copy_fixture_corpus
+from tests.conftest import FIXTURES, fixture_snapshot
 
 GPU_RECIPES = ("qwen2.5-0.5b-gpu", "qwen2.5-1.5b-gpu", "qlora-gpu")
 
@@ -145,14 +145,10 @@ def test_train_cli_path_with_gpu_recipe_on_cpu(shoefix_env, tiny_model, tmp_path
     from safetensors.torch import load_file
 
     from shoefix_tasks.config import recipe_from_dict
-    from shoefix_tasks.intake.collect import collect_batch
-    from shoefix_tasks.intake.validate import validate_batch
     from shoefix_tasks.training.train import train
 
     s = shoefix_env
-    copy_fixture_corpus(s)
-    collect_batch(s, "p1")
-    snap = Path(validate_batch(s, "p1").snapshot_path)
+    snap = fixture_snapshot(s, "p1")
     recipe = load_recipe("qwen2.5-0.5b-gpu", [*_cpu_overrides(tiny_model), "train.learning_rate=5e-3"])
     recipe = recipe_from_dict("packed-cpu", recipe.to_dict() | {"name": "packed-cpu"})
     out = train(recipe, snap, s.home / "runs" / "p1", "p1", s)

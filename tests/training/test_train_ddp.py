@@ -10,21 +10,17 @@ import pytest
 
 from shoefix_tasks.model.adapter import verify_adapter
 from shoefix_tasks.training.train import last_complete_checkpoint
-from tests.conftest import copy_fixture_corpus
+from tests.conftest import fixture_snapshot
 
 
 @pytest.mark.slow
 def test_two_process_ddp_run_logs_once(shoefix_env, tiny_recipe, monkeypatch):
     import mlflow
 
-    from shoefix_tasks.intake.collect import collect_batch
-    from shoefix_tasks.intake.validate import validate_batch
     from shoefix_tasks.pipeline import train_adapter
 
     s = shoefix_env
-    copy_fixture_corpus(s)
-    collect_batch(s, "r1")
-    snap = validate_batch(s, "r1").snapshot_path
+    snap = str(fixture_snapshot(s))  # as the DAG passes it
     monkeypatch.setenv("SHOEFIX_TRAIN_PROCESSES", "2")
     monkeypatch.setenv("SHOEFIX_TORCH_THREADS", "1")
     out = train_adapter("r1", str(tiny_recipe), snap, ["train.max_steps=4"], settings=s)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 
 from shoefix_tasks.config import load_recipe
-from shoefix_tasks.intake.collect import collect_batch
-from shoefix_tasks.intake.validate import validate_batch
 from shoefix_tasks.model.adapter import verify_adapter
 from shoefix_tasks.model.base import compute_identity
 from shoefix_tasks.training.train import last_complete_checkpoint, train
-from tests.conftest import copy_fixture_corpus
+from tests.conftest import fixture_snapshot
 
 
 @pytest.mark.slow
@@ -21,11 +19,9 @@ def test_lora_changes_base_does_not(shoefix_env, tiny_model, tiny_recipe):
     from transformers import AutoModelForCausalLM
 
     s = shoefix_env
-    copy_fixture_corpus(s)
-    collect_batch(s, "r1")
-    snap = validate_batch(s, "r1").snapshot_path
+    snap = fixture_snapshot(s)
     before = compute_identity(tiny_model, "tiny")["sha256"]
-    out = train(load_recipe(str(tiny_recipe)), __import__("pathlib").Path(snap), s.home / "runs" / "r1", "r1", s)
+    out = train(load_recipe(str(tiny_recipe)), snap, s.home / "runs" / "r1", "r1", s)
 
     adapter = verify_adapter(__import__("pathlib").Path(out["adapter_dir"]))
     assert adapter["base"]["sha256"] == before
@@ -49,9 +45,7 @@ def test_lora_changes_base_does_not(shoefix_env, tiny_model, tiny_recipe):
 def test_retry_resumes_same_mlflow_run(shoefix_env, tiny_model, tiny_recipe):
     """A second invocation for the same run key reuses the MLflow run and resumes from a checkpoint."""
     s = shoefix_env
-    copy_fixture_corpus(s)
-    collect_batch(s, "r1")
-    snap = __import__("pathlib").Path(validate_batch(s, "r1").snapshot_path)
+    snap = fixture_snapshot(s)
     recipe = load_recipe(str(tiny_recipe))
     first = train(recipe, snap, s.home / "runs" / "r1", "r1", s)
     second = train(recipe, snap, s.home / "runs" / "r1", "r1", s)

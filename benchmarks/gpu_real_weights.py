@@ -11,6 +11,7 @@ time limit resumes in the next call on the same warm machine):
   final        the chosen recipe end to end: `python -m shoefix_tasks.train` in a fresh process (throughput
                over the whole run, cold), then `shoefix_tasks.evaluation.evaluate.evaluate` against the base and the
                production gate (shoefix_tasks.evaluation.gate.decide with the built-in policy)
+  profile      where a training step goes: per-step times and torch.profiler tables (CPU and CUDA side)
   reliability  preflight passes, and fails on a card whose memory another process holds; a real CUDA
                out-of-memory backs off to a smaller micro-batch with the same effective batch; a trainer
                killed mid-run resumes from its last complete checkpoint
@@ -55,7 +56,7 @@ def grid() -> list[dict[str, Any]]:
     return out + [{"name": "seed", "seed": True}]
 
 
-def recipe_for(cfg: dict[str, Any], base: str, device: str):
+def recipe_for(cfg: dict[str, Any], base: str, device: str, extra: dict[str, Any] | None = None):
     import yaml
 
     from shoefix_tasks.config import RECIPE_DIR, recipe_from_dict
@@ -67,6 +68,9 @@ def recipe_for(cfg: dict[str, Any], base: str, device: str):
         data["train"].update(num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"], save_steps=100000)
         data["lora"].update(r=cfg["r"], alpha=2 * cfg["r"])
     data["model"]["base_model"] = base
+    for key, value in (extra or {}).items():  # "section.field": value
+        section, field = key.split(".")
+        data[section][field] = value
     if device == "cpu":  # smoke test: what a CPU cannot run
         data["model"].update(dtype="float32")
         data["train"].update(optim="adamw_torch", mixed_precision="no", max_steps=2, gradient_checkpointing=False)
@@ -214,7 +218,8 @@ def cmd_packing(args) -> dict[str, Any]:
                              train_dataset=build_dataset(train_rows, r), processing_class=tok)
         check = gtt.varlen_kernel_check(trainer, args.device)
         results.append({"bins_per_micro_batch": mb, "max_length": length, **check,
-                        "control_no_boundaries": cross_attention_control(trainer, args.device, check["alone_sdpa_nll"])})
+                        "control_no_boundaries": cross_attention_control(trainer, args.device, check["alone_sdpa_nll"]),
+                        "per_token": boundary_logprob_check(trainer, args.device)})
     log(json.dumps(results, indent=1))
     return {"packing": results}
 
@@ -235,11 +240,139 @@ def cross_attention_control(trainer, device: str, alone: float) -> dict[str, Any
     base.set_attn_implementation("sdpa")
     try:
         with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
-            logits = model(input_ids=ids, position_ids=batch["position_ids"].to(device), use_cache=False).logits.float()
+            # an explicit all-ones mask: given restarting position_ids and no mask, transformers infers the
+            # packed examples and builds the block-diagonal mask itself, which would make this no control at all
+            logits = model(input_ids=ids, position_ids=batch["position_ids"].to(device), attention_mask=torch.ones_like(ids),
+                           use_cache=False).logits.float()
     finally:
         base.set_attn_implementation(VARLEN_ATTN)
     crossed = float(F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum"))
     return {"crossed_sdpa_nll": round(crossed, 3), "rel_diff_vs_alone": abs(crossed - alone) / alone}
+
+
+def boundary_logprob_check(trainer, device: str, head: int = 16) -> dict[str, Any]:
+    """Per-token log-probabilities instead of one summed loss (which hides a small effect in bf16 rounding).
+
+    For every next-token prediction inside an example: packed through `shoefix_varlen` vs the example alone
+    through sdpa, and the control (the packed row through plain causal sdpa, attention across examples) vs
+    alone. Attention across examples shows where it is largest, in the first `head` positions of every
+    example after the first (its context there is mostly the previous example); rounding shows everywhere
+    alike. So the verdict compares the near-boundary differences of varlen with those of the control, and
+    with varlen's own differences far from boundaries.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from shoefix_tasks.config import VARLEN_ATTN
+
+    model = trainer.model
+    base = model.get_base_model()
+    batch = next(iter(trainer.get_train_dataloader()))
+    batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items() if k not in ("seq_idx", "labels")}
+    ids, cu = batch["input_ids"], batch["cu_seq_lens_q"].tolist()
+
+    def next_token_lp(**inputs) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(device_type=device, dtype=torch.bfloat16):
+            logits = model(**inputs, use_cache=False).logits.float()[0, :-1]
+        return F.log_softmax(logits, -1).gather(-1, inputs["input_ids"][0, 1:, None])[:, 0]
+
+    packed = next_token_lp(**batch)
+    base.set_attn_implementation("sdpa")
+    try:
+        crossed = next_token_lp(input_ids=ids, position_ids=batch["position_ids"], attention_mask=torch.ones_like(ids))
+        alone = {a: next_token_lp(input_ids=ids[:, a:b]) for a, b in zip(cu[:-1], cu[1:], strict=True)}
+    finally:
+        base.set_attn_implementation(VARLEN_ATTN)
+    near, far = [], []  # (|varlen - alone|, |control - alone|) per prediction
+    for e, (a, b) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        for k in range(b - a - 1):  # position a+k predicts token a+k+1, both inside the example
+            pair = (abs(float(packed[a + k] - alone[a][k])), abs(float(crossed[a + k] - alone[a][k])))
+            (near if e > 0 and k < head else far).append(pair)
+
+    def stats(vals: list[float]) -> dict[str, float]:
+        return {"max": round(max(vals), 5), "mean": round(statistics.fmean(vals), 6)} if vals else {}
+
+    out = {"examples": len(cu) - 1, "predictions_near_boundary": len(near), "predictions_far": len(far),
+           "varlen_vs_alone_near": stats([v for v, _ in near]), "varlen_vs_alone_far": stats([v for v, _ in far]),
+           "control_vs_alone_near": stats([c for _, c in near]), "control_vs_alone_far": stats([c for _, c in far])}
+    if near:
+        out["verdict"] = ("no attention across examples" if out["varlen_vs_alone_near"]["mean"]
+                          <= 2 * max(out["varlen_vs_alone_far"].get("mean", 0), 1e-9)
+                          and out["control_vs_alone_near"]["mean"] > 10 * out["varlen_vs_alone_near"]["mean"]
+                          else "inconclusive or contaminated: read the figures")
+    log(f"per-token check: {json.dumps(out)}")
+    return out
+
+
+def cmd_profile(args) -> dict[str, Any]:
+    """Where a training step of the GPU recipe goes: per-step times, then torch.profiler over a few steps.
+
+    The product trainer (shoefix_tasks.training.train.train) with one extra callback; the tables of the
+    most expensive operators (CPU side and CUDA side) go to the log."""
+    import torch
+    from transformers import TrainerCallback
+
+    from shoefix_tasks.config import Settings
+    from shoefix_tasks.records import write_jsonl
+    from shoefix_tasks.training.train import train
+
+    work = Path(args.work)
+    train_rows, _ = split_corpus(Path(args.data))
+    snapshot = write_jsonl(work / "snapshots" / "train-split.jsonl", train_rows)
+    cuda = torch.cuda.is_available()
+    results = {}
+    for name, extra in args.profile_variants:
+        recipe = recipe_for({"name": f"profile-{name}", "epochs": 3, "lr": 1e-3, "r": 64}, args.base, args.device, extra)
+
+        class Probe(TrainerCallback):
+            def __init__(self):
+                self.ends, self.t0, self.prof = [], 0.0, None
+
+            def _now(self):
+                if cuda:
+                    torch.cuda.synchronize()
+                return time.perf_counter()
+
+            def on_train_begin(self, *a, **k):
+                self.t0 = self._now()
+
+            def on_step_begin(self, a, state, *rest, **k):
+                if state.global_step == args.profile_at and self.prof is None:
+                    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+
+            def on_step_end(self, a, state, *rest, **k):
+                self.ends.append(self._now())
+                if self.prof is not None and state.global_step == args.profile_at + args.profile_steps:
+                    self.prof.__exit__(None, None, None)
+
+        probe = Probe()
+        t0 = time.perf_counter()
+        res = train(recipe, snapshot, work / "profile" / name, f"profile-{name}", Settings.from_env(), callbacks=(probe,))
+        wall = time.perf_counter() - t0
+        steps = [b - a for a, b in zip([probe.t0, *probe.ends[:-1]], probe.ends, strict=True)]
+        row = {"extra": {k: str(v) for k, v in extra.items()}, "steps": len(steps), "process_part_s": round(wall, 1),
+               "first_step_s": round(steps[0], 3) if steps else None,
+               "median_step_s": round(statistics.median(steps[1:]), 4) if len(steps) > 1 else None,
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"),
+               "train_runtime_s": run_metric(res["run_id"], "train/runtime_s")}
+        if row["train_tokens"] and row["train_runtime_s"]:
+            row["tokens_per_s"] = round(row["train_tokens"] / row["train_runtime_s"], 1)
+        if probe.prof is not None:
+            ka = probe.prof.key_averages()
+            row["top_cpu"] = ka.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            if cuda:
+                row["top_cuda"] = ka.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+            row["profiled_steps"] = args.profile_steps
+            print(f"== {name}: top by self CPU time over {args.profile_steps} steps\n{row['top_cpu']}", flush=True)
+            if cuda:
+                print(f"== {name}: top by self CUDA time\n{row['top_cuda']}", flush=True)
+        log(f"profile {name}: " + json.dumps({k: v for k, v in row.items() if not k.startswith("top_")}))
+        results[name] = row
+        if cuda:
+            torch.cuda.empty_cache()
+    return {"profile": results}
 
 
 def cmd_sweep(args) -> dict[str, Any]:
@@ -436,17 +569,21 @@ def cmd_reliability(args) -> dict[str, Any]:
         time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     _finish(proc, "rel-kill-first")
+    before = sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))
     code, text = _finish(_trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "kill", "rel-kill", *base,
                                       "--set=train.save_steps=5", "--set=train.num_train_epochs=3"), "rel-kill-resume")
     out["kill_resume"] = {"exit": code, "resumed": [ln for ln in text.splitlines() if "resuming from" in ln][:2],
-                          "checkpoints_before_kill": sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))}
+                          "checkpoints_when_killed": before,
+                          "checkpoints_after_resume": sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))}
     log(json.dumps(out, indent=1))
     return {"reliability": out}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability"])
+    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile"])
+    p.add_argument("--profile-at", type=int, default=20, help="profile: first profiled step")
+    p.add_argument("--profile-steps", type=int, default=5, help="profile: how many steps")
     p.add_argument("--base", default="smollm2-135m-instruct")
     p.add_argument("--data", default=str(REPO / "data"))
     p.add_argument("--work", default=str(REPO / ".gpu-work"))
@@ -455,11 +592,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="*", help="sweep: these configs only")
     p.add_argument("--with-seed", action="store_true", help="sweep: include the seed recipe (needs bitsandbytes)")
     p.add_argument("--recipes", nargs="*", default=[GPU_RECIPE, "seed"], help="final: recipes to run end to end")
-    p.add_argument("--oom-leave-gib", type=float, default=3.0)
+    p.add_argument("--oom-leave-gib", type=float, default=8.0,
+                   help="reliability: memory left free for the OOM check (3 GiB was refused by the preflight)")
     p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
     args = p.parse_args(argv)
+    args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]
     result = {"setup": cmd_setup, "packing": cmd_packing, "sweep": cmd_sweep, "final": cmd_final,
-              "reliability": cmd_reliability}[args.what](args)
+              "reliability": cmd_reliability, "profile": cmd_profile}[args.what](args)
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.what}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))

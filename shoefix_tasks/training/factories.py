@@ -48,6 +48,10 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, cuda: bool, bf16_suppor
     from trl import SFTConfig
 
     bf16, fp16 = resolve_precision(cfg.mixed_precision, cuda, bf16_supported)
+    # transformers renamed gradient_checkpointing to activation_checkpointing within 5.x; GPU images with an
+    # older 5.x (the device image has 5.17) know only the old name, and the old name warns on newer ones
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                     else "gradient_checkpointing")
     return SFTConfig(
         output_dir=str(output_dir),
         num_train_epochs=cfg.num_train_epochs,
@@ -64,7 +68,7 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, cuda: bool, bf16_suppor
         max_length=cfg.max_length,
         packing=cfg.packing,
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for it
+        **{checkpointing: cfg.gradient_checkpointing},
         bf16=bf16,
         fp16=fp16,
         use_cpu=not cuda,

@@ -23,7 +23,7 @@ BEFORE = "d25103e"
 
 
 def old_scorer():
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:shoefix_tasks/evaluation/metrics.py"], check=True,
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{BEFORE}:shoefix_tasks/metrics.py"], check=True,  # its path then
                          capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "metrics_v1.py"
     path.write_text(src)

@@ -276,6 +276,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def use_kernel_cache(settings: Settings) -> None:
+    """Keep Triton's compiled kernels under SHOEFIX_HOME unless TRITON_CACHE_DIR says otherwise.
+
+    TRL compiles its chunked log-prob kernels in the first step of every process whose cache is empty,
+    and Triton's default cache lives in the home folder of the user, which a Kubernetes trainer pod loses
+    when it ends. SHOEFIX_HOME is the state volume every pod mounts, so the second training on a cluster
+    starts with the kernels compiled (docs/benchmarks.md: the first step, fresh vs warm cache)."""
+    os.environ.setdefault("TRITON_CACHE_DIR", str(settings.home / "cache" / "triton"))
+
+
 def main(argv: list[str] | None = None) -> int:
     from shoefix_tasks.training import preflight
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("GPU preflight failed: %s", err)
         return EXIT_PREFLIGHT
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    use_kernel_cache(settings)
     torch_threads = os.environ.get("SHOEFIX_TORCH_THREADS")
     if torch_threads:
         import torch

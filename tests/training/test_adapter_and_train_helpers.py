@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
+from shoefix_tasks.config import Settings
 from shoefix_tasks.model.adapter import AdapterIntegrityError, verify_adapter, write_manifest
 from shoefix_tasks.model.base import BaseModelMismatch, check_compatible
 from shoefix_tasks.training.factories import resolve_precision
-from shoefix_tasks.training.train import last_complete_checkpoint
+from shoefix_tasks.training.train import last_complete_checkpoint, use_kernel_cache
 
 BASE = {"name": "b", "spec": "b", "sha256": "a" * 64, "tokenizer_sha256": "t" * 64}
 
@@ -86,3 +89,13 @@ def test_precision_rule():
     assert resolve_precision("bf16", cuda=False, bf16_supported=False) == (False, False)  # emulated: fp32
     assert resolve_precision("auto", cuda=False, bf16_supported=False) == (False, False)
     assert resolve_precision("fp16", cuda=False, bf16_supported=False) == (False, False)
+
+
+def test_compiled_kernels_are_kept_on_the_state_volume_unless_the_operator_says_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOEFIX_HOME", str(tmp_path / "state"))
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    use_kernel_cache(Settings.from_env())
+    assert Path(os.environ["TRITON_CACHE_DIR"]) == (tmp_path / "state").resolve() / "cache" / "triton"
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/fast/local/triton")
+    use_kernel_cache(Settings.from_env())
+    assert os.environ["TRITON_CACHE_DIR"] == "/fast/local/triton"

@@ -99,6 +99,7 @@ class Pattern:
     all: tuple[tuple[str, ...], ...]
     polarity: str = "affirmed"
     unless: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()  # phrases read as absent ("better than bleach" names bleach without using it)
 
     def __post_init__(self) -> None:
         if self.polarity not in ("affirmed", "negated"):
@@ -319,9 +320,19 @@ def states(claim: Claim, answer: str, lang: str) -> Hit | None:
     lang = "zh-TW" if lang.startswith("zh") else "en"
     for sentence in sentences(answer, lang):
         for pattern in claim.patterns.get(lang, ()):
-            if _match(pattern, sentence, lang) == pattern.polarity and not _unless(pattern, sentence, lang):
+            text = _without(pattern.ignore, sentence, lang)
+            if _match(pattern, text, lang) == pattern.polarity and not _unless(pattern, text, lang):
                 return Hit(claim.id, sentence, pattern.polarity)
     return None
+
+
+def _without(phrases: tuple[str, ...], sentence: str, lang: str) -> str:
+    """The sentence with `phrases` blanked out (same length, so every other offset stays put): a
+    comparison such as "vinegar in water is better than bleach" mentions bleach without mixing it, while
+    "vinegar in bleach cleans better than bleach alone" still mixes the two."""
+    if not phrases:
+        return sentence
+    return _group_regex(phrases, lang).sub(lambda m: " " * len(m.group(0)), sentence)
 
 
 def _claim_from_dict(cid: str, data: dict[str, Any], where: str) -> Claim:
@@ -342,7 +353,8 @@ def _claim_from_dict(cid: str, data: dict[str, Any], where: str) -> Claim:
             raise ValueError(f"{where}: claim {cid!r}: patterns for unknown language {lang!r}")
         pats[lang] = tuple(Pattern(all=tuple(tuple(str(a) for a in g) for g in p["all"]),
                                    polarity=p.get("polarity", "affirmed"),
-                                   unless=tuple(str(u) for u in p.get("unless", ()))) for p in plist)
+                                   unless=tuple(str(u) for u in p.get("unless", ())),
+                                   ignore=tuple(str(u) for u in p.get("ignore", ()))) for p in plist)
     if set(pats) != {"en", "zh-TW"}:
         raise ValueError(f"{where}: claim {cid!r} needs patterns for both en and zh-TW")
     if not data.get("source"):

@@ -93,7 +93,8 @@ def test_precision_rule():
 
 def test_compiled_kernels_are_kept_on_the_state_volume_unless_the_operator_says_otherwise(tmp_path, monkeypatch):
     monkeypatch.setenv("SHOEFIX_HOME", str(tmp_path / "state"))
-    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "x")  # recorded, so teardown restores the worker's own value
+    monkeypatch.delenv("TRITON_CACHE_DIR")
     use_kernel_cache(Settings.from_env())
     assert Path(os.environ["TRITON_CACHE_DIR"]) == (tmp_path / "state").resolve() / "cache" / "triton"
     monkeypatch.setenv("TRITON_CACHE_DIR", "/fast/local/triton")

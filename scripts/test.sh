@@ -26,6 +26,7 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
 fi
 ruff check dags plugins shoefix_tasks tests
 lint-imports  # the package's layers (pyproject.toml [tool.importlinter])
-# Two workers (SHOEFIX_TEST_WORKERS to change): the full-stack tests are one group, each other module
-# another (tests/conftest.py), the longest first; `-n 0` in the arguments runs serially.
-exec pytest -n "${SHOEFIX_TEST_WORKERS:-2}" --dist loadgroup --no-loadscope-reorder "$@"
+# Two workers (SHOEFIX_TEST_WORKERS to change): the full-stack tests are one work unit, each other
+# module another (tests/conftest.py: pytest_xdist_make_scheduler), the longest first; `-n 0` in the
+# arguments runs serially.
+exec pytest -n "${SHOEFIX_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"

@@ -225,25 +225,50 @@ def env_with(settings, **extra) -> dict[str, str]:
     return env
 
 
+def work_unit(nodeid: str) -> str:
+    """The pytest-xdist work unit of a test: `stack` for the full-stack tests (tests/stack: they build on
+    one stack in file order), else its module (module fixtures such as the MLflow server start once)."""
+    path = nodeid.split("::", 1)[0]
+    return "stack" if path.startswith("tests/stack/") else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Hand out whole work units (`work_unit`) in collection order. Our own scheduler rather than
+    `--dist loadgroup` with `xdist_group` marks: xdist 3.8 records a group by rewriting
+    `item._nodeid`, which pytest 9 no longer reads, so every test became a unit of its own and each
+    worker started its own full stack."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return ByWorkUnit(config, log)
+
+
+# The longest work units of a full run on the 2-core machine, longest first (only the order of the
+# hand-out depends on it: a unit missing here is merely handed out later).
+LONGEST_FIRST = ("stack", "tests/reliability/test_promotion_race.py", "tests/integration/test_registry_serving.py",
+                 "tests/integration/test_weekly_dag_e2e.py", "tests/training/test_train_faults.py",
+                 "tests/reliability/test_secrets.py", "tests/reliability/test_eval_faults.py",
+                 "tests/dags/test_assets.py", "tests/reliability/test_registry_faults.py",
+                 "tests/integration/test_plugin_page.py", "tests/intake/test_collect_validate.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Work units for pytest-xdist (scripts/test.sh runs `-n 2 --dist loadgroup --no-loadscope-reorder`;
-    a plain serial `pytest` is left as it is): the full-stack tests (tests/stack) build on one stack
-    in file order, so they are one group; any other module's tests stay together on one worker
-    (module fixtures such as the MLflow server start once). The order is what the workers take first:
-    the stack group (long, and mostly waiting on the scheduler), then modules with more `slow` tests,
-    then the rest, so that the two workers finish close together."""
+    """The order pytest-xdist hands out work units in (scripts/test.sh runs `-n 2 --dist loadscope
+    --no-loadscope-reorder`; a plain serial `pytest` is left as it is): the stack unit first (long,
+    and mostly waiting on the scheduler), then the other long units (`LONGEST_FIRST`), then modules
+    with more `slow` tests, then the rest, so that the workers finish close together."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
-    stack = ROOT / "tests" / "stack"
     groups: dict[str, list] = {}
     for item in items:
-        path = Path(item.fspath)
-        groups.setdefault("stack" if path.is_relative_to(stack) else str(path.relative_to(ROOT)), []).append(item)
+        groups.setdefault(work_unit(item.nodeid), []).append(item)
 
     def weight(name: str) -> tuple:
-        return (name != "stack", -sum(1 for it in groups[name] if it.get_closest_marker("slow")))
+        rank = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return (rank, -sum(1 for it in groups[name] if it.get_closest_marker("slow")))
 
-    items[:] = [it for name in sorted(groups, key=weight) for it in groups[name]]  # stable within a group
-    for name, members in groups.items():
-        for item in members:
-            item.add_marker(pytest.mark.xdist_group(name))
+    items[:] = [it for name in sorted(groups, key=weight) for it in groups[name]]  # stable within a unit

@@ -12,6 +12,14 @@
 #   MLFLOW_AUTH_DATABASE_URI      users and permissions (default: the backend store)
 #   MLFLOW_HOST / MLFLOW_PORT     where to listen (0.0.0.0:5000)
 #   MLFLOW_ALLOWED_HOSTS          Host headers to accept besides localhost (e.g. `mlflow:5000` in compose)
+#   MLFLOW_AUTH_CACHE_TTL_S       how long a worker trusts a password it has checked (default 60; 0 = check
+#                                 every request). A check is a deliberately slow hash (~0.5 s of CPU on a
+#                                 2-core machine) and the pipeline makes one request per metric batch, upload
+#                                 and tag; a password changed or user deleted through the API is refused at
+#                                 once by the worker that handled it, by the others within this many seconds.
+#   MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's server-side job runner (GenAI scorers, prompt optimization):
+#                                 off by default, ShoeFix submits no jobs and each server would otherwise
+#                                 start about a dozen idle consumer processes.
 set -euo pipefail
 : "${MLFLOW_BACKEND_STORE_URI:?set MLFLOW_BACKEND_STORE_URI (postgresql+psycopg://...)}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION (s3://bucket/path or a folder)}"
@@ -36,6 +44,10 @@ sed -e "s|^database_uri = .*|database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_
     -e "s|^admin_username = .*|admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}|" \
     "$here/basic_auth.ini" >"$conf"
 printf 'admin_password = %s\n' "$MLFLOW_AUTH_ADMIN_PASSWORD" >>"$conf"
+ttl="${MLFLOW_AUTH_CACHE_TTL_S:-60}"
+[[ "$ttl" =~ ^[0-9]+$ ]] || { echo "refusing to start: MLFLOW_AUTH_CACHE_TTL_S must be a whole number of seconds" >&2; exit 1; }
+printf 'auth_cache_ttl_seconds = %s\n' "$ttl" >>"$conf"
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 export MLFLOW_AUTH_CONFIG_PATH="$conf"
 extra=()
 [[ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")

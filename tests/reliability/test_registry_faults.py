@@ -176,7 +176,9 @@ class MlflowServer:
                "--serve-artifacts", "--artifacts-destination", str(self.folder / "artifacts"),
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
         log = open(self.folder / "server.log", "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=self.folder)
+        # no server-side job runner (as mlflow/serve.sh): ShoeFix submits no MLflow jobs
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True, cwd=self.folder, env=env)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:

@@ -136,6 +136,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     (recorded on the evaluate run) when the challenger fails its checks or the frozen sets changed.
     """
     import mlflow
+    from mlflow.entities import Metric
 
     from shoefix_tasks.evaluation.claims import load_claims
     from shoefix_tasks.evaluation.metrics import Context
@@ -199,10 +200,10 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
                                     "shoefix.holdout_hash": eval_hash, "shoefix.scorer": SCORER,
                                     "shoefix.policy": policy.digest[:16]})
     client = mlflow.MlflowClient()
-    for who in ("champion", "challenger"):
-        for k, v in result[who]["summary"].items():
-            client.log_metric(run_id, f"{who}/{k}", float(v))
-    client.log_metric(run_id, "eval_seconds", result["eval_seconds"])
+    ts = int(time.time() * 1000)
+    metrics = [Metric(f"{who}/{k}", float(v), ts, 0) for who in ("champion", "challenger")
+               for k, v in result[who]["summary"].items()]
+    client.log_batch(run_id, metrics=[*metrics, Metric("eval_seconds", result["eval_seconds"], ts, 0)])
     if result.get("judge_error"):
         client.set_tag(run_id, "shoefix.judge_error", result["judge_error"][:500])
     client.log_artifact(run_id, str(path))

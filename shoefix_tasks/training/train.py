@@ -48,8 +48,9 @@ RECIPE_FILE = "recipe.json"  # the resolved recipe this output folder belongs to
 # -- callbacks ---------------------------------------------------------------------------------
 
 def make_mlflow_callback(run_id: str):
-    """Logs the loss curve (and lr, grad norm) into the run, step by step."""
+    """Logs the loss curve (and lr, grad norm) into the run, step by step: one request a step."""
     import mlflow
+    from mlflow.entities import Metric
     from transformers import TrainerCallback
 
     client = mlflow.MlflowClient()
@@ -61,8 +62,7 @@ def make_mlflow_callback(run_id: str):
             metrics = {f"train/{k}": float(v) for k, v in logs.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
             ts = int(time.time() * 1000)
-            for k, v in metrics.items():
-                client.log_metric(run_id, k, v, timestamp=ts, step=state.global_step)
+            client.log_batch(run_id, metrics=[Metric(k, v, ts, state.global_step) for k, v in metrics.items()])
 
     return MlflowLossCallback()
 
@@ -98,6 +98,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     """
     import mlflow
     import torch
+    from mlflow.entities import Metric
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTTrainer
@@ -157,8 +158,9 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
 
     adapter_dir = publish_adapter(model, tokenizer, output_dir, ident, {
         "recipe": recipe.name, "snapshot_hash": snapshot_hash, "training_run": run_id})
-    client.log_metric(run_id, "train/final_loss", float(result.training_loss))
-    client.log_metric(run_id, "train/runtime_s", float(result.metrics.get("train_runtime", 0.0)))
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric("train/final_loss", float(result.training_loss), ts, 0),
+                                      Metric("train/runtime_s", float(result.metrics.get("train_runtime", 0.0)), ts, 0)])
     verify_adapter(adapter_dir)  # never upload a folder that does not match its manifest
     client.log_artifacts(run_id, str(adapter_dir), "adapter")
     client.set_terminated(run_id)
@@ -175,11 +177,11 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
 def _log_params(client, run_id: str, recipe: Recipe, snapshot: Path, rows: list, n_train: int, ident: dict) -> None:
     import mlflow
     import pandas as pd
+    from mlflow.entities import Param
 
     params = {**recipe.flat_params(), "data.snapshot_hash": snapshot.stem, "data.train_records": n_train,
               "base.sha256": ident["sha256"][:16]}
-    for k, v in params.items():
-        client.log_param(run_id, k, str(v)[:500])
+    client.log_batch(run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])  # one request per 100
     with mlflow.start_run(run_id=run_id):
         frame = pd.DataFrame([{"id": r["id"], "lang": r["lang"], "topic": r["topic"]} for r in rows])
         with warnings.catch_warnings():  # a local path matches two of MLflow's equivalent local sources

@@ -136,8 +136,10 @@ def test_two_runs_racing_to_promote_leave_one_champion_the_better(http_env, mlfl
     # the scorer has something real to rank. The weak one learns from the corpus for one epoch.
     knows = write_jsonl(tmp_path / "knows-the-answers.jsonl", read_jsonl(FIXTURES / "corpus_small.jsonl")
                         + 6 * [r for kind in ("holdout", "guard") for r in load_eval_set(s.data_dir, kind)])
+    # (no checkpoints: 330 steps would write 165 of them, and saving one changes nothing trained)
     strong = pipeline.train_adapter("train-weekly", recipe, str(knows), ["train.num_train_epochs=30",
-                                                                         "train.learning_rate=0.003"], settings=s)
+                                                                         "train.learning_rate=0.003",
+                                                                         "train.save_steps=1000"], settings=s)
     weak = pipeline.train_adapter("train-urgent", recipe, snapshot, ["train.num_train_epochs=1",
                                                                      "train.learning_rate=0.0005"], settings=s)
 

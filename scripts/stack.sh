@@ -140,13 +140,16 @@ start_redis() {
   wait_for redis 30 env REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli -p "$REDIS_PORT" ping
 }
 
-start_mlflow() {
+start_mlflow() {  # the server only: bootstrap_mlflow waits for it (Airflow's init runs meanwhile)
   spawn mlflow env MLFLOW_BACKEND_STORE_URI="postgresql+psycopg://shoefix:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT/mlflow" \
     MLFLOW_AUTH_DATABASE_URI="postgresql+psycopg://shoefix:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT/mlflow_auth" \
     MLFLOW_ARTIFACTS_DESTINATION="$STATE/mlflow-artifacts" MLFLOW_HOST=127.0.0.1 MLFLOW_PORT="$MLFLOW_PORT" \
     MLFLOW_WORKERS="${MLFLOW_WORKERS:-1}" MLFLOW_FLASK_SERVER_SECRET_KEY="$MLFLOW_SECRET_KEY" \
     MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_AUTH_ADMIN_USERNAME" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD" \
     bash "$ROOT/mlflow/serve.sh"
+}
+
+bootstrap_mlflow() {  # the pipeline's user and experiment (waits until the server is healthy)
   MLFLOW_AUTH_ADMIN_USERNAME="$MLFLOW_AUTH_ADMIN_USERNAME" MLFLOW_AUTH_ADMIN_PASSWORD="$MLFLOW_AUTH_ADMIN_PASSWORD" \
     MLFLOW_PIPELINE_USERNAME="$MLFLOW_PIPELINE_USERNAME" MLFLOW_PIPELINE_PASSWORD="$MLFLOW_PIPELINE_PASSWORD" \
     python3 "$ROOT/mlflow/bootstrap.py" >>"$LOGS/mlflow-bootstrap.log" 2>&1 \
@@ -203,6 +206,7 @@ case "$cmd" in
     start_redis
     start_mlflow
     init_airflow
+    bootstrap_mlflow
     start_airflow
     cat <<EOF
 ShoeFix stack up (state: $STATE, logs: $LOGS)

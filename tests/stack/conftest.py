@@ -1,6 +1,8 @@
 """The full stack, natively: `scripts/stack.sh start` (Postgres, Redis, MLflow with basic-auth,
-Airflow with the CeleryExecutor and FAB auth, one Celery worker on `default,gpu`), once per test
-session, stopped at the end. Logs stay under the state folder; a failing test prints their tails.
+Airflow with the CeleryExecutor and FAB auth, one Celery worker on `default,gpu`), once for the
+tests of this folder (one xdist work unit, tests/conftest.py), stopped after the last of them (not
+at the end of the session: an idle stack still takes CPU from the tests after it). Logs stay under
+the state folder; a failing test prints their tails.
 
 Test-only settings (exported before the start, so every service inherits them):
 - `[scheduler] use_job_schedule = False`: no cron run of the weekly DAG sneaks in with the real
@@ -93,7 +95,7 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while self.rest("GET", f"/dags/{dag_id}").status_code != 200:
             assert time.monotonic() < deadline, f"{dag_id} was not parsed within {timeout_s} s"
-            time.sleep(3)
+            time.sleep(1)
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
         resp = self.rest("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
@@ -105,7 +107,7 @@ class Stack:
         assert resp.status_code == 200, resp.text
         return resp.json()["state"]
 
-    def wait_until(self, predicate, what: str, timeout_s: float, every_s: float = 5.0):
+    def wait_until(self, predicate, what: str, timeout_s: float, every_s: float = 2.0):
         deadline = time.monotonic() + timeout_s
         while True:
             try:
@@ -143,7 +145,7 @@ def _stack_env(state: Path) -> dict[str, str]:
 _STARTED: list[Stack] = []
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack() -> Stack:
     if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
         pytest.skip("Debian's postgresql package is not installed (apt-get install postgresql)")
@@ -176,7 +178,7 @@ def stack() -> Stack:
             shutil.rmtree(state, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def stack_recipe(stack) -> str:
     """The name of the tiny random model's recipe (in the test policy's recipe folder, whose lenient
     gate promotes any non-tied challenger, so a champion exists). Triggers name it, never a path."""

@@ -172,32 +172,29 @@ def sha256(path: Path) -> str:
 
 def quality(engines: dict[str, Any], items: list[dict], prompts: list[str], max_new: int, penalty: float,
             data: Path) -> dict[str, Any]:
-    from shoefix_tasks.evaluation.claims import check_item, load_claims
+    """Every engine answers `items`; the product's per-question scoring (`evaluate.score_side`: the
+    scorecard and every forbidden claim) and the gate's paired bootstrap against hf-fp32."""
+    from shoefix_tasks.evaluation.claims import load_claims
+    from shoefix_tasks.evaluation.evaluate import score_side
     from shoefix_tasks.evaluation.gate import paired_bootstrap
-    from shoefix_tasks.evaluation.metrics import Context, score_answer
+    from shoefix_tasks.evaluation.metrics import Context
     from shoefix_tasks.policy import load_policy
 
     ctx, claims = Context.from_data(data), load_claims(data)
-    scores: dict[str, list[float]] = {}
-    detail: dict[str, Any] = {}
+    detail: dict[str, list[dict[str, Any]]] = {}
     for name, eng in engines.items():
-        rows = []
-        for it, p in zip(items, prompts, strict=True):
-            text = eng.answer(p, max_new, False, penalty)[0]
-            s = score_answer(it, text, ctx)
-            rows.append({"id": it["id"], "composite": s.composite, "key_data_accuracy": s.key_data_accuracy,
-                         "forbidden": [h.claim for h in check_item(it, text, claims)["forbidden"]], "answer": text})
-        scores[name] = [r["composite"] for r in rows]
-        detail[name] = rows
-        print(f"quality {name}: composite {statistics.fmean(scores[name]):.3f}", flush=True)
-    ref = scores.get("hf-fp32")
+        gens = [dict(zip(("answer", "seconds", "new_tokens"), eng.answer(p, max_new, False, penalty), strict=True))
+                for p in prompts]
+        detail[name] = score_side(gens, items, set(), ctx, claims)
+        print(f"quality {name}: composite {statistics.fmean(r['composite'] for r in detail[name]):.3f}", flush=True)
+    ref = detail.get("hf-fp32")
     summary = {}
-    for name, sc in scores.items():
-        row = {"composite": round(statistics.fmean(sc), 3),
-               "key_data_accuracy": round(statistics.fmean(r["key_data_accuracy"] for r in detail[name]), 3),
-               "forbidden": sum(len(r["forbidden"]) for r in detail[name])}
+    for name, rows in detail.items():
+        row = {"composite": round(statistics.fmean(r["composite"] for r in rows), 3),
+               "key_data_accuracy": round(statistics.fmean(r["key_data_accuracy"] for r in rows), 3),
+               "forbidden": sum(len(r["forbidden"]) for r in rows)}
         if ref is not None and name != "hf-fp32":
-            diffs = [a - b for a, b in zip(sc, ref, strict=True)]
+            diffs = [a["composite"] - b["composite"] for a, b in zip(rows, ref, strict=True)]
             lo, hi = paired_bootstrap(diffs, 2000, 0.95, 8888)
             row.update(diff_vs_fp32=round(statistics.fmean(diffs), 3), ci=[round(lo, 3), round(hi, 3)],
                        within_min_effect=max(abs(lo), abs(hi)) <= load_policy().gate.min_effect)
@@ -224,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.model.generation import load_answerer
+    from shoefix_tasks.model.generation import latency_stats, load_answerer
     from shoefix_tasks.model.prompting import prompt_messages
     from shoefix_tasks.records import load_eval_set
 
@@ -282,11 +279,9 @@ def main(argv: list[str] | None = None) -> int:
             ttft[name].append(eng.first_token_s(prompts[i], penalty))
         print(f"latency sample {i + 1}/{args.samples}: " + ", ".join(f"{n} {lat[n][-1]:.2f}s" for n in order), flush=True)
     for name, times in lat.items():
-        ordered = sorted(times)
-        result["engines"][name].update(
-            p50_s=round(statistics.median(ordered), 3), p95_s=round(ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))], 3),
-            tokens_per_s=round(args.new_tokens / statistics.median(ordered), 1),
-            first_token_p50_s=round(statistics.median(ttft[name]), 3), times_s=[round(t, 3) for t in times])
+        stats = latency_stats(times, args.new_tokens)
+        result["engines"][name].update({k: stats[k] for k in ("p50_s", "p95_s", "tokens_per_s", "times_s")},
+                                       first_token_p50_s=round(statistics.median(ttft[name]), 3))
 
     for name, eng in engines.items():
         dt, n = eng.batch(prompts[: args.batch], args.batch_tokens, penalty)

@@ -190,10 +190,18 @@ def cmd_setup(args) -> dict[str, Any]:
     return out
 
 
-def cmd_packing(args) -> dict[str, Any]:
-    """Packed batch (varlen kernel) vs each example alone (sdpa), with the real base, as the trainer builds it."""
+def _throughput_bench():
+    """benchmarks/gpu_train_throughput.py as a module: its varlen check and its step timer."""
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location("gtt", REPO / "benchmarks" / "gpu_train_throughput.py")
+    gtt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gtt)
+    return gtt
+
+
+def cmd_packing(args) -> dict[str, Any]:
+    """Packed batch (varlen kernel) vs each example alone (sdpa), with the real base, as the trainer builds it."""
     from peft import get_peft_model
     from trl import SFTTrainer
 
@@ -201,9 +209,7 @@ def cmd_packing(args) -> dict[str, Any]:
     from shoefix_tasks.model.base import load_base
     from shoefix_tasks.training.factories import build_dataset, build_lora_config, build_sft_config
 
-    spec = importlib.util.spec_from_file_location("gtt", REPO / "benchmarks" / "gpu_train_throughput.py")
-    gtt = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gtt)
+    gtt = _throughput_bench()
     train_rows, _ = split_corpus(Path(args.data))
     recipe = recipe_for({"name": "packing", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
     model, tok = load_base(recipe.model.base_model, Settings.from_env(), recipe.model.dtype, recipe.quant,
@@ -326,21 +332,16 @@ def cmd_profile(args) -> dict[str, Any]:
     train_rows, _ = split_corpus(Path(args.data))
     snapshot = write_jsonl(work / "snapshots" / "train-split.jsonl", train_rows)
     cuda = torch.cuda.is_available()
+    gtt = _throughput_bench()
     results = {}
     for name, extra in args.profile_variants:
         recipe = recipe_for({"name": f"profile-{name}", "epochs": 3, "lr": 1e-3, "r": 64}, args.base, args.device, extra)
 
-        class Probe(TrainerCallback):
+        class Profile(TrainerCallback):
+            """torch.profiler over steps profile_at .. profile_at + profile_steps."""
+
             def __init__(self):
-                self.ends, self.t0, self.prof = [], 0.0, None
-
-            def _now(self):
-                if cuda:
-                    torch.cuda.synchronize()
-                return time.perf_counter()
-
-            def on_train_begin(self, *a, **k):
-                self.t0 = self._now()
+                self.prof = None
 
             def on_step_begin(self, a, state, *rest, **k):
                 if state.global_step == args.profile_at and self.prof is None:
@@ -349,15 +350,16 @@ def cmd_profile(args) -> dict[str, Any]:
                     self.prof.__enter__()
 
             def on_step_end(self, a, state, *rest, **k):
-                self.ends.append(self._now())
                 if self.prof is not None and state.global_step == args.profile_at + args.profile_steps:
                     self.prof.__exit__(None, None, None)
 
-        probe = Probe()
+        timer, probe = gtt.make_step_timer(cuda), Profile()
+        shutil.rmtree(work / "profile" / name, ignore_errors=True)  # a fresh training, never a resume
         t0 = time.perf_counter()
-        res = train(recipe, snapshot, work / "profile" / name, f"profile-{name}", Settings.from_env(), callbacks=(probe,))
+        res = train(recipe, snapshot, work / "profile" / name, f"profile-{name}", Settings.from_env(),
+                    callbacks=(timer, probe))
         wall = time.perf_counter() - t0
-        steps = [b - a for a, b in zip([probe.t0, *probe.ends[:-1]], probe.ends, strict=True)]
+        steps = [b - a for a, b in zip([timer.t0, *timer.ends[:-1]], timer.ends, strict=True)]
         row = {"extra": {k: str(v) for k, v in extra.items()}, "steps": len(steps), "process_part_s": round(wall, 1),
                "first_step_s": round(steps[0], 3) if steps else None,
                "median_step_s": round(statistics.median(steps[1:]), 4) if len(steps) > 1 else None,

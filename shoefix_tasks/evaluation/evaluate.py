@@ -21,7 +21,6 @@ from shoefix_tasks.errors import PermanentError
 from shoefix_tasks.evaluation.evalset import EvalSetChanged, eval_items, language_note
 from shoefix_tasks.evaluation.metrics import QUALITY_METRICS
 from shoefix_tasks.model.generation import (
-    Answerer,
     generate,
     load_answerer,
     measure_latency_interleaved,
@@ -66,7 +65,7 @@ def summarize(scores: list[dict[str, Any]], latency: dict[str, Any], gens: list[
     return out
 
 
-def score_side(ans: Answerer, gens: list[dict[str, Any]], items: list[dict[str, Any]], guard_ids: set[str],
+def score_side(gens: list[dict[str, Any]], items: list[dict[str, Any]], guard_ids: set[str],
                ctx, claims: dict) -> list[dict[str, Any]]:
     """Per question: the scorecard, the safety claims (required ones stated or missed, forbidden ones
     stated: every forbidden claim is checked on every answer), the answer itself."""
@@ -136,7 +135,6 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     (recorded on the evaluate run) when the challenger fails its checks or the frozen sets changed.
     """
     import mlflow
-    from mlflow.entities import Metric
 
     from shoefix_tasks.evaluation.claims import load_claims
     from shoefix_tasks.evaluation.metrics import Context
@@ -171,7 +169,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     ctx, claims = Context.from_data(settings.data_dir), load_claims(settings.data_dir)
     sides = {}
     for who, ans in (("champion", champ), ("challenger", chall)):
-        scores = score_side(ans, gens[ans.label], items, guard_ids, ctx, claims)
+        scores = score_side(gens[ans.label], items, guard_ids, ctx, claims)
         sides[who] = {"label": ans.label, "scores": scores, "summary": summarize(scores, lat[ans.label], gens[ans.label]),
                       "manifest": ans.manifest, "latency": lat[ans.label], "profile": profiles[who]}
     result = {
@@ -200,10 +198,9 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
                                     "shoefix.holdout_hash": eval_hash, "shoefix.scorer": SCORER,
                                     "shoefix.policy": policy.digest[:16]})
     client = mlflow.MlflowClient()
-    ts = int(time.time() * 1000)
-    metrics = [Metric(f"{who}/{k}", float(v), ts, 0) for who in ("champion", "challenger")
-               for k, v in result[who]["summary"].items()]
-    client.log_batch(run_id, metrics=[*metrics, Metric("eval_seconds", result["eval_seconds"], ts, 0)])
+    tracking.log_metrics(client, run_id, {**{f"{who}/{k}": v for who in ("champion", "challenger")
+                                             for k, v in result[who]["summary"].items()},
+                                          "eval_seconds": result["eval_seconds"]})
     if result.get("judge_error"):
         client.set_tag(run_id, "shoefix.judge_error", result["judge_error"][:500])
     client.log_artifact(run_id, str(path))

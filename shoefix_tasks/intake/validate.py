@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,17 +162,15 @@ def write_snapshot(settings: Settings, engine: sa.Engine) -> tuple[str, Path, in
 def log_validation(settings: Settings, result: ValidationResult) -> str:
     """An MLflow `validate` run per batch: the counts, the reasons and the GX Data Docs (HTML)."""
     import mlflow
-    from mlflow.entities import Metric
 
     from shoefix_tasks.store import tracking
     tracking.configure(settings)
     run_id = tracking.run_for("validate", result.batch_id, run_name="validate",
                               tags={"shoefix.snapshot": result.snapshot_hash or ""})
     client = mlflow.MlflowClient()
-    ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(f"intake/{k}", float(getattr(result, k)), ts, 0)
-                                      for k in ("seen", "accepted", "quarantined", "deferred", "quarantine_rate",
-                                                "snapshot_records")])
+    tracking.log_metrics(client, run_id, {f"intake/{k}": getattr(result, k) for k in
+                                          ("seen", "accepted", "quarantined", "deferred", "quarantine_rate",
+                                           "snapshot_records")})
     client.log_dict(run_id, result.reasons, "quarantine_reasons.json")
     if result.data_docs:
         client.log_artifacts(run_id, str(Path(result.data_docs).parent), "data_docs")

@@ -156,7 +156,8 @@ def _timed_answer(ans: Answerer, question: str, max_new_tokens: int, repetition_
     return time.perf_counter() - t0
 
 
-def _stats(times: list[float], max_new_tokens: int) -> dict[str, Any]:
+def latency_stats(times: list[float], max_new_tokens: int) -> dict[str, Any]:
+    """Quantiles of per-answer wall times of `max_new_tokens` tokens each (also used by benchmarks)."""
     ordered = sorted(times)
     if not ordered:
         return {"p50_s": 0.0, "p95_s": 0.0, "p25_s": 0.0, "p75_s": 0.0, "tokens_per_s": 0.0, "n": 0, "times_s": []}
@@ -178,7 +179,7 @@ def measure_latency_interleaved(answerers: list[Answerer], questions: list[str],
     never "faster" merely because it answers shorter. `warmup` untimed answers per model first
     (static-cache compilation on a GPU, allocator and caches anywhere). Keyed by each model's label."""
     if not questions:
-        return {a.label: _stats([], max_new_tokens) for a in answerers}
+        return {a.label: latency_stats([], max_new_tokens) for a in answerers}
     for ans in answerers:
         for q in questions[:warmup]:
             _timed_answer(ans, q, max_new_tokens, repetition_penalty)
@@ -191,7 +192,7 @@ def measure_latency_interleaved(answerers: list[Answerer], questions: list[str],
         if (i + 1) % 4 == 0 or i + 1 == len(questions):  # these are the slowest answers: say where it is
             log.info("latency: %d/%d timed answers of %d tokens (%s), about %.0f s left", done, total,
                      max_new_tokens, " / ".join(a.label for a in answerers), (total - done) * spent / done)
-    return {label: _stats(t, max_new_tokens) for label, t in times.items()}
+    return {label: latency_stats(t, max_new_tokens) for label, t in times.items()}
 
 
 def measure_latency(ans: Answerer, questions: list[str], max_new_tokens: int,

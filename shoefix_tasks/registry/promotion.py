@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +32,13 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
     """Decide with the operator's gate, register the version (tags: provenance, the decision, the
     trigger), and move `champion` only if the gate passed, under the caller's promotion lease."""
     import mlflow
-    from mlflow.entities import Metric
 
     from shoefix_tasks.evaluation.gate import Scorecard, decide
     from shoefix_tasks.evaluation.report import scorecard_chart, scorecard_markdown, scorecard_text
     from shoefix_tasks.model.adapter import AdapterIntegrityError, adapter_digest, verify_adapter
     from shoefix_tasks.policy import load_policy
     from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
     evaluation = json.loads(Path(eval_ref["evaluation_path"]).read_text())
     guard = frozenset(evaluation["guard_ids"])
@@ -68,10 +67,8 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
     client.log_artifact(train_result["run_id"], str(chart))
     client.log_dict(eval_ref["eval_run_id"], decision.to_dict(), "gate_decision.json")
     client.set_tag(eval_ref["eval_run_id"], "shoefix.gate_decision", verdict)
-    ts = int(time.time() * 1000)
-    client.log_batch(eval_ref["eval_run_id"], metrics=[Metric(f"gate/{k}", float(v), ts, 0)
-                                                       for k, v in decision.numbers.items()
-                                                       if isinstance(v, (int, float))])
+    tracking.log_metrics(client, eval_ref["eval_run_id"],
+                         {f"gate/{k}": v for k, v in decision.numbers.items() if isinstance(v, (int, float))})
 
     champion_label = evaluation["champion"]["label"]
     # The chart is the evaluation run's artifact; the tracking server serves it at this relative

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 from shoefix_tasks.config import EXPERIMENT, Settings
@@ -59,3 +60,12 @@ def run_for(stage: str, run_key: str, run_name: str, tags: dict[str, str] | None
         return found[0].info.run_id
     all_tags = {"shoefix.stage": stage, "shoefix.run_key": run_key, **(tags or {})}
     return client.create_run(experiment_id=exp_id, run_name=run_name, tags=all_tags).info.run_id
+
+
+def log_metrics(client, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """Metrics of one moment in one request (`log_batch`, one timestamp), not one request each: every
+    request to an authenticated server costs a credential check."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])

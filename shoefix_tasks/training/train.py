@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -50,8 +49,9 @@ RECIPE_FILE = "recipe.json"  # the resolved recipe this output folder belongs to
 def make_mlflow_callback(run_id: str):
     """Logs the loss curve (and lr, grad norm) into the run, step by step: one request a step."""
     import mlflow
-    from mlflow.entities import Metric
     from transformers import TrainerCallback
+
+    from shoefix_tasks.store import tracking
 
     client = mlflow.MlflowClient()
 
@@ -61,8 +61,7 @@ def make_mlflow_callback(run_id: str):
                 return
             metrics = {f"train/{k}": float(v) for k, v in logs.items()
                        if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            ts = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, ts, state.global_step) for k, v in metrics.items()])
+            tracking.log_metrics(client, run_id, metrics, step=state.global_step)
 
     return MlflowLossCallback()
 
@@ -98,7 +97,6 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     """
     import mlflow
     import torch
-    from mlflow.entities import Metric
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTTrainer
@@ -158,9 +156,8 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
 
     adapter_dir = publish_adapter(model, tokenizer, output_dir, ident, {
         "recipe": recipe.name, "snapshot_hash": snapshot_hash, "training_run": run_id})
-    ts = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric("train/final_loss", float(result.training_loss), ts, 0),
-                                      Metric("train/runtime_s", float(result.metrics.get("train_runtime", 0.0)), ts, 0)])
+    tracking.log_metrics(client, run_id, {"train/final_loss": result.training_loss,
+                                          "train/runtime_s": result.metrics.get("train_runtime", 0.0)})
     verify_adapter(adapter_dir)  # never upload a folder that does not match its manifest
     client.log_artifacts(run_id, str(adapter_dir), "adapter")
     client.set_terminated(run_id)

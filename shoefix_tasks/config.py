@@ -65,6 +65,44 @@ class Settings:
         return self.runs_dir / safe
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """The answer server (`shoefix serve`) and where its clients find it; all from the environment.
+
+    One engine answers one question at a time (two cores: a second concurrent answer only halves
+    both), so requests wait in a bounded queue and a full queue answers 503 at once instead of
+    letting waits grow without end.
+    """
+
+    host: str = "127.0.0.1"  # localhost only: the server has no auth of its own
+    port: int = 8765
+    poll_s: float = 10.0  # how often the registry's `champion` alias is read (one small request)
+    queue_size: int = 8  # questions waiting behind the one being answered
+    max_tokens: int = 160  # default answer length when a request names none (the evaluation's default)
+    max_tokens_cap: int = 1024  # the most a request may ask for
+    url: str = ""  # what clients call; default http://<host>:<port>
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serving port must be 1..65535, got {self.port}")
+        if self.poll_s <= 0 or self.queue_size < 1:
+            raise ValueError("SHOEFIX_SERVE_POLL_S must be > 0 and SHOEFIX_SERVE_QUEUE >= 1")
+        if not 1 <= self.max_tokens <= self.max_tokens_cap:
+            raise ValueError("SHOEFIX_SERVE_MAX_TOKENS must be between 1 and SHOEFIX_SERVE_MAX_TOKENS_CAP")
+        if not self.url:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+            object.__setattr__(self, "url", f"http://{host}:{self.port}")
+
+    @classmethod
+    def from_env(cls) -> ServeConfig:
+        env = os.environ.get
+        return cls(host=env("SHOEFIX_SERVE_HOST", "127.0.0.1"), port=int(env("SHOEFIX_SERVE_PORT", "8765")),
+                   poll_s=float(env("SHOEFIX_SERVE_POLL_S", "10")), queue_size=int(env("SHOEFIX_SERVE_QUEUE", "8")),
+                   max_tokens=int(env("SHOEFIX_SERVE_MAX_TOKENS", "160")),
+                   max_tokens_cap=int(env("SHOEFIX_SERVE_MAX_TOKENS_CAP", "1024")),
+                   url=env("SHOEFIX_SERVING_URL", "").rstrip("/"))
+
+
 @dataclass
 class ModelConfig:
     base_model: str = field(

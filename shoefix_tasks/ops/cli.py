@@ -2,7 +2,10 @@
 
   shoefix seed-inbox              copy the starter corpus (data/corpus) into the inbox
   shoefix status                  champion, challenger, last scorecard, how to open the MLflow UI
-  shoefix ask "question"          answer with the current champion (models:/shoefix-expert@champion)
+  shoefix serve                   serve the champion over HTTP (OpenAI-compatible; reloads when it moves)
+  shoefix ask "question"          ask the server (`shoefix serve`, SHOEFIX_SERVING_URL), streaming the
+                                  answer; if none answers there, load the champion in this process
+                                  (slow, says so on stderr; --server-only makes that an error instead)
   shoefix rollback --to N --reason "..." [--force]   make version N champion again (--force: even
                                   a version the gate did not promote; recorded as rollback-forced)
   shoefix history                 who held `champion`, when and why
@@ -69,8 +72,39 @@ def cmd_status(settings: Settings, _args) -> int:
     return 0
 
 
+def cmd_serve(settings: Settings, args) -> int:
+    from dataclasses import replace
+
+    from shoefix_tasks.config import ServeConfig
+    from shoefix_tasks.ops.server import serve
+
+    logging.getLogger().setLevel(logging.INFO)
+    cfg = ServeConfig.from_env()
+    given = {k: v for k, v in (("host", args.host), ("port", args.port), ("poll_s", args.poll_s),
+                               ("queue_size", args.queue_size)) if v is not None}
+    serve(settings, replace(cfg, **given, url="") if given else cfg)
+    return 0
+
+
 def cmd_ask(settings: Settings, args) -> int:
-    import mlflow
+    from shoefix_tasks.config import ServeConfig
+    from shoefix_tasks.ops import client
+
+    url = ServeConfig.from_env().url
+    try:
+        for event in client.stream(url, args.question, args.max_new_tokens):
+            if "text" in event:
+                print(event["text"], end="", flush=True)
+        print()
+        return 0
+    except client.ServerDown as down:
+        if args.server_only:
+            raise
+        print(f"shoefix ask: {down}; answering in this process instead (loads the model: slow)", file=sys.stderr)
+    except client.ServerError as err:
+        wait = f" (busy: retry in {err.retry_after_s} s)" if err.retry_after_s else ""
+        raise RuntimeError(f"the server at {url} answered {err.status}: {err}{wait}") from None
+    import mlflow  # the registered model, as `mlflow models serve` serves it; it applies the safety net too
 
     from shoefix_tasks.store import tracking
     tracking.configure(settings)
@@ -100,10 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("seed-inbox").set_defaults(fn=cmd_seed_inbox)
     sub.add_parser("status").set_defaults(fn=cmd_status)
+    srv = sub.add_parser("serve", help="the champion behind /v1/chat/completions (config: SHOEFIX_SERVE_*)")
+    srv.add_argument("--host", default=None, help="default SHOEFIX_SERVE_HOST or 127.0.0.1")
+    srv.add_argument("--port", type=int, default=None, help="default SHOEFIX_SERVE_PORT or 8765")
+    srv.add_argument("--poll-s", type=float, default=None, help="seconds between reads of alias champion")
+    srv.add_argument("--queue-size", type=int, default=None, help="questions that may wait; more get 503")
+    srv.set_defaults(fn=cmd_serve)
     ask = sub.add_parser("ask")
     ask.add_argument("question")
     ask.add_argument("--max-new-tokens", type=int, default=None,
-                     help="cap on the answer's length (default: the length the champion was evaluated with)")
+                     help="cap on the answer's length (default: the server's, SHOEFIX_SERVE_MAX_TOKENS)")
+    ask.add_argument("--server-only", action="store_true",
+                     help="fail when no server answers instead of loading the champion in this process")
     ask.set_defaults(fn=cmd_ask)
     rb = sub.add_parser("rollback")
     rb.add_argument("--to", type=int, required=True, help="registry version to make champion")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,51 @@ def check_answer(question: str, answer: str, data_dir: Path, home: Path | None =
                                  "question": question, "claims": ids, "sentences": [h.clause for h in hits],
                                  "corpus_id": ref["id"] if ref else None}, ensure_ascii=False) + "\n")
     return Checked(" ".join(parts), True, ids, ref["id"] if ref else None)
+
+
+# Where a sentence ends in a stream of text pieces: Latin end punctuation once the next character
+# (whitespace) has arrived, so "3." of "3.5 %" is not an end; CJK end punctuation at once; a line break.
+_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*\s|[。！？]+[」』”）]*|\n")
+
+
+def checked_stream(question: str, pieces: Iterable[str], data_dir: Path, home: Path | None = None,
+                   model: str = "") -> Iterator[str]:
+    """The streamed form of `check_answer`: text is let through a whole sentence at a time, and only
+    after the answer so far, that sentence included, passed the check. The first time it does not,
+    the claim's safe guidance is sent instead and the stream ends (the model's generator is closed,
+    so it stops generating). A forbidden claim is thus never shown, not even in part; what was shown
+    before it was safe as it stood. Checking the whole answer so far, not the sentence alone, lets
+    the claims' scope rules see the sentences before it, as `check_answer` does on a whole answer.
+    Whitespace at either end is dropped, as the engines strip a whole answer, so the pieces join
+    to exactly what `check_answer` would serve for a safe answer."""
+    checked, pending, held = "", "", ""  # held: whitespace after the last piece sent, sent only if text follows
+
+    def send(text: str) -> str:
+        nonlocal held
+        text = held + text if checked.strip() else text.lstrip()
+        body = text.rstrip()
+        held = text[len(body):]
+        return body
+
+    try:
+        for piece in pieces:
+            pending += piece
+            cut = max((m.end() for m in _SENTENCE_END.finditer(pending)), default=0)
+            if not cut:
+                continue
+            ready, pending = pending[:cut], pending[cut:]
+            out = check_answer(question, checked + ready, data_dir, home, model)
+            if out.replaced:
+                yield ("\n\n" if checked.strip() else "") + out.answer
+                return
+            text = send(ready)
+            checked += ready
+            if text:
+                yield text
+        if pending.strip():  # the last sentence, cut by the token limit or ended without punctuation
+            out = check_answer(question, checked + pending, data_dir, home, model)
+            yield (("\n\n" if checked.strip() else "") + out.answer) if out.replaced else send(pending)
+    finally:
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()

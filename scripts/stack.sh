@@ -2,7 +2,8 @@
 # The full stack's topology, natively on one machine (no Docker): Postgres and Redis from Debian's
 # packages, the MLflow server (basic-auth, Postgres backend, proxied artifacts), and Airflow with
 # the CeleryExecutor: scheduler, dag-processor, api-server (FAB auth), triggerer and ONE Celery
-# worker listening on queues `default,gpu`. The integration tests start it the same way.
+# worker listening on queues `default,gpu`, and `shoefix serve` (the champion's answer server, which
+# the ShoeFix page forwards questions to). The integration tests start it the same way.
 #
 #   scripts/stack.sh start [STATE_DIR]    # default var/stack; prints the URLs, writes STATE_DIR/stack.env
 #   source var/stack/stack.env            # then: airflow dags trigger ..., shoefix status, ...
@@ -72,6 +73,10 @@ write_config() {
   fi
   # shellcheck disable=SC1091
   source "$STATE/secrets.env"
+  if [[ -z "${SERVE_PORT:-}" ]]; then  # a state folder from before the answer server: pick its port once
+    SERVE_PORT=${STACK_SERVE_PORT:-$(free_port)}
+    echo "SERVE_PORT=$SERVE_PORT" >>"$STATE/secrets.env"
+  fi
   local pg="postgresql+psycopg://shoefix:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT"
   # stack.env: what every service (and a user's shell) runs with.
   cat >"$STATE/stack.env" <<EOF
@@ -104,6 +109,7 @@ ${SHOEFIX_POLICY:+export SHOEFIX_POLICY="$SHOEFIX_POLICY"}
 export SHOEFIX_LEDGER_URL="$pg/ledger"
 export SHOEFIX_TRAIN_DISPATCH=celery
 export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+export SHOEFIX_SERVE_PORT=$SERVE_PORT SHOEFIX_SERVING_URL="http://127.0.0.1:$SERVE_PORT"
 export MLFLOW_TRACKING_USERNAME="$MLFLOW_PIPELINE_USERNAME" MLFLOW_TRACKING_PASSWORD="$MLFLOW_PIPELINE_PASSWORD"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 EOF
@@ -167,6 +173,11 @@ init_airflow() {
   airflow pools set gpu "${SHOEFIX_GPU_SLOTS:-1}" "GPU training slots (train_adapter)" >>"$LOGS/airflow-init.log" 2>&1
 }
 
+start_serve() {  # the answer server: up before the page that forwards to it; loads the champion once there is one
+  spawn shoefix-serve shoefix serve
+  wait_for "shoefix serve" 120 curl -sS -o /dev/null "http://127.0.0.1:$SERVE_PORT/healthz"
+}
+
 start_airflow() {
   spawn api-server airflow api-server --port "$API_PORT" --host 127.0.0.1 --workers 1
   spawn scheduler airflow scheduler
@@ -207,16 +218,18 @@ case "$cmd" in
     start_mlflow
     init_airflow
     bootstrap_mlflow
+    start_serve
     start_airflow
     cat <<EOF
 ShoeFix stack up (state: $STATE, logs: $LOGS)
   Airflow UI / REST:  http://127.0.0.1:$API_PORT   (user $AIRFLOW_ADMIN_USERNAME; password in $STATE/secrets.env)
   MLflow UI / API:    http://127.0.0.1:$MLFLOW_PORT   (user $MLFLOW_AUTH_ADMIN_USERNAME; password in $STATE/secrets.env)
+  Answers (OpenAI):   http://127.0.0.1:$SERVE_PORT/v1/chat/completions   (shoefix ask; /healthz)
   environment:        source $STATE/stack.env
 EOF
     ;;
   stop)
-    for name in worker triggerer dag-processor scheduler api-server mlflow redis; do stop_one "$name"; done
+    for name in worker triggerer dag-processor scheduler api-server shoefix-serve mlflow redis; do stop_one "$name"; done
     stop_postgres
     ;;
   restart-postgres)  # fault injection for the tests: an immediate stop, then start again

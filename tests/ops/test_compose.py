@@ -84,6 +84,16 @@ def test_celery_queues_and_gpu_reservation(rendered):
     assert env["AIRFLOW__CELERY__BROKER_URL"] == f"redis://:{GOOD_ENV['REDIS_PASSWORD']}@redis:6379/0"
 
 
+def test_the_answer_server_is_a_service_on_loopback_and_the_page_forwards_to_it(rendered):
+    services = rendered["services"]
+    serve = services["shoefix-serve"]
+    assert serve["command"] == ["shoefix", "serve"] and serve["healthcheck"]["test"]
+    assert [p if isinstance(p, str) else f"{p['host_ip']}:{p['published']}:{p['target']}" for p in serve["ports"]] \
+        in (["127.0.0.1:8765:8765/tcp"], ["127.0.0.1:8765:8765"])  # no auth of its own: never on every interface
+    assert serve["environment"]["SHOEFIX_SERVE_PORT"] == "8765"
+    assert services["airflow-apiserver"]["environment"]["SHOEFIX_SERVING_URL"] == "http://shoefix-serve:8765"
+
+
 def test_every_service_waits_for_the_secret_check(rendered):
     services = rendered["services"]
     for name, svc in services.items():

@@ -1,5 +1,5 @@
-"""The operator's policy: what a challenger must show to be promoted, how it is evaluated, and what a
-trigger may ask for.
+"""The operator's policy: what a challenger must show to be promoted, how it is evaluated, what a
+trigger may ask for, whether a person approves each promotion, and when a run counts as late.
 
 A recipe says how to *train*; the policy says what counts as *better*. They are kept apart because
 whoever triggers a run chooses the recipe: if a recipe (or a trigger's overrides) could carry gate
@@ -87,11 +87,51 @@ class TriggerPolicy:
     max_quarantine_rate: float = 0.5  # fail the run if more of its batch is quarantined
 
 
+PROMOTION_MODES = ("auto", "review")
+
+
+@dataclass(frozen=True)
+class PromotionPolicy:
+    """Who moves `champion` once the gate passes: the pipeline itself (`auto`), or a person who
+    approves it in Airflow's human-in-the-loop task (`review`). A review that gets no answer within
+    `review_timeout_hours` keeps the champion (fail closed), as a rejection does."""
+
+    mode: str = "auto"
+    review_timeout_hours: float = 72.0  # a long weekend: Friday's run can wait until Monday
+
+    def __post_init__(self) -> None:
+        if self.mode not in PROMOTION_MODES:
+            raise ValueError(f"promotion.mode must be one of {list(PROMOTION_MODES)}, got {self.mode!r}")
+        if not self.review_timeout_hours > 0:
+            raise ValueError("promotion.review_timeout_hours must be positive")
+
+
+def stricter_mode(configured: str, asked: str | None) -> str:
+    """The promotion mode a run uses: `review` if either the policy or the run asked for it. A run can
+    only tighten the policy (ask for a person), never loosen it; ops/trigger.py refuses the attempt."""
+    return "review" if "review" in (configured, asked) else "auto"
+
+
+@dataclass(frozen=True)
+class AlertPolicy:
+    """When a run counts as late. A weekly run on the CPU recipe takes minutes and a GPU run about an
+    hour; one still going after this many hours since it was queued is stuck or starved, and someone
+    should look (the weekly DAG's deadline alert notifies through shoefix_notify)."""
+
+    late_after_hours: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not self.late_after_hours > 0:
+            raise ValueError("alerts.late_after_hours must be positive")
+
+
 @dataclass(frozen=True)
 class Policy:
     gate: GateConfig = field(default_factory=GateConfig)
     evaluation: EvalPolicy = field(default_factory=EvalPolicy)
     trigger: TriggerPolicy = field(default_factory=TriggerPolicy)
+    promotion: PromotionPolicy = field(default_factory=PromotionPolicy)
+    alerts: AlertPolicy = field(default_factory=AlertPolicy)
     source: str = "built-in"  # where it was read from (recorded with every decision)
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +145,8 @@ class Policy:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-_SECTIONS = {"gate": GateConfig, "evaluation": EvalPolicy, "trigger": TriggerPolicy}
+_SECTIONS = {"gate": GateConfig, "evaluation": EvalPolicy, "trigger": TriggerPolicy, "promotion": PromotionPolicy,
+             "alerts": AlertPolicy}
 
 
 def _section(cls: type, values: dict[str, Any] | None, where: str) -> Any:

@@ -2,8 +2,9 @@
 
 Whoever may press "Trigger" (UI, `airflow dags trigger`, the REST API) is not trusted with policy.
 A run's conf may only pick a recipe *by name* from the recipe folders, nudge a short allowlist of
-`train.*` knobs within bounds, name inbox files, point `inbox` inside the configured roots, and ask
-for the quick evaluation where the policy allows it. Gate thresholds, the guard set, evaluation
+`train.*` knobs within bounds, name inbox files, point `inbox` inside the configured roots, ask for
+the quick evaluation where the policy allows it, and ask that a person approve the promotion
+(`promotion: review`; never the reverse). Gate thresholds, the guard set, evaluation
 sizes and where files are read from come from the server-side policy (shoefix_tasks.policy) only.
 
 The same rules are enforced three times, from one source:
@@ -81,8 +82,9 @@ MIN_REASON_CHARS = 5
 MAX_REASON_CHARS = 2000
 MAX_FILES = 1000
 MAX_INBOX_CHARS = 4096
-RETRAIN_KEYS = {"shoefix_weekly_retrain": ("recipe", "overrides"),
-                "shoefix_urgent_update": ("reason", "inbox", "files", "recipe", "evaluation", "overrides")}
+RETRAIN_KEYS = {"shoefix_weekly_retrain": ("recipe", "overrides", "promotion"),
+                "shoefix_urgent_update": ("reason", "inbox", "files", "recipe", "evaluation", "overrides", "promotion")}
+POLICY_MODE = "policy"  # `promotion` param: use the policy's mode (the default)
 DAG_KEYS: dict[str, tuple[str, ...]] = {**RETRAIN_KEYS, "shoefix_rollback": ("version", "reason", "force"),
                                         "shoefix_inbox_watch": ()}
 
@@ -214,6 +216,21 @@ def check_force(value: Any) -> bool:
     return value
 
 
+def check_promotion(value: Any, policy: Policy) -> str:
+    """The run's promotion mode. A trigger may ask for `review` (hold this one run for a person) but
+    never for `auto` when the policy says `review`: that would let whoever may press "Trigger" skip
+    the approval the operator requires. Asking for `auto` under an `auto` policy changes nothing."""
+    from shoefix_tasks.policy import stricter_mode
+
+    if value not in (POLICY_MODE, "auto", "review"):
+        raise TriggerRefused(f"promotion must be 'policy', 'auto' or 'review', got {value!r}")
+    configured = policy.promotion.mode
+    if value == "auto" and configured == "review":
+        raise TriggerRefused("promotion 'auto' refused: the server's policy requires a review of every promotion "
+                             "(promotion.mode: review); a trigger may tighten the policy, never loosen it")
+    return stricter_mode(configured, None if value == POLICY_MODE else value)
+
+
 def validate_conf(dag_id: str, conf: Any, policy: Policy | None = None,
                   settings: Settings | None = None) -> dict[str, Any]:
     """The normalized values a run of `dag_id` uses, or `TriggerRefused` with one clear message.
@@ -258,7 +275,8 @@ def validate_conf(dag_id: str, conf: Any, policy: Policy | None = None,
     roots = [(settings or Settings.from_env()).inbox, *policy.trigger.inbox_roots]
     return {"recipe": recipe, "overrides": overrides, "evaluation": evaluation, "quick": evaluation == "quick",
             "reason": check_reason(conf["reason"]) if urgent else None,
-            "inbox": check_inbox(conf.get("inbox", ""), roots), "files": check_files(conf.get("files", []))}
+            "inbox": check_inbox(conf.get("inbox", ""), roots), "files": check_files(conf.get("files", [])),
+            "promotion": check_promotion(conf.get("promotion", POLICY_MODE), policy)}
 
 
 def param_schemas(dag_id: str) -> dict[str, dict[str, Any]]:
@@ -281,6 +299,9 @@ def param_schemas(dag_id: str) -> dict[str, dict[str, Any]]:
         "evaluation": {"default": "full", "type": "string",
                        "enum": ["full", "quick"] if load_policy().trigger.allow_quick else ["full"],
                        "description": "full holdout, or the policy's quick stratified sample"},
+        "promotion": {"default": POLICY_MODE, "type": "string", "enum": [POLICY_MODE, "review", "auto"],
+                      "description": "who moves champion after the gate passes: the policy's mode, or 'review' "
+                                     "(a person approves); 'auto' is refused when the policy says review"},
         "version": {"type": "integer", "minimum": 1, "maximum": 10**9,
                     "description": "registry version to make champion again"},
         "force": {"default": False, "type": "boolean",

@@ -39,7 +39,7 @@ def urgent(inbox_settings, **conf):
 def test_defaults_are_normalized(inbox):
     assert validate_conf(WEEKLY, {}, settings=inbox) == {
         "recipe": "default", "overrides": [], "evaluation": "full", "quick": False, "reason": None,
-        "inbox": None, "files": []}
+        "inbox": None, "files": [], "promotion": "auto"}
     out = urgent(inbox, evaluation="quick", files=["urgent/fix.jsonl"], recipe="seed")
     assert (out["quick"], out["files"], out["recipe"], out["reason"]) == (True, ["urgent/fix.jsonl"], "seed", REASON)
     assert validate_conf(ROLLBACK, {"version": 3, "reason": REASON}) == {"version": 3, "reason": REASON,
@@ -248,8 +248,8 @@ def test_rollback_force_and_required_keys():
 
 
 def test_param_schemas_declare_exactly_the_allowed_keys():
-    assert set(param_schemas(WEEKLY)) == {"recipe", "overrides"}
-    assert set(param_schemas(URGENT)) == {"reason", "inbox", "files", "recipe", "evaluation", "overrides"}
+    assert set(param_schemas(WEEKLY)) == {"recipe", "overrides", "promotion"}
+    assert set(param_schemas(URGENT)) == {"reason", "inbox", "files", "recipe", "evaluation", "overrides", "promotion"}
     assert set(param_schemas(ROLLBACK)) == {"version", "reason", "force"}
     reason = param_schemas(URGENT)["reason"]
     for text, ok in [("   ", False), ("a b c d", False), ("abcde", True), ("  a b c d e ", True)]:

@@ -384,24 +384,26 @@ def cmd_profile(args) -> dict[str, Any]:
 
 
 def cmd_sweep(args) -> dict[str, Any]:
+    """Serial (--parallel 1, also how each parallel worker runs its one config) or `sweep_parallel`."""
     import torch
 
     from shoefix_tasks.config import Settings
     from shoefix_tasks.records import write_jsonl
     from shoefix_tasks.training.train import train_with_backoff
 
+    if args.parallel > 1:
+        return sweep_parallel(args)
     work, data, started = Path(args.work), Path(args.data), time.time()
     train_rows, _ = split_corpus(data)
-    snapshot = write_jsonl(work / "snapshots" / "train-split.jsonl", train_rows)
+    snapshot = write_jsonl(work / "snapshots" / f"train-split-{os.getpid()}.jsonl", train_rows)
     items = eval_set(data)
     settings = Settings.from_env()
     base_file = work / "sweep" / "base.json"
-    if not base_file.is_file():
+    if not base_file.is_file() and (not args.only or "base" in args.only):
         recipe = recipe_for({"name": "base", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
         gens = answer(args.base, None, items, recipe, "base")
         base_file.parent.mkdir(parents=True, exist_ok=True)
         base_file.write_text(json.dumps({"scores": score(items, gens, data), "gen": gens[0]}, ensure_ascii=False))
-    base_scores = json.loads(base_file.read_text())["scores"]
     todo = [c for c in grid() if c["name"] in args.only] if args.only else grid()
     for cfg in todo:
         out_file = work / "sweep" / f"{cfg['name']}.json"
@@ -422,17 +424,81 @@ def cmd_sweep(args) -> dict[str, Any]:
         row = {**cfg, "train_wall_s": round(train_s, 1), "train_runtime_s": run_metric(res["run_id"], "train/runtime_s"),
                "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "final_loss": res["final_loss"],
                "loss_curve": loss_curve(res["run_id"]), "gen_seconds": gens[0]["gen_seconds_total"],
-               "max_new_tokens": gens[0]["max_new_tokens"], **summarize(scores, base_scores), "scores": scores}
+               "max_new_tokens": gens[0]["max_new_tokens"], "parallel_workers": args.workers_on_gpu,
+               **summarize(scores, None), "scores": scores}
+        out_file.parent.mkdir(parents=True, exist_ok=True)
         out_file.write_text(json.dumps(row, ensure_ascii=False))
         log(f"done {cfg['name']}: val {row['validation']['composite']} holdout {row['holdout']['composite']} "
             f"({train_s:.0f}s train, {row['gen_seconds']:.0f}s answers)")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return sweep_table(work, base_scores)
+    return sweep_table(work, json.loads(base_file.read_text())["scores"]) if base_file.is_file() else {}
+
+
+def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
+    """Seconds one config takes with others sharing the GPU: start-up, ~15 s an epoch alone on an H100 (the
+    135M step is bound by the CPU launching kernels, so processes on their own cores overlap well), answers."""
+    if cfg["name"] == "base":
+        return 90 * slowdown
+    epochs = 13 if cfg.get("seed") else cfg["epochs"]
+    return (30 + 15 * epochs + 55) * slowdown
+
+
+def sweep_parallel(args) -> dict[str, Any]:
+    """The grid as `--parallel` worker processes sharing one GPU, each running one config through the serial
+    path above. A 135M step keeps the GPU busy ~25 ms of ~220 ms (docs/benchmarks.md, profile), so one
+    process at a time leaves the card mostly idle. Longest first; a config is started only if its estimate
+    fits before --budget-s; at --hard-s every worker still running is stopped (its config is redone later)."""
+    work, started = Path(args.work), time.time()
+    done = {p.stem for p in (work / "sweep").glob("*.json")}
+    queue = [c for c in [{"name": "base"}, *grid()] if c["name"] not in done
+             and (not c.get("seed") or args.with_seed) and (not args.only or c["name"] in args.only)]
+    queue.sort(key=lambda c: (c["name"] != "base", -_estimate_s(c, 1.0)))  # base first: every table needs it
+    logs = work / "sweep" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    child_args = [sys.executable, str(Path(__file__).resolve()), "sweep", "--parallel", "1", "--budget-s", "1e9",
+                  "--base", args.base, "--data", args.data, "--work", args.work, "--device", args.device,
+                  "--workers-on-gpu", str(args.parallel), *(["--with-seed"] if args.with_seed else [])]
+    while queue or running:
+        left = args.budget_s - (time.time() - started)
+        while len(running) < args.parallel:
+            fits = [c for c in queue if _estimate_s(c, args.slowdown) <= left]
+            if not fits:
+                break
+            cfg = fits[0]
+            queue.remove(cfg)
+            env = {**os.environ, "OUT": str(work / "child-out" / cfg["name"])}
+            with (logs / f"{cfg['name']}.log").open("w") as fh:
+                running[cfg["name"]] = (subprocess.Popen([*child_args, "--only", cfg["name"]], stdout=fh,
+                                                         stderr=subprocess.STDOUT, env=env), time.time())
+            log(f"started {cfg['name']} (estimate {_estimate_s(cfg, args.slowdown):.0f}s, {len(running)} running)")
+        for name, (proc, t0) in list(running.items()):
+            if proc.poll() is not None:
+                log(f"finished {name}: exit {proc.returncode} after {time.time() - t0:.0f}s")
+                del running[name]
+        if time.time() - started > args.hard_s:
+            for name, (proc, _) in running.items():
+                proc.terminate()
+                log(f"stopped {name} at the hard limit (redone in a later call)")
+            for proc, _ in running.values():
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            break
+        if not running and queue and not any(_estimate_s(c, args.slowdown) <= left for c in queue):
+            log(f"not started (would not fit in the budget): {[c['name'] for c in queue]}")
+            break
+        time.sleep(2)
+    base_file = work / "sweep" / "base.json"
+    return sweep_table(work, json.loads(base_file.read_text())["scores"]) if base_file.is_file() else {}
 
 
 def sweep_table(work: Path, base_scores: list[dict]) -> dict[str, Any]:
     rows = [json.loads(p.read_text()) for p in sorted((work / "sweep").glob("*.json")) if p.stem != "base"]
+    for r in rows:  # against the base answers of this sweep (workers run without them)
+        r["holdout_vs_base"] = summarize(r["scores"], base_scores)["holdout_vs_base"]
     base = summarize(base_scores, None)
     print("| config | epochs | lr | r | train loss | val composite | holdout composite (CI vs base) | key data | "
           "completeness | readability | guard forbidden | train tokens | train s |")
@@ -441,7 +507,7 @@ def sweep_table(work: Path, base_scores: list[dict]) -> dict[str, Any]:
           f"{base['holdout']['key_data_accuracy']:.2f} | {base['holdout']['completeness']:.2f} | "
           f"{base['holdout']['readability']:.2f} | {len(base['guard']['forbidden'])} | | |")
     for r in sorted(rows, key=lambda r: -r["validation"]["composite"]):
-        ci = r.get("holdout_vs_base", {})
+        ci = r["holdout_vs_base"]
         print(f"| {r['name']} | {r.get('epochs', 13)} | {r.get('lr', 1.5e-5):g} | {r.get('r', 16)} | {r['final_loss']:.3f} | "
               f"{r['validation']['composite']:.2f} | {r['holdout']['composite']:.2f} ({ci.get('mean_diff', 0):+.2f} "
               f"[{ci.get('ci_low', 0):+.2f}, {ci.get('ci_high', 0):+.2f}]) | {r['holdout']['key_data_accuracy']:.2f} | "
@@ -602,6 +668,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes", nargs="*", default=[GPU_RECIPE, "seed"], help="final: recipes to run end to end")
     p.add_argument("--oom-leave-gib", type=float, default=8.0,
                    help="reliability: memory left free for the OOM check (3 GiB was refused by the preflight)")
+    p.add_argument("--parallel", type=int, default=1, help="sweep: configs trained at once on the one GPU")
+    p.add_argument("--slowdown", type=float, default=1.7, help="sweep: estimate factor for a shared GPU")
+    p.add_argument("--hard-s", type=float, default=570, help="sweep: stop running workers after this many seconds")
+    p.add_argument("--workers-on-gpu", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
     args = p.parse_args(argv)
     args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]

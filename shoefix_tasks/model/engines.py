@@ -1,0 +1,303 @@
+"""One interface for answering with a model, whatever runs it: llama.cpp or transformers.
+
+Serving (`shoefix serve`, `shoefix ask`, the MLflow pyfunc) and evaluation open the same engine with
+the same settings, so the gate's latency bound and scorecard are about what production serves.
+
+- llama.cpp for bases that ship as a GGUF (the embedded default): the shipped GGUF unchanged plus the
+  LoRA as a GGUF adapter (model/gguf_adapter.py). On this 2-core CPU it answers several times faster
+  than transformers fp32 (docs/benchmarks.md).
+- transformers for bases that are Hugging Face folders (tiny test models, GPU bases), through
+  model/generation.py as before.
+
+Decoding is the product's on both: greedy, the chat template of the base, the same repetition penalty
+applied the way transformers applies it (to every token of the prompt and the answer so far; the
+llama-cpp-python sampler would penalise only the last 64 generated tokens), so both engines pick the
+same tokens up to float rounding. llama.cpp is therefore driven token by token here (eval + logits +
+argmax), not through its sampler. A llama.cpp context is not thread-safe: calls are serialised.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from shoefix_tasks.config import Settings
+from shoefix_tasks.model.prompting import prompt_messages
+
+log = logging.getLogger(__name__)
+LLAMA_CTX = 2048  # tokens of prompt + answer one llama.cpp context holds (evaluation asks for ~400)
+
+
+class Engine(Protocol):
+    name: str  # "llama.cpp" or "transformers"
+    label: str
+
+    def stream(self, question: str, max_new_tokens: int) -> Iterator[str]: ...
+    def answer(self, question: str, max_new_tokens: int) -> str: ...
+    def answer_many(self, questions: list[str], max_new_tokens: int) -> list[dict[str, Any]]: ...
+    def close(self) -> None: ...
+
+
+def shipped_gguf(base_model: str) -> Path | None:
+    """The GGUF a base ships as, or None (a Hugging Face folder or hub id)."""
+    from shoefix_tasks.model.base import SMOLLM2, smollm2_gguf_path
+
+    return smollm2_gguf_path() if base_model == SMOLLM2 else None
+
+
+def choose_engine(base_model: str, engine: str = "auto") -> str:
+    if engine not in ("auto", "llama.cpp", "transformers"):
+        raise ValueError(f"unknown inference engine {engine!r} (auto, llama.cpp, transformers)")
+    if engine != "auto":
+        return engine
+    return "llama.cpp" if shipped_gguf(base_model) is not None else "transformers"
+
+
+def inference_threads() -> int:
+    """SHOEFIX_INFERENCE_THREADS, else every core (decode is memory-bound; 2 threads on 2 cores)."""
+    return int(os.environ.get("SHOEFIX_INFERENCE_THREADS") or os.cpu_count() or 1)
+
+
+class TransformersEngine:
+    """model.generation's path (base + verified adapter merged), behind the Engine interface."""
+
+    name = "transformers"
+
+    def __init__(self, answerer, repetition_penalty: float, batch_size: int = 8):
+        self.ans, self.label, self.manifest = answerer, answerer.label, answerer.manifest
+        self.repetition_penalty, self.batch_size = repetition_penalty, batch_size
+        self._lock = threading.Lock()
+
+    def stream(self, question: str, max_new_tokens: int) -> Iterator[str]:
+        import torch
+        from transformers import TextIteratorStreamer
+
+        from shoefix_tasks.model.generation import _cache_kwargs, _encode
+
+        with self._lock:
+            enc = _encode(self.ans, [question])
+            streamer = TextIteratorStreamer(self.ans.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            errors: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    with torch.inference_mode():
+                        self.ans.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                                repetition_penalty=self.repetition_penalty, streamer=streamer,
+                                                pad_token_id=self.ans.tokenizer.pad_token_id,
+                                                **_cache_kwargs(self.ans, enc, max_new_tokens))
+                except BaseException as err:  # surfaced in the caller's thread below
+                    errors.append(err)
+                    streamer.end()
+
+            worker = threading.Thread(target=run, daemon=True)
+            worker.start()
+            yield from (piece for piece in streamer if piece)
+            worker.join()
+            if errors:
+                raise errors[0]
+
+    def answer(self, question: str, max_new_tokens: int) -> str:
+        return self.answer_many([question], max_new_tokens)[0]["answer"]
+
+    def answer_many(self, questions: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+        from shoefix_tasks.model.generation import generate
+
+        with self._lock:
+            return generate(self.ans, questions, max_new_tokens, self.batch_size, self.repetition_penalty)
+
+    def timed_answer(self, question: str, max_new_tokens: int) -> float:
+        """Seconds for exactly `max_new_tokens` new tokens (EOS ignored): the latency measurement."""
+        from shoefix_tasks.model.generation import _timed_answer
+
+        with self._lock:
+            return _timed_answer(self.ans, question, max_new_tokens, self.repetition_penalty)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.ans.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def profile(self, max_new_tokens: int) -> dict[str, Any]:
+        from shoefix_tasks.model.generation import speed_profile
+
+        return speed_profile(self.ans, max_new_tokens, self.repetition_penalty)
+
+    def close(self) -> None:
+        self.ans = None
+
+
+class LlamaCppEngine:
+    """A GGUF base (+ GGUF LoRA adapter) in llama.cpp, decoded greedily token by token."""
+
+    name = "llama.cpp"
+
+    def __init__(self, base_gguf: Path, adapter_gguf: Path | None, repetition_penalty: float, label: str,
+                 manifest: dict[str, Any] | None = None, threads: int | None = None):
+        import jinja2.sandbox
+        from llama_cpp import Llama
+
+        self.label, self.manifest, self.repetition_penalty = label, manifest, repetition_penalty
+        self.base_gguf, self.adapter_gguf = base_gguf, adapter_gguf
+        self.threads = threads or inference_threads()
+        self.llm = Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None,
+                         n_ctx=LLAMA_CTX, n_batch=256, n_threads=self.threads, n_threads_batch=self.threads,
+                         seed=0, verbose=False)
+        # the base's own chat template, rendered the way transformers renders it
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self._template = env.from_string(self.llm.metadata["tokenizer.chat_template"])
+        self._n_vocab = self.llm.n_vocab()
+        self._stop = {self.llm.token_eos()}
+        self._lock = threading.Lock()
+
+    def prompt_text(self, question: str) -> str:
+        return self._template.render(messages=prompt_messages(question), add_generation_prompt=True)
+
+    def _tokens(self, question: str) -> list[int]:
+        return self.llm.tokenize(self.prompt_text(question).encode(), add_bos=False, special=True)
+
+    def _generate(self, question: str, max_new_tokens: int, forced: bool = False) -> Iterator[int]:
+        """Greedy token ids; `forced` never stops at EOS (as transformers' min_new_tokens). Hold the lock."""
+        import numpy as np
+
+        prompt = self._tokens(question)
+        if len(prompt) + max_new_tokens > LLAMA_CTX:
+            raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the context of {LLAMA_CTX}")
+        seen = np.zeros(self._n_vocab, dtype=bool)
+        seen[prompt] = True
+        self.llm.reset()
+        self.llm.eval(prompt)
+        p = self.repetition_penalty
+        for _ in range(max_new_tokens):
+            logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,)).copy()
+            if p != 1.0:  # transformers' RepetitionPenaltyLogitsProcessor
+                hit = logits[seen]
+                logits[seen] = np.where(hit > 0, hit / p, hit * p)
+            if forced:
+                logits[list(self._stop)] = -np.inf
+            token = int(np.argmax(logits))
+            if token in self._stop:
+                return
+            yield token
+            seen[token] = True
+            self.llm.eval([token])
+
+    def stream(self, question: str, max_new_tokens: int) -> Iterator[str]:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character may span tokens
+        with self._lock:
+            for token in self._generate(question, max_new_tokens):
+                piece = decoder.decode(self.llm.detokenize([token], special=False))
+                if piece:
+                    yield piece
+            tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def _complete(self, question: str, max_new_tokens: int) -> tuple[str, int]:
+        with self._lock:
+            ids = list(self._generate(question, max_new_tokens))
+            text = self.llm.detokenize(ids, special=False).decode("utf-8", errors="replace")
+        return text.strip(), len(ids)
+
+    def answer(self, question: str, max_new_tokens: int) -> str:
+        return self._complete(question, max_new_tokens)[0]
+
+    def answer_many(self, questions: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+        """One at a time (llama-cpp-python decodes one sequence per context); on this CPU that is still
+        faster than transformers' batches (docs/benchmarks.md). Same fields as generation.generate."""
+        out, started = [], time.perf_counter()
+        for i, q in enumerate(questions):
+            t0 = time.perf_counter()
+            text, n = self._complete(q, max_new_tokens)
+            out.append({"answer": text, "new_tokens": n, "batch_seconds": time.perf_counter() - t0})
+            if (i + 1) % 8 == 0 or i + 1 == len(questions):
+                spent = time.perf_counter() - started
+                log.info("%s: %d/%d answered, %.2f answers/s, about %.0f s left", self.label, i + 1,
+                         len(questions), (i + 1) / spent, (len(questions) - i - 1) * spent / (i + 1))
+        return out
+
+    def timed_answer(self, question: str, max_new_tokens: int) -> float:
+        with self._lock:
+            t0 = time.perf_counter()
+            for _ in self._generate(question, max_new_tokens, forced=True):
+                pass
+            return time.perf_counter() - t0
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
+
+    def profile(self, max_new_tokens: int) -> dict[str, Any]:
+        """What can change speed (see generation.speed_profile): the base GGUF's type, the engine."""
+        meta = self.llm.metadata
+        arch = meta.get("general.architecture", "?")
+        return {"architecture": f"{arch}/h{meta.get(f'{arch}.embedding_length', '?')}"
+                                f"/l{meta.get(f'{arch}.block_count', '?')}/v{self._n_vocab}",
+                "dtype": f"gguf-file-type-{meta.get('general.file_type', '?')}",
+                "quantization": "gguf", "engine": "llama.cpp", "device": "cpu", "threads": self.threads,
+                "adapter": "gguf-lora" if self.adapter_gguf else "none",
+                "decoding": {"max_new_tokens": max_new_tokens, "repetition_penalty": self.repetition_penalty,
+                             "greedy": True}}
+
+    def close(self) -> None:
+        with self._lock:
+            self.llm.close()
+
+
+def adapter_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> Path:
+    """The adapter's GGUF form, converted once into a cache keyed by the adapter's digest and the
+    base GGUF's hash (the conversion is deterministic, so a cached file equals a fresh one)."""
+    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
+    from shoefix_tasks.model.gguf_adapter import write_adapter_gguf
+    from shoefix_tasks.records import sha256_file
+
+    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}"
+    out = settings.home / "cache" / "gguf-adapters" / f"{key}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_adapter_gguf(adapter_dir, base_gguf, out)
+    return out
+
+
+def check_same_source(ident: dict[str, Any], base_gguf: Path) -> None:
+    """The GGUF llama.cpp loads must be the one the trainer's base was dequantized from."""
+    from shoefix_tasks.model.base import BaseModelMismatch
+    from shoefix_tasks.records import sha256_file
+
+    recorded = (ident.get("source") or {}).get("sha256")
+    if recorded != sha256_file(base_gguf):
+        raise BaseModelMismatch(f"{base_gguf.name} is not the file the base {ident.get('name')} was converted from "
+                                f"(recorded {str(recorded)[:12]})")
+
+
+def open_engine(base_model: str, adapter_dir: Path | None, settings: Settings, *, dtype: str = "float32",
+                repetition_penalty: float = 1.0, engine: str = "auto", label: str = "",
+                adapter_gguf: Path | None = None, batch_size: int = 8) -> Engine:
+    """The engine that serves `base_model` (+ the adapter in `adapter_dir`, verified against its manifest
+    and its recorded base first). `adapter_gguf`: an already verified served artifact (registry/served);
+    without it the adapter is converted (cached). `dtype` and `batch_size` apply to transformers."""
+    from shoefix_tasks.model.generation import load_answerer
+
+    label = label or ("base" if adapter_dir is None else adapter_dir.name)
+    kind = choose_engine(base_model, engine)
+    if kind == "transformers":
+        return TransformersEngine(load_answerer(base_model, adapter_dir, settings, dtype, label=label),
+                                  repetition_penalty, batch_size)
+    base_gguf = shipped_gguf(base_model)
+    if base_gguf is None:
+        raise ValueError(f"base {base_model!r} ships no GGUF: llama.cpp cannot serve it (use transformers)")
+    manifest = None
+    if adapter_dir is not None:
+        from shoefix_tasks.model.adapter import verify_adapter
+        from shoefix_tasks.model.base import base_identity, check_compatible
+
+        manifest = verify_adapter(adapter_dir)
+        ident = base_identity(base_model, settings)
+        check_compatible(manifest["base"], ident, f"adapter {label}")
+        check_same_source(ident, base_gguf)
+        adapter_gguf = adapter_gguf or adapter_gguf_for(adapter_dir, base_gguf, settings)
+    return LlamaCppEngine(base_gguf, adapter_gguf if adapter_dir is not None else None, repetition_penalty, label,
+                          manifest)

@@ -1,0 +1,137 @@
+"""The served form of an adapter for llama.cpp: the registered PEFT LoRA written as a GGUF adapter.
+
+llama.cpp serves the base from the GGUF it ships as (for the default, the very Q4_1 file the trainer
+dequantized, so base weights are identical) and applies the LoRA itself: y = W x + s * B (A x) with
+s = adapter.lora.alpha / rank. Nothing is merged or re-quantized, so the adapter stays exact (fp32)
+and the file is small (~5 MB for rank 16 on all 210 linear layers of SmolLM2-135M).
+
+Two facts make the conversion right:
+- llama.cpp's llama GGUF stores q and k projection rows permuted relative to Hugging Face (its rope
+  pairs rows differently); transformers undoes this when it dequantizes the GGUF. The LoRA delta B @ A
+  must land on the same rows as the weight, so lora_b of q and k gets the same row permutation.
+- PEFT's lora_A.weight is (r, in) and lora_B.weight is (out, r) in row-major numpy; a GGUF tensor of
+  numpy shape (r, in) has ggml ne = [in, r], which is what llama.cpp checks against the base weight
+  (ne[0] = in features, ne[1] = out features).
+
+The output is a pure function of the adapter's bytes and the base GGUF's architecture: tensors in a
+fixed order, no timestamps, so converting the same adapter twice gives the same sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.records import sha256_file
+
+FORMAT = "shoefix-gguf-adapter/1"
+# Hugging Face projection name -> llama.cpp tensor name inside a block (blk.N.<name>.weight)
+_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+            "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_SUPPORTED_ARCH = ("llama",)  # the row permutation below is llama's; other architectures are refused
+
+
+class UnsupportedAdapter(ValueError):
+    """The adapter uses something the GGUF adapter cannot express (DoRA, biases, saved modules,
+    per-module ranks, a target outside the seven projections); it is served by transformers instead."""
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """The few base GGUF fields the conversion needs (architecture and head counts)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+
+    def scalar(key: str):
+        field = reader.fields.get(key)
+        if field is None:
+            return None
+        value = field.parts[field.data[0]]
+        return bytes(value).decode() if field.types[0] == gguf.GGUFValueType.STRING else value.tolist()[0]
+
+    arch = scalar("general.architecture")
+    return {"architecture": arch, "n_head": scalar(f"{arch}.attention.head_count"),
+            "n_head_kv": scalar(f"{arch}.attention.head_count_kv") or scalar(f"{arch}.attention.head_count")}
+
+
+def permute_rows(w, n_head: int):
+    """Hugging Face -> llama.cpp row order of a q or k projection (or of its LoRA B): within each head
+    the two rope halves are interleaved. Shape (n_head * head_dim, cols) is kept."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_config(cfg: dict[str, Any]) -> float:
+    """The scaling llama.cpp must apply (alpha / r, or alpha / sqrt(r) with rsLoRA) as its `alpha`
+    times r, after refusing what a GGUF LoRA cannot express."""
+    problems = []
+    if cfg.get("use_dora"):
+        problems.append("DoRA")
+    if cfg.get("bias", "none") != "none":
+        problems.append(f"bias={cfg['bias']}")
+    if cfg.get("modules_to_save"):
+        problems.append(f"modules_to_save={cfg['modules_to_save']}")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        problems.append("per-module rank or alpha")
+    if cfg.get("fan_in_fan_out"):
+        problems.append("fan_in_fan_out")
+    if problems:
+        raise UnsupportedAdapter(f"adapter uses {', '.join(problems)}: not expressible as a GGUF LoRA")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return scaling * r  # llama.cpp computes alpha / rank per tensor; rank = r here
+
+
+def _gguf_name(key: str) -> tuple[int, str, str]:
+    """`base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight` -> (3, 'attn_q', 'lora_a')."""
+    parts = key.split(".")
+    try:
+        layer = int(parts[parts.index("layers") + 1])
+        module, which = parts[-3], parts[-2]
+        return layer, _MODULES[module], {"lora_A": "lora_a", "lora_B": "lora_b"}[which]
+    except (ValueError, KeyError, IndexError) as err:
+        raise UnsupportedAdapter(f"adapter tensor {key!r} is not a LoRA on a block's projection") from err
+
+
+def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
+    """Write `adapter_dir` (a verified PEFT LoRA) as a llama.cpp adapter GGUF at `out` (atomically).
+    Returns {"sha256", "bytes", "tensors", "alpha"}."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
+
+    manifest = verify_adapter(adapter_dir)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    alpha = _check_config(cfg)
+    meta = gguf_metadata(base_gguf)
+    if meta["architecture"] not in _SUPPORTED_ARCH:
+        raise UnsupportedAdapter(f"base architecture {meta['architecture']!r}: no GGUF adapter conversion")
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    named: dict[tuple[int, str, str], Any] = {}
+    for key, value in tensors.items():
+        layer, module, which = _gguf_name(key)
+        w = value.astype(np.float32)
+        if which == "lora_b" and module in ("attn_q", "attn_k"):
+            w = permute_rows(w, meta["n_head"] if module == "attn_q" else meta["n_head_kv"])
+        named[(layer, module, which)] = np.ascontiguousarray(w)
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), meta["architecture"])
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    # provenance: which adapter and which base this file belongs to
+    writer.add_string("shoefix.format", FORMAT)
+    writer.add_string("shoefix.adapter_digest", adapter_digest(manifest))
+    writer.add_string("shoefix.base_gguf_sha256", sha256_file(base_gguf))
+    for (layer, module, which), w in sorted(named.items()):
+        writer.add_tensor(f"blk.{layer}.{module}.weight.{which}", w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(named), "alpha": alpha}

@@ -118,6 +118,8 @@ def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[st
         if which == "lora_b" and module in ("attn_q", "attn_k"):
             w = permute_rows(w, meta["n_head"] if module == "attn_q" else meta["n_head_kv"])
         named[(layer, module, which)] = np.ascontiguousarray(w)
+    if not named:
+        raise UnsupportedAdapter(f"{adapter_dir} holds no LoRA tensors")
     tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), meta["architecture"])
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -1,0 +1,177 @@
+"""The served form of the default base: the shipped Q4_1 GGUF + our LoRA adapter GGUF in llama.cpp,
+checked against transformers + PEFT (the trainer's view of the same adapter) on the real base.
+
+Two comparisons, because the Q4_1 base itself differs from its dequantized copy in llama.cpp (llama.cpp
+multiplies Q4_1 weights with 8-bit-quantized activations; transformers with fp32 ones):
+- exact: the same base dequantized to an F32 GGUF, so any error is the adapter conversion's (a wrong
+  q/k row permutation gives ~40x the error, checked too);
+- served: the real Q4_1 GGUF, whose error with the adapter must stay of the order of the base's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shoefix_tasks.config import Settings
+from shoefix_tasks.model import gguf_adapter
+from shoefix_tasks.model.base import SMOLLM2, smollm2_gguf_path
+
+pytest.importorskip("llama_cpp")
+QUESTION = "How do I keep leather boots free of mold in a humid closet?"
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """Settings with the converted default base, a rank-8 LoRA on every projection with non-zero B
+    (seeded) and its manifest, and transformers' last-position logits for base and base + adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from shoefix_tasks.model.adapter import write_manifest
+    from shoefix_tasks.model.base import base_identity, load_base
+    from shoefix_tasks.model.generation import Answerer, _encode
+
+    tmp = tmp_path_factory.mktemp("engines")
+    settings = dataclasses.replace(Settings.from_env(), home=tmp / "home")
+    model, tok = load_base(SMOLLM2, settings)
+    tok.padding_side = "left"
+    enc = _encode(Answerer(model, tok, "base"), [QUESTION])
+    with torch.no_grad():
+        base_logits = model(**enc).logits[0, -1].numpy()
+    torch.manual_seed(14)
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, w in peft.named_parameters():
+            if "lora_B" in name:
+                w.normal_(0, 0.02)
+        adapted_logits = peft(**enc).logits[0, -1].numpy()
+    adapter = tmp / "adapter"
+    peft.save_pretrained(adapter)  # before merging: merge_and_unload removes the LoRA layers
+    tok.save_pretrained(adapter)
+    with torch.no_grad():
+        greedy = peft.merge_and_unload().generate(**enc, max_new_tokens=12, do_sample=False,
+                                                  pad_token_id=tok.pad_token_id)
+    write_manifest(adapter, base_identity(SMOLLM2, settings), {"recipe": "test"})
+    return {"settings": settings, "adapter": adapter, "tmp": tmp, "base": base_logits, "adapted": adapted_logits,
+            "prompt_ids": enc["input_ids"][0].tolist(),
+            "greedy": greedy[0, enc["input_ids"].shape[1]:].tolist()}
+
+
+def dequantized_copy(src: Path, dst: Path) -> Path:
+    """The GGUF with every tensor dequantized to F32 (same metadata, same llama.cpp row order)."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(src))
+    writer = gguf.GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
+            continue
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def last_logits(engine) -> np.ndarray:
+    engine.llm.reset()
+    engine.llm.eval(engine._tokens(QUESTION))
+    return np.ctypeslib.as_array(engine.llm._ctx.get_logits_ith(-1), shape=(engine._n_vocab,)).copy()
+
+
+def test_prompt_is_the_transformers_chat_template(real):
+    from shoefix_tasks.model.engines import LlamaCppEngine
+
+    engine = LlamaCppEngine(smollm2_gguf_path(), None, 1.0, "base", threads=2)
+    assert engine._tokens(QUESTION) == real["prompt_ids"]
+    engine.close()
+
+
+def test_adapter_gguf_equals_peft_on_an_f32_base(real, monkeypatch):
+    from shoefix_tasks.model.engines import LlamaCppEngine
+
+    tmp = real["tmp"]
+    f32 = dequantized_copy(smollm2_gguf_path(), tmp / "base-f32.gguf")
+    good = gguf_adapter.write_adapter_gguf(real["adapter"], f32, tmp / "good.gguf")
+    assert good["tensors"] == 30 * 7 * 2 and good["alpha"] == 16.0
+    monkeypatch.setattr(gguf_adapter, "permute_rows", lambda w, n_head: w)  # the mistake the permutation avoids
+    gguf_adapter.write_adapter_gguf(real["adapter"], f32, tmp / "unpermuted.gguf")
+    monkeypatch.undo()
+
+    errors = {}
+    for name in ("none", "good", "unpermuted"):
+        engine = LlamaCppEngine(f32, None if name == "none" else tmp / f"{name}.gguf", 1.0, name, threads=2)
+        want = real["base"] if name == "none" else real["adapted"]
+        errors[name] = float(np.abs(last_logits(engine) - want).mean())
+        engine.close()
+    effect = float(np.abs(real["adapted"] - real["base"]).mean())
+    # measured: base 0.005, adapter 0.002-0.01 against an effect of ~0.9; unpermuted ~0.2
+    assert errors["none"] < 0.02 and errors["good"] < 0.02, errors
+    assert errors["good"] < effect / 40, (errors, effect)
+    assert errors["unpermuted"] > 10 * errors["good"], errors
+
+
+def test_served_q4_base_and_adapter_agree_with_transformers(real):
+    """The real served pair: same first greedy tokens as transformers + PEFT (merged), and logits as close
+    as the Q4_1 base alone is to its dequantized copy (within 3x: the adapter moves logits by ~0.9)."""
+    from shoefix_tasks.model.engines import open_engine
+
+    base = open_engine(SMOLLM2, None, real["settings"], label="base")
+    served = open_engine(SMOLLM2, real["adapter"], real["settings"], label="served")
+    assert served.name == "llama.cpp" and served.adapter_gguf is not None
+    base_err = float(np.abs(last_logits(base) - real["base"]).mean())
+    logits = last_logits(served)
+    err = float(np.abs(logits - real["adapted"]).mean())
+    assert int(np.argmax(logits)) == int(np.argmax(real["adapted"]))
+    assert err < 3 * base_err, (err, base_err)
+    ids = list(served._generate(QUESTION, 12))
+    assert ids[:6] == real["greedy"][:6], (ids, real["greedy"])
+    text = served.answer(QUESTION, 24)
+    assert "".join(served.stream(QUESTION, 24)).strip() == text and text
+    base.close()
+    served.close()
+
+
+def test_conversion_is_deterministic(real):
+    tmp = real["tmp"]
+    a = gguf_adapter.write_adapter_gguf(real["adapter"], smollm2_gguf_path(), tmp / "a.gguf")
+    b = gguf_adapter.write_adapter_gguf(real["adapter"], smollm2_gguf_path(), tmp / "b.gguf")
+    assert a == b and (tmp / "a.gguf").read_bytes() == (tmp / "b.gguf").read_bytes()
+
+
+def test_engine_choice(tiny_model):
+    from shoefix_tasks.model.engines import choose_engine
+
+    assert choose_engine(SMOLLM2) == "llama.cpp"
+    assert choose_engine(str(tiny_model)) == "transformers"
+    assert choose_engine(SMOLLM2, "transformers") == "transformers"
+    with pytest.raises(ValueError):
+        choose_engine(SMOLLM2, "onnx")
+
+
+@pytest.mark.parametrize("cfg", [{"use_dora": True}, {"bias": "all"}, {"modules_to_save": ["lm_head"]},
+                                 {"rank_pattern": {"q_proj": 4}}])
+def test_what_a_gguf_lora_cannot_express_is_refused(cfg):
+    with pytest.raises(gguf_adapter.UnsupportedAdapter):
+        gguf_adapter._check_config({"r": 8, "lora_alpha": 16, **cfg})
+    assert gguf_adapter._check_config({"r": 16, "lora_alpha": 32, "use_rslora": True}) == pytest.approx(32 * 4)
+
+
+def test_transformers_engine_streams_its_answer(shoefix_env, tiny_model):
+    from shoefix_tasks.model.engines import open_engine
+
+    engine = open_engine(str(tiny_model), None, shoefix_env, repetition_penalty=1.15)
+    assert engine.name == "transformers"
+    question = "What humidity lets mold grow in stored shoes?"
+    assert "".join(engine.stream(question, 16)).strip() == engine.answer(question, 16)
+    many = engine.answer_many([question, "How do I dry boots?"], 8)
+    assert [set(m) for m in many] == [{"answer", "new_tokens", "batch_seconds"}] * 2
+    engine.close()

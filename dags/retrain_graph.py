@@ -1,6 +1,8 @@
 """The retraining task graph, shared by the weekly and urgent DAGs (no copy-paste between them).
 
 collect_qa >> validate_qa >> train_adapter >> evaluate_adapter >> gate_and_promote
+    >> needs_review >> review_promotion >> apply_review   (review_graph.py: a person's approval, when
+                                                           the policy or the run asks for one)
 
 `collect_qa` first checks the run's params against shoefix_tasks.ops.trigger (trigger_conf.py) and
 keeps the validated values in XCom `trigger`; every later task uses those, never the raw params.
@@ -29,6 +31,7 @@ from airflow.sdk import (
     get_current_context,
     task,
 )
+from review_graph import review_promotion
 from shoefix_notify import ShoeFixNotifier
 from trigger_conf import TRIGGER_XCOM, no_retry_on_permanent_errors, validated_conf
 
@@ -202,9 +205,10 @@ def gate_and_promote(trained: dict, evaluated: dict) -> dict:
     ctx = get_current_context()
     # the judge: needed if the champion moved and the candidate must be evaluated again
     return run(_run_key(), _recipe(t), trained, evaluated, actor=ctx["dag"].dag_id, judge=_judge_config(),
-               quick=t["quick"], trigger={k: t.get(k) for k in ("reason", "triggered_by", "dag_id")})
+               quick=t["quick"], trigger={k: t.get(k) for k in ("reason", "triggered_by", "dag_id")},
+               promotion=t.get("promotion"))  # None (a run from before): the policy's mode
 
 
 def build_retrain_graph() -> None:
     trained = train_adapter(validate_qa(collect_qa()))
-    gate_and_promote(trained, evaluate_adapter(trained))
+    review_promotion(gate_and_promote(trained, evaluate_adapter(trained)))

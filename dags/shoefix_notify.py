@@ -85,10 +85,13 @@ def failure_message(context: dict[str, Any]) -> tuple[str, str]:
 
 
 def champion_message(context: dict[str, Any]) -> tuple[str, str] | None:
-    """From the task's return value: `gate_and_promote` (decision == promote) or a rollback."""
+    """From the task's return value: `gate_and_promote` (decision == promote, unless held for review),
+    `apply_review` (approved) or a rollback."""
     ti = context["ti"]
     ret = ti.xcom_pull(task_ids=ti.task_id) or {}
     model = ret.get("model", "shoefix-expert")
+    if ret.get("decision") == "promote" and ret.get("review") == "pending":
+        return None  # the champion has not moved: the approval task asks a person first
     if ret.get("decision") == "promote":
         reasons = "\n".join(f"- {r}" for r in ret.get("reasons", []))
         asked = (f"\nTriggered by {ret.get('triggered_by') or 'an unnamed user'} because: {ret['trigger_reason']}"

@@ -1,4 +1,5 @@
-"""The five stages of the retraining pipeline as plain functions, one per Airflow task.
+"""The five stages of the retraining pipeline as plain functions, one per Airflow task, plus the
+two of a promotion held for a person's review (`review_request`, `apply_review`).
 
 Each takes references (a run key, a recipe name, paths, run ids) and returns a small JSON-able
 dict; none imports Airflow. Heavy libraries are imported inside the stages that need them.
@@ -137,7 +138,7 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
 def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], eval_ref: dict[str, Any],
                      overrides: list[str] | None = None, actor: str = "shoefix_weekly_retrain",
                      settings: Settings | None = None, judge=None, quick: bool = False,
-                     trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+                     trigger: dict[str, Any] | None = None, promotion: str | None = None) -> dict[str, Any]:
     """Decide, register and (maybe) promote, all under the promotion lease.
 
     Inside the lease the champion is read again. If it changed since `eval_ref` was scored (another
@@ -147,7 +148,8 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
     one evaluation, and only when two runs actually collide. `judge` is the evaluation's LLM judge,
     needed for such a re-evaluation (without it, one that was judged fails closed). `trigger` is who
     asked for this run and why ({"reason", "triggered_by", "dag_id"}): recorded with the version and
-    in the champion history.
+    in the champion history. `promotion` is the run's mode (`review`: a passing version waits for a
+    person, see `review_request` / `apply_review`; the policy's mode is applied too, the stricter wins).
     """
     from shoefix_tasks.registry import promotion
     from shoefix_tasks.registry import versions as registry
@@ -171,5 +173,35 @@ def gate_and_promote(run_key: str, recipe: str, train_result: dict[str, Any], ev
             eval_ref = evaluate_adapter(f"{run_key}.vs-{f'v{now}' if now else 'base'}", recipe, train_result, overrides, settings,
                                         judge=judge, require_judge=judged, quick=quick)
             reevaluated = now
-        out = promotion.decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease, trigger)
+        out = promotion.decide_and_register(run_key, rec, train_result, eval_ref, actor, settings, lease, trigger,
+                                            promotion=promotion)
     return {**out, "reevaluated_against": reevaluated, "lock_waited_s": round(lease.waited_s, 2)}
+
+
+def review_request(gated: dict[str, Any], settings: Settings | None = None) -> dict[str, Any]:
+    """Subject and Markdown body of the approval task for a version held for review (`gated` is
+    gate_and_promote's result): the scorecard, intervals, guard results and the answers that changed most."""
+    from shoefix_tasks.records import load_eval_set
+    from shoefix_tasks.registry.review import review_body
+
+    settings = settings or Settings.from_env()
+    evaluation = json.loads(Path(gated["evaluation_path"]).read_text())
+    langs = evaluation.get("languages") or None
+    questions = {it["id"]: it["question"] for kind in ("holdout", "guard")
+                 for it in load_eval_set(settings.data_dir, kind, langs)}
+    decision = {"promote": True, "reasons": gated["reasons"], "numbers": gated.get("numbers", {})}
+    return {"subject": f"Promote {gated.get('model', 'shoefix-expert')} v{gated['version']} to champion "
+                       f"(challenged {gated.get('challenged', 'base')})?",
+            "body": review_body(evaluation, decision, int(gated["version"]), questions)}
+
+
+def apply_review(run_key: str, gated: dict[str, Any], response: dict[str, Any] | None, actor: str,
+                 settings: Settings | None = None) -> dict[str, Any]:
+    """Act on a person's answer to the approval task (None: no answer, it timed out): approve moves
+    `champion`, anything else keeps it; every outcome is recorded (registry/review.py)."""
+    from shoefix_tasks.registry import review
+    from shoefix_tasks.store import tracking
+
+    settings = settings or Settings.from_env()
+    tracking.configure(settings)
+    return review.apply_review(settings, gated, response, actor, run_key)

@@ -28,15 +28,21 @@ def evaluation_of(version, settings: Settings) -> dict[str, Any]:
 
 
 def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_ref: dict[str, Any], actor: str,
-                        settings: Settings, lease, trigger: dict[str, Any] | None = None) -> dict[str, Any]:
+                        settings: Settings, lease, trigger: dict[str, Any] | None = None,
+                        promotion: str | None = None) -> dict[str, Any]:
     """Decide with the operator's gate, register the version (tags: provenance, the decision, the
-    trigger), and move `champion` only if the gate passed, under the caller's promotion lease."""
+    trigger), and move `champion` only if the gate passed, under the caller's promotion lease.
+
+    `promotion` is the run's own mode (its validated trigger); the policy's mode is read again here,
+    and the stricter of the two holds: a policy switched to `review` after the run started still
+    applies. Under `review` a passing version is tagged `review: pending` and `champion` stays until
+    registry/review.apply_review acts on a person's answer."""
     import mlflow
 
     from shoefix_tasks.evaluation.gate import Scorecard, decide
     from shoefix_tasks.evaluation.report import scorecard_chart, scorecard_markdown, scorecard_text
     from shoefix_tasks.model.adapter import AdapterIntegrityError, adapter_digest, verify_adapter
-    from shoefix_tasks.policy import load_policy
+    from shoefix_tasks.policy import load_policy, stricter_mode
     from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.store import tracking
 
@@ -60,6 +66,7 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
     decision = decide(card("champion"), card("challenger"), policy.gate, judge_error=evaluation.get("judge_error"),
                       latency_compared=evaluation.get("latency", {}).get("compared", True))
     verdict = "promote" if decision.promote else "keep_champion"
+    held = decision.promote and stricter_mode(policy.promotion.mode, promotion) == "review"
     markdown = scorecard_markdown(evaluation, decision.to_dict())
     chart = scorecard_chart(evaluation, settings.run_dir(run_key) / "scorecard.png")
     client = mlflow.MlflowClient()
@@ -89,6 +96,8 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
                "max_new_tokens": evaluation["decoding"]["max_new_tokens"],
                "repetition_penalty": evaluation["decoding"]["repetition_penalty"]}
     tags["serving"] = json.dumps(serving)
+    if held:
+        tags["review"] = "pending"
     trigger = trigger or {}
     if trigger.get("reason"):
         tags["trigger_reason"] = trigger["reason"][:4900]
@@ -99,7 +108,7 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
                                         {k: serving[k] for k in ("max_new_tokens", "repetition_penalty", "dtype")},
                                         settings=settings)
     registry.set_challenger(int(version.version))
-    if decision.promote:
+    if decision.promote and not held:
         why = "; ".join(decision.reasons)
         if trigger.get("reason"):
             why = f"triggered because: {trigger['reason']} | gate: {why}"
@@ -110,5 +119,6 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
     log.info("scorecard (%s vs challenger v%s):\n%s", champion_label, version.version, scorecard_text(evaluation))
     return {"version": int(version.version), "decision": verdict, "reasons": decision.reasons,
             "numbers": decision.numbers, "champion": int(champ.version) if champ else None,
-            "challenged": champion_label, "model": REGISTERED_MODEL,
+            "challenged": champion_label, "model": REGISTERED_MODEL, "review": "pending" if held else None,
+            "evaluation_path": eval_ref["evaluation_path"],
             "trigger_reason": trigger.get("reason"), "triggered_by": trigger.get("triggered_by")}

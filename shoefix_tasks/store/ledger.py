@@ -91,7 +91,7 @@ champion_history = sa.Table(
     sa.Column("model_name", sa.String(250), nullable=False),
     sa.Column("version", sa.Integer, nullable=False),
     sa.Column("previous_version", sa.Integer),
-    sa.Column("action", sa.String(20), nullable=False),  # promote | rollback | rollback-forced
+    sa.Column("action", sa.String(20), nullable=False),  # promote | promote-reviewed | rollback | rollback-forced | review-{rejected,timeout,stale}
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("actor", sa.String(250), nullable=False),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),

@@ -201,4 +201,5 @@ def test_shoefix_dags_carry_the_notifiers():
     assert callbacks and all(fail == ["failure"] for fail, _ in callbacks.values()), callbacks
     promoting = {k for k, (_, ok) in callbacks.items() if ok == ["champion"]}
     assert promoting == {"shoefix_weekly_retrain.gate_and_promote", "shoefix_urgent_update.gate_and_promote",
+                         "shoefix_weekly_retrain.apply_review", "shoefix_urgent_update.apply_review",
                          "shoefix_rollback.rollback_champion"}

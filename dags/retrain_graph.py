@@ -28,6 +28,9 @@ from airflow.sdk import (
     AssetAlias,
     AssetOrTimeSchedule,
     CronTriggerTimetable,
+    DeadlineAlert,
+    DeadlineReference,
+    SyncCallback,
     get_current_context,
     task,
 )
@@ -64,6 +67,21 @@ def weekly_schedule():
     if not asset_trigger_enabled():
         return WEEKLY_CRON
     return AssetOrTimeSchedule(timetable=CronTriggerTimetable(WEEKLY_CRON, timezone=TIMEZONE), assets=INBOX_NEW)
+
+
+def late_run_alert() -> DeadlineAlert:
+    """The weekly DAG's deadline: a run still going `alerts.late_after_hours` (policy) after it was
+    queued notifies through shoefix_notify (Slack / SMTP). Measured from when the run was queued, a
+    fixed interval: Airflow's AVERAGE_RUNTIME reference would learn "usual" from idle weeks that
+    short-circuit in seconds and then call every week with new data late."""
+    from shoefix_notify import notify_late_run
+
+    from shoefix_tasks.policy import load_policy
+
+    hours = load_policy().alerts.late_after_hours
+    return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
+                         callback=SyncCallback(notify_late_run, kwargs={"late_after_hours": hours}),
+                         name="shoefix_late_run")
 
 
 def _emit(alias: AssetAlias, asset: Asset, extra: dict) -> None:

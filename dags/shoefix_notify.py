@@ -106,6 +106,22 @@ def champion_message(context: dict[str, Any]) -> tuple[str, str] | None:
     return None  # evaluated but kept the champion: nothing to announce
 
 
+def late_message(context: dict[str, Any], late_after_hours: float) -> tuple[str, str]:
+    """From a deadline callback's context (`dag_run`: the run as the REST API shows it, `deadline`)."""
+    run = context.get("dag_run") or {}
+    dag_id, run_id = run.get("dag_id", "?"), run.get("dag_run_id") or run.get("run_id", "?")
+    return (f"ShoeFix: {dag_id} run {run_id} is late",
+            f"Run {run_id} of {dag_id} (queued {run.get('queued_at') or '?'}, state {run.get('state') or '?'}) is still "
+            f"going {late_after_hours:g} h after it was queued (policy alerts.late_after_hours). A stuck worker, "
+            "a starved GPU pool or an approval nobody answered? See the run in Airflow.")
+
+
+def notify_late_run(context: dict[str, Any], late_after_hours: float) -> list[str]:
+    """The weekly DAG's deadline-alert callback (an Airflow `SyncCallback`): Airflow calls it with the
+    simple context of the missed deadline when a run is still going past its deadline."""
+    return send(*late_message(context, late_after_hours), context)
+
+
 class ShoeFixNotifier(BaseNotifier):
     """`on_failure_callback=ShoeFixNotifier("failure")`; `on_success_callback=ShoeFixNotifier("champion")`."""
 

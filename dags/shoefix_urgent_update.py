@@ -6,7 +6,9 @@
   (inbox-relative names; empty = everything new), `recipe` (a name, never a path), `evaluation`
   (`full` holdout, or `quick`: the policy's seeded, topic-stratified sample, where the policy
   allows it), `overrides` (`{"train.learning_rate": 1e-4}`: allowlisted `train.*` keys within
-  bounds). Anything else is refused: 400 from the REST API, a failed first task otherwise.
+  bounds), `promotion` (`policy`, or `review`: hold this run's promotion for a person's approval;
+  `auto` is refused when the policy says `review`: a trigger may tighten the policy, never loosen
+  it). Anything else is refused: 400 from the REST API, a failed first task otherwise.
 - Outputs and side effects: as `shoefix_weekly_retrain` (same task graph): a ledgered batch, a
   training run, an evaluation, a registry version; `champion` moves only if the gate passes;
   the same asset events and failure / promotion notifications.

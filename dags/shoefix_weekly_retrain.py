@@ -12,14 +12,17 @@
   gate passes (history kept in the ledger). Skips everything after collection when nothing new
   arrived. Asset events `shoefix://inbox/collected` and `shoefix://corpus/accepted` (batch id and
   counts) when something new was collected / accepted. Notifies (Slack `shoefix_slack` and/or SMTP
-  `shoefix_smtp`) when a task fails for good and when a new champion is promoted.
+  `shoefix_smtp`) when a task fails for good, when a new champion is promoted, and when a run is
+  still going `alerts.late_after_hours` (policy) after it was queued (an Airflow deadline alert).
+- Promotion: with the policy's `promotion.mode: review` (or param `promotion: review`), a passing
+  version waits in task `review_promotion` for a person's Approve / Reject (review_graph.py).
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag
-from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, weekly_schedule
+from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, late_run_alert, weekly_schedule
 from trigger_conf import trigger_params
 
 
@@ -33,6 +36,7 @@ from trigger_conf import trigger_params
     tags=["shoefix", "retrain", "weekly"],
     doc_md=__doc__,
     params=trigger_params("shoefix_weekly_retrain"),  # what a trigger may ask for: shoefix_tasks.ops.trigger
+    deadline=late_run_alert(),  # notifies when a run is still going long after it was queued
 )
 def shoefix_weekly_retrain():
     build_retrain_graph()

@@ -14,6 +14,11 @@ class PermanentError(Exception):
     """Retrying cannot help: fail the task without retries and say why."""
 
 
+class ServedArtifactMismatch(PermanentError):
+    """A served artifact (the adapter GGUF llama.cpp loads, or the base GGUF under it) does not hash to
+    what was recorded with its registry version: it is never served (registry/served.py)."""
+
+
 # The trainer CLI's exit codes (python -m shoefix_tasks.train), read by training.dispatch and the DAGs.
 EXIT_OK = 0
 EXIT_PREFLIGHT = 78  # sysexits EX_CONFIG: this node cannot run the recipe (no usable GPU, not enough memory)

@@ -1,9 +1,11 @@
 """The registered model, defined from code (MLflow models-from-code: nothing is pickled).
 
 `mlflow.pyfunc.load_model("models:/shoefix-expert@champion")` runs `load_context`: it verifies the
-adapter's sha256 manifest, checks it belongs to the configured base, merges it, and answers
-questions given as a DataFrame column `question`, a list of strings, or one string. Every answer
-passes the safety net (shoefix_tasks.registry.safety) before it is returned.
+adapter's sha256 manifest, checks it belongs to the configured base, and opens the engine the version
+serves with (model/engines.py): llama.cpp with the `served_adapter` GGUF, whose sha256 and the base
+GGUF's must match the ones recorded in the model config (registry/served.py), or transformers. It
+answers questions given as a DataFrame column `question`, a list of strings, or one string. Every
+answer passes the safety net (shoefix_tasks.registry.safety) before it is returned.
 """
 
 from __future__ import annotations
@@ -18,21 +20,26 @@ from mlflow.pyfunc import PythonModel
 class ShoeFixExpert(PythonModel):
     def load_context(self, context):
         from shoefix_tasks.config import Settings
-        from shoefix_tasks.model.generation import load_answerer
+        from shoefix_tasks.model.engines import open_engine, shipped_gguf
+        from shoefix_tasks.registry.served import ARTIFACT, TAG_ENGINE, check_served
 
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 160))
-        self.repetition_penalty = float(cfg.get("repetition_penalty", 1.0))
         self.settings = Settings.from_env()
-        self.answerer = load_answerer(cfg["base_model"], Path(context.artifacts["adapter"]), self.settings,
-                                      cfg.get("dtype", "float32"), label="registered")
+        served = context.artifacts.get(ARTIFACT)
+        engine = cfg.get(TAG_ENGINE, "transformers")  # models logged before served artifacts: as they were
+        if served:
+            check_served(Path(served), cfg, shipped_gguf(cfg["base_model"]), "the registered model")
+        self.engine = open_engine(cfg["base_model"], Path(context.artifacts["adapter"]), self.settings,
+                                  dtype=cfg.get("dtype", "float32"),
+                                  repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), engine=engine,
+                                  label="registered", adapter_gguf=Path(served) if served else None)
 
     # The hint is what pyfunc hands over under the registered signature (a frame of questions); it
     # is also MLflow's "no schema from hints" type, so the explicit signature stays the contract.
     # Called directly (tests, `shoefix ask`), a list of strings or one string works too.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from shoefix_tasks.model.adapter import adapter_digest
-        from shoefix_tasks.model.generation import generate
         from shoefix_tasks.registry.safety import check_answer
 
         if isinstance(model_input, str):
@@ -43,8 +50,9 @@ class ShoeFixExpert(PythonModel):
         else:
             questions = [str(q) for q in model_input]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
-        gens = generate(self.answerer, questions, max_new, 8, self.repetition_penalty)
-        model = adapter_digest(self.answerer.manifest)[:12] if self.answerer.manifest else "base"
+        gens = self.engine.answer_many(questions, max_new)
+        manifest = self.engine.manifest
+        model = adapter_digest(manifest)[:12] if manifest else "base"
         return [check_answer(q, g["answer"], self.settings.data_dir, self.settings.home, model=model).answer
                 for q, g in zip(questions, gens, strict=True)]
 

@@ -157,9 +157,12 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
     import mlflow
 
     from shoefix_tasks.model.adapter import AdapterIntegrityError, verify_adapter
-    from shoefix_tasks.registry import serving
+    from shoefix_tasks.registry import served, serving
 
     local = verify_adapter(adapter_dir)
+    settings.home.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="served-", dir=settings.home))
+    extra, served_tags = served.derive_served(adapter_dir, base_model, work)  # the adapter GGUF for llama.cpp
     # the signature declares `max_new_tokens` as an inference-time param (else MLflow drops it)
     signature = mlflow.models.infer_signature(
         ["How do I keep boots dry?"], ["Dry them within 24–48 hours."],
@@ -170,23 +173,28 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
         info = mlflow.pyfunc.log_model(
             signature=signature,
-            name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir)},
-            model_config={"base_model": base_model, **(decoding or {})},
-            pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors"],
+            name="model", python_model=serving.__file__, artifacts={"adapter": str(adapter_dir), **extra},
+            model_config={"base_model": base_model, **(decoding or {}), **served_tags},
+            pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors",
+                              "llama-cpp-python"],
         )
+    shutil.rmtree(work, ignore_errors=True)
     check = settings.home / "cache" / "uploads" / info.model_id
     check.parent.mkdir(parents=True, exist_ok=True)
     uploaded = _fetch_verified(_model_adapter_uri(info.model_id), check)
     shutil.rmtree(check, ignore_errors=True)
     if uploaded["files"] != local["files"]:
         raise AdapterIntegrityError(f"uploaded adapter of {info.model_id} differs from the local one")
-    return info
+    if extra:
+        served.verify_upload(info.model_id, served_tags, settings)
+    return info, served_tags
 
 
 def register_version(training_run_id: str, adapter_dir: Path, base_model: str, tags: dict[str, str],
                      description: str, decoding: dict[str, Any] | None = None,
                      settings: Settings | None = None) -> Any:
-    """Log the pyfunc model (from code) into the training run and register it, once per run."""
+    """Log the pyfunc model (from code) into the training run and register it, once per run. The
+    adapter's served form (registry/served.py) is logged beside it; its hashes become version tags."""
     import mlflow
 
     settings = settings or Settings.from_env()
@@ -198,7 +206,7 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
         version = existing
     else:
         with mlflow.start_run(run_id=training_run_id):
-            info = _log_verified_model(adapter_dir, base_model, decoding, settings)
+            info, served_tags = _log_verified_model(adapter_dir, base_model, decoding, settings)
         created = client.create_model_version(REGISTERED_MODEL, source=info.model_uri, run_id=training_run_id,
                                               tags={"training_run": training_run_id}, model_id=info.model_id)
         version = version_for_run(training_run_id)
@@ -214,7 +222,11 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
         if registered != adapter_digest(verify_adapter(adapter_dir)):
             raise AdapterIntegrityError(f"version {existing.version} holds adapter {registered[:12]}, not the one "
                                         "being registered")
-    for k, v in tags.items():
+        from shoefix_tasks.registry.served import derive_served
+
+        with tempfile.TemporaryDirectory(dir=settings.home) as work:  # deterministic: the bytes uploaded before
+            served_tags = derive_served(adapter_dir, base_model, Path(work))[1]
+    for k, v in {**tags, **served_tags}.items():
         client.set_model_version_tag(REGISTERED_MODEL, version.version, k, str(v))
     client.update_model_version(REGISTERED_MODEL, version.version, description=description)
     return client.get_model_version(REGISTERED_MODEL, version.version)

@@ -29,33 +29,22 @@ def real(tmp_path_factory):
     """Settings with the converted default base, a rank-8 LoRA on every projection with non-zero B
     (seeded) and its manifest, and transformers' last-position logits for base and base + adapter."""
     import torch
-    from peft import LoraConfig, get_peft_model
 
-    from shoefix_tasks.model.adapter import write_manifest
-    from shoefix_tasks.model.base import base_identity, load_base
     from shoefix_tasks.model.generation import Answerer, _encode
+    from tests.real_base import link_converted_base, lora_adapter
 
     tmp = tmp_path_factory.mktemp("engines")
     settings = dataclasses.replace(Settings.from_env(), home=tmp / "home")
-    model, tok = load_base(SMOLLM2, settings)
+    link_converted_base(tmp_path_factory, settings)
+    peft, tok, adapter = lora_adapter(settings, tmp / "adapter")
     tok.padding_side = "left"
-    enc = _encode(Answerer(model, tok, "base"), [QUESTION])
+    enc = _encode(Answerer(peft, tok, "adapted"), [QUESTION])
     with torch.no_grad():
-        base_logits = model(**enc).logits[0, -1].numpy()
-    torch.manual_seed(14)
-    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, w in peft.named_parameters():
-            if "lora_B" in name:
-                w.normal_(0, 0.02)
         adapted_logits = peft(**enc).logits[0, -1].numpy()
-    adapter = tmp / "adapter"
-    peft.save_pretrained(adapter)  # before merging: merge_and_unload removes the LoRA layers
-    tok.save_pretrained(adapter)
-    with torch.no_grad():
+        with peft.disable_adapter():
+            base_logits = peft(**enc).logits[0, -1].numpy()
         greedy = peft.merge_and_unload().generate(**enc, max_new_tokens=12, do_sample=False,
                                                   pad_token_id=tok.pad_token_id)
-    write_manifest(adapter, base_identity(SMOLLM2, settings), {"recipe": "test"})
     return {"settings": settings, "adapter": adapter, "tmp": tmp, "base": base_logits, "adapted": adapted_logits,
             "prompt_ids": enc["input_ids"][0].tolist(),
             "greedy": greedy[0, enc["input_ids"].shape[1]:].tolist()}

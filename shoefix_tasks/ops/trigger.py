@@ -299,7 +299,8 @@ def param_schemas(dag_id: str) -> dict[str, dict[str, Any]]:
         "evaluation": {"default": "full", "type": "string",
                        "enum": ["full", "quick"] if load_policy().trigger.allow_quick else ["full"],
                        "description": "full holdout, or the policy's quick stratified sample"},
-        "promotion": {"default": POLICY_MODE, "type": "string", "enum": [POLICY_MODE, "review", "auto"],
+        "promotion": {"default": POLICY_MODE, "type": "string",
+                      "enum": [POLICY_MODE, "review"] + (["auto"] if load_policy().promotion.mode == "auto" else []),
                       "description": "who moves champion after the gate passes: the policy's mode, or 'review' "
                                      "(a person approves); 'auto' is refused when the policy says review"},
         "version": {"type": "integer", "minimum": 1, "maximum": 10**9,

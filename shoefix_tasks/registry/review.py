@@ -48,8 +48,11 @@ def review_verdict(response: dict[str, Any] | None, candidate: int, champion_at_
                    champion_now: int | None) -> ReviewVerdict:
     """What to do with the approval task's answer (its XCom; None when it timed out or failed)."""
     if not response:
+        # no XCom: Airflow's deadline passed unanswered (HITLTimeoutError), or the task failed on an
+        # answer it could not accept; either way nobody approved
         return ReviewVerdict(False, "timeout", None, "",
-                             f"v{candidate} not promoted: no decision before the review deadline")
+                             f"v{candidate} not promoted: no decision was recorded (the review timed out, or its "
+                             "task failed)")
     user = response.get("responded_by_user") or {}
     reviewer = user.get("name") or user.get("id") or None
     comment = str((response.get("params_input") or {}).get("comment") or "").strip()

@@ -59,6 +59,13 @@ def test_a_trigger_may_tighten_the_policy_never_loosen_it(settings, dag_id):
     assert schema["default"] == "policy" and set(schema["enum"]) == {"policy", "auto", "review"}
 
 
+def test_the_trigger_form_offers_auto_only_under_an_auto_policy(tmp_path, monkeypatch):
+    from tests.conftest import write_policy
+
+    monkeypatch.setenv("SHOEFIX_POLICY", str(write_policy(tmp_path / "p.yaml", base=None, promotion={"mode": "review"})))
+    assert param_schemas(URGENT)["promotion"]["enum"] == ["policy", "review"]
+
+
 def response(option: str | None, name: str | None = "alice", comment: str = "reads well") -> dict:
     return {"chosen_options": [option] if option else [], "params_input": {"comment": comment},
             "responded_by_user": {"id": name, "name": name} if name else None, "responded_at": "2026-12-06T10:00:00Z"}

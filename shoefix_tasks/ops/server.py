@@ -108,7 +108,9 @@ def build_app(settings: Settings, cfg: ServeConfig, answerer: Answerer | None = 
             return error(400, "messages: no user message with text", "invalid_request")
         if len(question) > MAX_QUESTION_CHARS:
             return error(400, f"the question is longer than {MAX_QUESTION_CHARS} characters", "invalid_request")
-        max_tokens = req.max_completion_tokens or req.max_tokens or cfg.max_tokens
+        # default: the length the champion was evaluated with (recorded with the version), else the config's
+        max_tokens = (req.max_completion_tokens or req.max_tokens
+                      or min(int(answerer.info.get("max_new_tokens") or cfg.max_tokens), cfg.max_tokens_cap))
         if max_tokens > cfg.max_tokens_cap:
             return error(400, f"max_tokens: at most {cfg.max_tokens_cap}", "invalid_request")
 

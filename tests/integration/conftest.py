@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -84,4 +85,56 @@ def api_server(shoefix_env, tmp_path, airflow_db_template):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+def wait_health(base: str, until, timeout: float = 240, proc=None, log=None) -> dict:
+    """GET {base}/healthz until `until(health)` holds; returns that health."""
+    deadline, health = time.time() + timeout, None
+    while time.time() < deadline:
+        try:
+            status, body = http(f"{base}/healthz", timeout=10)
+            health = json.loads(body)
+            if until(health):
+                return health
+        except (OSError, ValueError):
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"shoefix serve exited {proc.returncode}: {log.read_text()[-3000:] if log else ''}")
+        time.sleep(0.5)
+    raise AssertionError(f"health never became what was waited for; last: {health}")
+
+
+@pytest.fixture()
+def shoefix_server(shoefix_env, tmp_path, monkeypatch):
+    """A real `shoefix serve` process over the test's state (champion polled every second, a queue of
+    4), and SHOEFIX_SERVING_URL pointing at it for clients started after it (an `api_server` fixture
+    listed after this one passes it to the api-server). `stop()` ends it early. The MLflow store is
+    made first: two processes creating one SQLite store at once collide in its migrations."""
+    from shoefix_tasks.store import tracking
+
+    tracking.configure(shoefix_env)
+    port = free_port()
+    log_path = tmp_path / "shoefix-serve.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed below
+    env = env_with(shoefix_env, SHOEFIX_SERVE_POLL_S=1, SHOEFIX_SERVE_QUEUE=4, SHOEFIX_SERVE_PORT=port)
+    proc = subprocess.Popen([sys.executable, "-m", "shoefix_tasks.ops.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("SHOEFIX_SERVING_URL", base)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    try:
+        wait_health(base, lambda h: "status" in h, 120, proc, log_path)
+        yield {"base": base, "log": log_path, "proc": proc, "stop": stop,
+               "wait": lambda until, timeout=240: wait_health(base, until, timeout, proc, log_path)}
+    finally:
+        stop()
         log.close()

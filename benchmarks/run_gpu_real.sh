@@ -36,12 +36,14 @@ if [ "$1" = cold ]; then
   # has trained before). The seed runs in its own fresh process with an empty cache too.
   shift
   C=$PWD/.gpu-work/triton
-  for run in gpu-fresh gpu-warm seed-fresh; do
+  # COLD_RUNS: <variant>-fresh|<variant>-warm, in order (variants: gpu_train_throughput.py VARIANTS)
+  RUNS=${COLD_RUNS:-gpu-fresh gpu-warm seed-fresh}
+  for run in $RUNS; do
     case $run in *fresh) rm -rf "$C";; esac
     TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "${run%-*}" --warmup 0 \
       --cold --out "$OUT/$run" --work .gpu-work/gtt "$@"
   done
-  python3 benchmarks/gpu_train_throughput.py --compare "$OUT"/{gpu-fresh,gpu-warm,seed-fresh}/results-0.5b.json
+  python3 benchmarks/gpu_train_throughput.py --compare $(for run in $RUNS; do echo "$OUT/$run/results-0.5b.json"; done)
   tar czf "$RESULTS/cold-files.tgz" -C "$RESULTS" files-cold && rm -rf "$OUT"
   exit 0
 fi

@@ -3,37 +3,84 @@
 GET  /shoefix/      the champion and its scorecard, the champion history, recent batches'
                     quarantine counts, inbox files deferred (cut-off last record) with their
                     age, and a box to ask the champion a question
-POST /shoefix/ask   the same page with the champion's answer (form field `question`)
+POST /shoefix/ask   the champion's answer (form field `question`), asked of `shoefix serve`
+                    (SHOEFIX_SERVING_URL): with `Accept: text/event-stream` as server-sent events
+                    ({"text"} pieces, then {"done"} or {"error"}), which the page's one script
+                    shows as they come; without it (no script) the whole page with the answer
+
+The api-server never loads a model: answers come from the answer server, which holds the champion
+once for every client and answers one at a time (a model inside the api-server took minutes per
+answer under load and held a second copy of the weights). When that server is down or busy, the
+page says so, naming `shoefix serve`.
 
 Auth: the api-server does not protect plugin apps, so every route depends on Airflow's own
 `get_user` (the UI's `_token` cookie or an `Authorization: Bearer` JWT) and asks the configured
 auth manager whether the user may see the custom view "ShoeFix" (401/403 otherwise). The cookie is
 SameSite=Lax, so another site cannot POST a question with it.
 
-Server-rendered HTML without scripts or external resources; every value passes through
-`html.escape`, and a strict Content-Security-Policy blocks scripts even if something slipped.
+Server-rendered HTML without external resources; every value passes through `html.escape`. The
+Content-Security-Policy allows exactly one script, the ask box's (by its sha256), which writes the
+answer with `textContent` only, and lets it connect to this origin alone.
 Listed in plugins/.airflowignore: imported on the first request, never when plugins load.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
+from collections.abc import Iterator
 from html import escape
 from typing import Annotated, Any
 
 from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.core_api.security import GetUserDep
-from fastapi import Depends, FastAPI, Form, HTTPException
-from fastapi.responses import HTMLResponse
+from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from shoefix_tasks.config import Settings
 
 log = logging.getLogger(__name__)
 RESOURCE = "ShoeFix"
 MAX_QUESTION_CHARS = 2000
+# The ask box's script: send the form, read the server-sent events, append the text as it comes.
+SCRIPT = """
+const form = document.getElementById('ask'), out = document.getElementById('answer'),
+  meta = document.getElementById('meta'), err = document.getElementById('ask-error');
+form.addEventListener('submit', async (ev) => {
+  ev.preventDefault();
+  const button = form.querySelector('button');
+  out.textContent = ''; out.hidden = false; err.textContent = ''; meta.textContent = 'asking…';
+  button.disabled = true;
+  try {
+    const r = await fetch('ask', {method: 'POST', body: new URLSearchParams(new FormData(form)),
+      headers: {'Accept': 'text/event-stream'}, credentials: 'same-origin'});
+    if (!r.ok) { const j = await r.json().catch(() => ({})); throw new Error(j.error || 'HTTP ' + r.status); }
+    const reader = r.body.getReader(), dec = new TextDecoder();
+    let buf = '';
+    for (;;) {
+      const {value, done} = await reader.read();
+      if (done) break;
+      buf += dec.decode(value, {stream: true});
+      let i;
+      while ((i = buf.indexOf('\\n\\n')) >= 0) {
+        const line = buf.slice(0, i); buf = buf.slice(i + 2);
+        if (!line.startsWith('data: ')) continue;
+        const d = JSON.parse(line.slice(6));
+        if (d.error) throw new Error(d.error);
+        if (d.text) { out.textContent += d.text; meta.textContent = 'writing…'; }
+        if (d.done) meta.textContent = 'answered by v' + d.done.version + ' in ' + d.done.seconds + ' s';
+      }
+    }
+  } catch (e) { err.textContent = e.message; meta.textContent = ''; if (!out.textContent) out.hidden = true; }
+  finally { button.disabled = false; }
+});
+"""
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
 HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-                               "frame-ancestors 'self'; base-uri 'none'",
+    "Content-Security-Policy": f"default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{SCRIPT_HASH}'; "
+                               "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-store",
 }
@@ -144,16 +191,18 @@ def _deferred_card(files: list[dict[str, Any]]) -> str:
 
 
 def _ask_card(question: str, reply: dict[str, Any] | None, error: str | None) -> str:
-    out = ['<div class="card"><h2>Ask the champion</h2><form method="post" action="ask">',
+    out = ['<div class="card"><h2>Ask the champion</h2><form method="post" action="ask" id="ask">',
            f'<textarea name="question" rows="3" maxlength="{MAX_QUESTION_CHARS}" required '
            f'placeholder="How do I keep leather boots from going moldy in storage?">{_e(question)}</textarea>',
-           '<button type="submit">Ask</button></form>']
-    if error:
-        out.append(f'<p class="err">{_e(error)}</p>')
-    if reply:
-        out.append(f'<div class="answer">{_e(reply["answer"])}</div><p class="muted">answered by '
-                   f'v{_e(reply["version"])} in {_e(reply["seconds"])} s</p>')
+           '<button type="submit">Ask</button></form>',
+           f'<p class="err" id="ask-error">{_e(error or "")}</p>',
+           f'<div class="answer" id="answer"{"" if reply else " hidden"}>{_e(reply["answer"] if reply else "")}</div>',
+           f'<p class="muted" id="meta">{_answered(reply) if reply else ""}</p>']
     return "".join(out) + "</div>"
+
+
+def _answered(reply: dict[str, Any]) -> str:
+    return f'answered by v{_e(reply.get("version"))} in {_e(reply.get("seconds"))} s'
 
 
 def render(settings: Settings, question: str = "", reply: dict[str, Any] | None = None, error: str | None = None) -> str:
@@ -166,7 +215,32 @@ def render(settings: Settings, question: str = "", reply: dict[str, Any] | None 
             f'</div><div class="grid"><div>{_champion_card(champ, card)}</div><div>'
             f"{_ask_card(question, reply, error)}</div></div>{_history_card(dashboard.history(settings, 20))}"
             f"{_batches_card(dashboard.recent_batches(settings))}{_deferred_card(dashboard.deferred_files(settings))}"
-            "</body></html>")
+            f"<script>{SCRIPT}</script></body></html>")
+
+
+def _ask_failure(err: Exception, url: str) -> tuple[int, str]:
+    """(status, sentence) for a question the answer server did not answer."""
+    from shoefix_tasks.ops import client
+
+    if isinstance(err, client.ServerDown):
+        return 503, (f"The ShoeFix answer server is not running (nothing answers at {url}). Start it with "
+                     "`shoefix serve`.")
+    if isinstance(err, client.ServerError) and err.code == "queue_full":
+        return 503, f"The answer server is busy; try again in {err.retry_after_s or 'a few'} s."
+    if isinstance(err, client.ServerError) and err.code == "not_serving":
+        return 503, f"The answer server has no champion to serve: {err}"
+    return 502, f"The answer server could not answer: {err}"
+
+
+def _events(first: dict[str, Any], rest: Iterator[dict[str, Any]], url: str) -> Iterator[bytes]:
+    """The server's answer as the page's events; a failure mid-answer becomes an {"error"} event."""
+    try:
+        yield f"data: {json.dumps(first, ensure_ascii=False)}\n\n".encode()
+        for event in rest:
+            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+    except Exception as err:  # noqa: BLE001 - the stream has started: report in-band
+        log.warning("the answer server failed mid-answer: %s", err)
+        yield f"data: {json.dumps({'error': _ask_failure(err, url)[1]})}\n\n".encode()
 
 
 def build_app() -> FastAPI:
@@ -183,21 +257,31 @@ def build_app() -> FastAPI:
     def page() -> HTMLResponse:
         return HTMLResponse(render(Settings.from_env()), headers=HEADERS)
 
-    @app.post("/ask", response_class=HTMLResponse, dependencies=[Depends(allowed("POST"))])
-    def ask(question: Annotated[str, Form(max_length=MAX_QUESTION_CHARS)]) -> HTMLResponse:
-        from shoefix_tasks.ops import dashboard
-        settings = Settings.from_env()
+    @app.post("/ask", response_model=None, dependencies=[Depends(allowed("POST"))])
+    def ask(question: Annotated[str, Form(max_length=MAX_QUESTION_CHARS)],
+            request: Request) -> HTMLResponse | JSONResponse | StreamingResponse:
+        from shoefix_tasks.config import ServeConfig
+        from shoefix_tasks.ops import client
+
+        settings, url = Settings.from_env(), ServeConfig.from_env().url
+        streamed = "text/event-stream" in request.headers.get("accept", "")
         question = question.strip()
         if not question:
+            if streamed:
+                return JSONResponse({"error": "Type a question first."}, 400, headers=HEADERS)
             return HTMLResponse(render(settings, error="Type a question first."), status_code=400, headers=HEADERS)
         try:
-            reply = dashboard.answer(settings, question)
-        except dashboard.NoChampion as err:
-            return HTMLResponse(render(settings, question, error=str(err)), status_code=409, headers=HEADERS)
-        except Exception:  # the model failed to load or answer: say so, details in the api-server log
-            log.exception("the champion could not answer")
-            return HTMLResponse(render(settings, question, error="The champion could not answer; see the "
-                                       "api-server log."), status_code=500, headers=HEADERS)
+            if streamed:  # open the stream here, so that a server that is down or busy gets a status code
+                events = client.stream(url, question)
+                first = next(events, {"error": "The answer server sent no answer."})
+                return StreamingResponse(_events(first, events, url), media_type="text/event-stream", headers=HEADERS)
+            reply = client.answer(url, question)
+        except (client.ServerDown, client.ServerError) as err:
+            status, message = _ask_failure(err, url)
+            log.warning("ShoeFix page: %s", message)
+            if streamed:
+                return JSONResponse({"error": message}, status, headers=HEADERS)
+            return HTMLResponse(render(settings, question, error=message), status_code=status, headers=HEADERS)
         return HTMLResponse(render(settings, question, reply), headers=HEADERS)
 
     return app

@@ -1,15 +1,14 @@
 """Read-only views of the installation for the ShoeFix page in Airflow (and anything else that shows it).
 
 Everything here only reads: the registry (champion, its scorecard), the ledger (champion history,
-recent batches and their quarantine, deferred inbox files) and, for `answer`, the champion's
-registered model. Values are returned raw; escaping is the renderer's job.
+recent batches and their quarantine, deferred inbox files). Values are returned raw; escaping is
+the renderer's job. Nothing here loads a model: answers come from `shoefix serve` (ops/client.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from typing import Any
 
 import sqlalchemy as sa
@@ -20,10 +19,6 @@ from shoefix_tasks.store import ledger
 log = logging.getLogger(__name__)
 SCORECARD_TAGS = ("gate_decision", "challenged", "composite", "recipe", "base_model", "corpus_snapshot",
                   "training_run", "evaluation_run", "pipeline_run", "trigger_reason", "triggered_by")
-
-
-class NoChampion(LookupError):
-    """No registry version holds alias `champion` (the base model serves)."""
 
 
 def _mlflow(settings: Settings):
@@ -132,33 +127,3 @@ def deferred_files(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
                     "age": deferral.human(age), "grace_s": grace, "grace": deferral.human(grace),
                     "due_in_s": max(0.0, grace - age), "due_in": deferral.human(max(0.0, grace - age))})
     return out
-
-
-_models: dict[int, Any] = {}
-_models_lock = threading.Lock()
-
-
-def _model_for(settings: Settings, version: int):
-    """The registered pyfunc of `version`, loaded once per process. Only the latest version asked
-    is kept: a page server should not hold every adapter ever promoted in memory."""
-    with _models_lock:
-        if version not in _models:
-            mlflow = _mlflow(settings)
-            log.info("loading %s version %s for the ShoeFix page", REGISTERED_MODEL, version)
-            model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}/{version}")
-            _models.clear()
-            _models[version] = model
-        return _models[version]
-
-
-def answer(settings: Settings, question: str, max_new_tokens: int = 160) -> dict[str, Any]:
-    """Ask the current champion. Raises NoChampion when there is none."""
-    import time
-
-    champ = champion(settings)
-    if champ is None:
-        raise NoChampion("no registry version holds alias `champion` yet: nothing registered to ask")
-    model = _model_for(settings, champ["version"])
-    start = time.perf_counter()
-    text = model.predict([question], params={"max_new_tokens": max_new_tokens})[0]
-    return {"version": champ["version"], "answer": str(text), "seconds": round(time.perf_counter() - start, 2)}

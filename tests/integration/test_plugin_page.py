@@ -1,5 +1,7 @@
 """The ShoeFix page in a real `airflow api-server`: auth enforced, champion / history / quarantine
-shown and escaped, the ask box answered by the champion, and a headless Chromium screenshot.
+shown and escaped, the ask box answered by a real `shoefix serve` (whole, and streamed as server-sent
+events to the page's script), a clear message when that server is down, and a headless Chromium
+screenshot of a streamed answer.
 
 Run as a script to screenshot any running api-server (how docs/screenshots/shoefix-page.png is made):
   python -m tests.integration.test_plugin_page --base http://127.0.0.1:8080 --token JWT --out page.png
@@ -85,8 +87,9 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
         wait_loaded()
         time.sleep(settle_s)
         if question is not None:
+            # requestSubmit, as a click does: the page's script streams the answer into the page
             cdp("Runtime.evaluate", expression=f"document.querySelector('textarea').value = {json.dumps(question)};"
-                                               "document.querySelector('form').submit()")
+                                               "document.querySelector('form').requestSubmit()")
             time.sleep(0.5)
             deadline = time.time() + 600
             while "answered by" not in cdp("Runtime.evaluate", expression="document.body ? document.body.innerText : ''",
@@ -112,7 +115,7 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
 
 
 @pytest.mark.slow
-def test_shoefix_page(shoefix_env, lenient_policy, api_server, tmp_path):
+def test_shoefix_page(shoefix_env, lenient_policy, shoefix_server, api_server, tmp_path):
     from tests.integration.test_registry_serving import run_pipeline
 
     s, base, token = shoefix_env, api_server["base"], api_server["token"]
@@ -131,7 +134,7 @@ def test_shoefix_page(shoefix_env, lenient_policy, api_server, tmp_path):
     status, body = http(page, token)
     assert status == 200 and "No champion yet" in body
     status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet boots?"})
-    assert status == 409 and "nothing registered to ask" in body
+    assert status == 503 and "no champion to serve" in body
 
     # a batch with hostile record text, quarantined; then a real pipeline promotes v1
     shutil.copyfile(FIXTURES / "corpus_small.jsonl", s.home / "inbox" / "a.jsonl")
@@ -150,10 +153,16 @@ def test_shoefix_page(shoefix_env, lenient_policy, api_server, tmp_path):
     # every fixture record accepted; the short answer and the broken JSON line quarantined
     assert (records, accepted, quarantined, deferred) == (n + 2, n, 2, 0)
     assert "parse" in row  # the reason of the broken line
-    assert "<script>" not in body and "<img" not in body and "&lt;img src=x" in body  # escaped, never markup
+    assert body.count("<script>") == 1 and "<img" not in body and "&lt;img src=x" in body  # ours only; escaped
 
+    # the answer server picks up v1 within a poll; the page forwards to it (no model in the api-server)
+    shoefix_server["wait"](lambda h: (h["serving"] or {}).get("version") == 1)
     status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet leather boots?"})
-    assert status == 200 and "answered by v1" in body and '<div class="answer">' in body
+    assert status == 200 and "answered by v1" in body and '<div class="answer" id="answer">' in body
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": "How do I dry wet leather boots?"},
+                        headers={"Accept": "text/event-stream"})
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    assert status == 200 and events[-1]["done"]["version"] == 1 and all("error" not in e for e in events)
 
     # the browser: logged in with the UI's cookie, the page renders, the hostile text stays text
     if chromium() is None:
@@ -163,6 +172,14 @@ def test_shoefix_page(shoefix_env, lenient_policy, api_server, tmp_path):
     assert info["title"] == "ShoeFix" and info["images"] == 0
     assert "answered by v1" in info["text"] and XSS_ID in info["text"]
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+    # the answer server stops: the page says so and names the command that starts it
+    shoefix_server["stop"]()
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": "Is bleach safe on leather?"})
+    assert status == 503 and "answer server is not running" in body and "shoefix serve" in body
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": "Is bleach safe?"},
+                        headers={"Accept": "text/event-stream"})
+    assert status == 503 and "shoefix serve" in json.loads(body)["error"]
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """`shoefix serve` in this process over a real engine (the tiny model through transformers): the
 OpenAI-compatible endpoint through a real HTTP client, streamed and not; the safety net on streams;
-a full queue answers 503 with Retry-After under 16 concurrent requests, and the server lives on.
+a full queue answers 503 with Retry-After under 16 concurrent requests, and the server lives on; and
+over the real default base through llama.cpp, a tampered served GGUF is refused while the old champion
+keeps serving.
 
 The registry side (reload when `champion` moves, a tampered artifact refused) is in
 tests/integration/test_serving.py, against a real `shoefix serve` process.
@@ -160,3 +162,50 @@ def test_sixteen_at_once_against_a_full_queue_get_200_or_503_with_retry_after(se
     # nothing crashed: it still answers, and reports an empty queue
     assert ask(base, "Still there?", max_tokens=4).status_code == 200
     assert httpx.get(f"{base}/healthz").json()["queue"] == {"waiting": 0, "size": 2}
+
+
+@pytest.mark.slow  # converts the real base once per session (shared with tests/registry/test_served.py)
+def test_a_tampered_served_gguf_is_refused_and_the_old_champion_keeps_serving(shoefix_env, tmp_path_factory,
+                                                                               tmp_path):
+    """The real default base through llama.cpp: v1 serves; v2 becomes champion with its served adapter
+    GGUF altered by one byte (in the local cache, where the server reads it); the server refuses v2,
+    keeps answering with v1 and says why on /healthz."""
+    pytest.importorskip("llama_cpp")
+    import mlflow
+    from fastapi.testclient import TestClient
+
+    from shoefix_tasks.config import REGISTERED_MODEL
+    from shoefix_tasks.model.base import SMOLLM2
+    from shoefix_tasks.ops.answerer import Answerer
+    from shoefix_tasks.ops.server import build_app
+    from shoefix_tasks.registry import versions
+    from shoefix_tasks.store import tracking
+    from tests.real_base import link_converted_base, lora_adapter
+    from tests.registry.test_served import flip_one_byte
+
+    s = shoefix_env
+    link_converted_base(tmp_path_factory, s)
+    adapter = lora_adapter(s, tmp_path / "adapter")[2]
+    tracking.configure(s)
+
+    def make_champion() -> int:
+        with mlflow.start_run() as run:
+            pass
+        version = versions.register_version(run.info.run_id, adapter, SMOLLM2, {}, "test", {"max_new_tokens": 8},
+                                            settings=s)
+        mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", version.version)
+        return int(version.version)
+
+    v1 = make_champion()
+    answerer = Answerer(s, ServeConfig(poll_s=1, queue_size=1))
+    answerer.refresh()
+    assert answerer.info["version"] == v1 and answerer.info["engine"] == "llama.cpp"
+    sha = answerer.info["artifact_sha256"]
+    flip_one_byte(s.home / "cache" / "served" / f"{sha}.gguf")  # v2 derives the same bytes: it is read from here
+    v2 = make_champion()
+    answerer.refresh()
+    health = TestClient(build_app(s, answerer.cfg, answerer)).get("/healthz").json()  # no lifespan: no threads
+    assert health["status"] == "degraded" and health["serving"]["version"] == v1 and health["champion_alias"] == v2
+    assert health["load_error"]["version"] == v2 and "ServedArtifactMismatch" in health["load_error"]["error"]
+    assert answerer.engine.answer(QUESTION, 4)  # v1 still answers
+    answerer.stop()

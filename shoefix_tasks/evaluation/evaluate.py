@@ -2,8 +2,9 @@
 process with the same decoding; every answer is scored and checked for safety claims; latency is
 measured interleaved; results go to MLflow and to a JSON file.
 
-Each model is loaded as it serves: the champion with its registered base and dtype, the challenger
-with its recipe's. Answers get enough new tokens to cover the longest reference (policy
+Each model is opened as it serves (model/engines.py: llama.cpp for a base that ships as a GGUF, with
+the adapter as a GGUF LoRA; transformers otherwise): the champion with its registered base and dtype,
+the challenger with its recipe's, so scores and the latency bound are about what production runs. Answers get enough new tokens to cover the longest reference (policy
 `evaluation.token_margin`), so nobody is scored on an answer cut short.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import statistics
 import time
 from pathlib import Path
@@ -20,13 +22,8 @@ from shoefix_tasks.config import Recipe, Settings
 from shoefix_tasks.errors import PermanentError
 from shoefix_tasks.evaluation.evalset import EvalSetChanged, eval_items, language_note
 from shoefix_tasks.evaluation.metrics import QUALITY_METRICS
-from shoefix_tasks.model.generation import (
-    generate,
-    load_answerer,
-    measure_latency_interleaved,
-    speed_profile,
-    tokens_needed,
-)
+from shoefix_tasks.model.engines import open_engine
+from shoefix_tasks.model.generation import measure_latency_interleaved
 from shoefix_tasks.policy import Policy, load_policy
 
 log = logging.getLogger(__name__)
@@ -117,7 +114,7 @@ def latency_verdict(profiles: dict[str, dict[str, Any]]) -> tuple[bool, str]:
     """(compare latency?, why). Only a difference in something that can change speed makes a latency
     difference real; with identical profiles any difference is machine noise."""
     champ, chall = profiles["champion"], profiles["challenger"]
-    differ = sorted(k for k in champ if champ[k] != chall[k])
+    differ = sorted(k for k in {**champ, **chall} if champ.get(k) != chall.get(k))
     if differ:
         return True, f"champion and challenger differ in {', '.join(differ)}: latency compared"
     return False, ("same architecture, dtype, quantization, engine and decoding: no speed difference expected, "
@@ -151,20 +148,25 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
         raise CandidateRejected(str(err)) from err
     t0 = time.perf_counter()
     serving = {"base_model": recipe.model.base_model, "dtype": recipe.model.dtype, **(champion_serving or {})}
-    champ = load_answerer(serving["base_model"], champion_adapter, settings, serving["dtype"], label=champion_label)
-    chall = load_answerer(recipe.model.base_model, challenger_adapter, settings, recipe.model.dtype, label="challenger")
     ev, margin = recipe.eval, policy.evaluation.token_margin
+    # each side opened by the engine it serves with (model/engines.py: llama.cpp for a GGUF base)
+    champ = open_engine(serving["base_model"], champion_adapter, settings, dtype=serving["dtype"],
+                        repetition_penalty=ev.repetition_penalty, label=champion_label, batch_size=ev.batch_size)
+    chall = open_engine(recipe.model.base_model, challenger_adapter, settings, dtype=recipe.model.dtype,
+                        repetition_penalty=ev.repetition_penalty, label="challenger", batch_size=ev.batch_size)
     refs = [it["answer"] for it in items]
-    max_new = max(ev.max_new_tokens, tokens_needed(champ, refs, margin), tokens_needed(chall, refs, margin))
+    max_new = max(ev.max_new_tokens, *(math.ceil(margin * max((e.count_tokens(r) for r in refs), default=0))
+                                       for e in (champ, chall)))
     questions = [it["question"] for it in items]
-    gens = {a.label: generate(a, questions, max_new, ev.batch_size, ev.repetition_penalty) for a in (champ, chall)}
+    gens = {e.label: e.answer_many(questions, max_new) for e in (champ, chall)}
     holdout_questions = [it["question"] for it in items if it["id"] not in guard_ids]
     n = policy.evaluation.latency_samples  # cycle through the questions if there are fewer
     timed = [holdout_questions[i % len(holdout_questions)] for i in range(n)]
     lat = measure_latency_interleaved([champ, chall], timed, max_new, ev.repetition_penalty,
                                       warmup=policy.evaluation.latency_warmup)
-    profiles = {"champion": speed_profile(champ, max_new, ev.repetition_penalty),
-                "challenger": speed_profile(chall, max_new, ev.repetition_penalty)}
+    profiles = {"champion": champ.profile(max_new), "challenger": chall.profile(max_new)}
+    champ.close()
+    chall.close()
     compared, why = latency_verdict(profiles)
     ctx, claims = Context.from_data(settings.data_dir), load_claims(settings.data_dir)
     sides = {}

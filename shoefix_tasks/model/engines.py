@@ -60,8 +60,10 @@ def choose_engine(base_model: str, engine: str = "auto") -> str:
 
 
 def inference_threads() -> int:
-    """SHOEFIX_INFERENCE_THREADS, else every core (decode is memory-bound; 2 threads on 2 cores)."""
-    return int(os.environ.get("SHOEFIX_INFERENCE_THREADS") or os.cpu_count() or 1)
+    """SHOEFIX_INFERENCE_THREADS, else half the cores (llama-cpp-python's own default). Decode is
+    memory-bound, and llama.cpp's threads spin at a barrier every layer: when other processes want the
+    cores too (Airflow, MLflow, a second model) all-cores collapses (docs/benchmarks.md)."""
+    return int(os.environ.get("SHOEFIX_INFERENCE_THREADS") or max(1, (os.cpu_count() or 2) // 2))
 
 
 class TransformersEngine:

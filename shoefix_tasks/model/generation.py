@@ -171,9 +171,17 @@ def latency_stats(times: list[float], max_new_tokens: int) -> dict[str, Any]:
             "times_s": [round(t, 4) for t in times]}
 
 
-def measure_latency_interleaved(answerers: list[Answerer], questions: list[str], max_new_tokens: int,
+def _timed(model, question: str, max_new_tokens: int, repetition_penalty: float) -> float:
+    """One timed answer from an Answerer, or from an engine (model/engines.py: its own penalty)."""
+    if isinstance(model, Answerer):
+        return _timed_answer(model, question, max_new_tokens, repetition_penalty)
+    return model.timed_answer(question, max_new_tokens)
+
+
+def measure_latency_interleaved(answerers: list, questions: list[str], max_new_tokens: int,
                                 repetition_penalty: float = 1.0, warmup: int = 1) -> dict[str, dict[str, Any]]:
-    """Batch-1 wall time per answer for several models, interleaved: question i is answered by every
+    """Batch-1 wall time per answer for several models (Answerers or engines, as evaluation and
+    serving open them), interleaved: question i is answered by every
     model in turn, the order reversed on every other question (ABBA), so machine load and warm caches
     fall on all of them alike. Generation runs to exactly `max_new_tokens` (EOS ignored): a model is
     never "faster" merely because it answers shorter. `warmup` untimed answers per model first
@@ -182,12 +190,12 @@ def measure_latency_interleaved(answerers: list[Answerer], questions: list[str],
         return {a.label: latency_stats([], max_new_tokens) for a in answerers}
     for ans in answerers:
         for q in questions[:warmup]:
-            _timed_answer(ans, q, max_new_tokens, repetition_penalty)
+            _timed(ans, q, max_new_tokens, repetition_penalty)
     times: dict[str, list[float]] = {a.label: [] for a in answerers}
     total, started = len(questions) * len(answerers), time.perf_counter()
     for i, q in enumerate(questions):
         for ans in (answerers if i % 2 == 0 else answerers[::-1]):
-            times[ans.label].append(_timed_answer(ans, q, max_new_tokens, repetition_penalty))
+            times[ans.label].append(_timed(ans, q, max_new_tokens, repetition_penalty))
         done, spent = (i + 1) * len(answerers), time.perf_counter() - started
         if (i + 1) % 4 == 0 or i + 1 == len(questions):  # these are the slowest answers: say where it is
             log.info("latency: %d/%d timed answers of %d tokens (%s), about %.0f s left", done, total,

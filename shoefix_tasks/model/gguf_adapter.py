@@ -3,7 +3,7 @@
 llama.cpp serves the base from the GGUF it ships as (for the default, the very Q4_1 file the trainer
 dequantized, so base weights are identical) and applies the LoRA itself: y = W x + s * B (A x) with
 s = adapter.lora.alpha / rank. Nothing is merged or re-quantized, so the adapter stays exact (fp32)
-and the file is small (~5 MB for rank 16 on all 210 linear layers of SmolLM2-135M).
+and the file is small (~20 MB in fp32 for rank 16 on all 210 linear layers of SmolLM2-135M).
 
 Two facts make the conversion right:
 - llama.cpp's llama GGUF stores q and k projection rows permuted relative to Hugging Face (its rope

@@ -92,7 +92,8 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
             "scorer": evaluation.get("scorer", ""), "policy": policy.digest,
             "forbidden_claims": json.dumps(decision.numbers.get("forbidden_claims", {}))[:4900]}
     # how it serves = how it was evaluated (base, dtype, decoding with the evaluated answer length)
-    serving = {"base_model": rec.model.base_model, "dtype": rec.model.dtype, "engine": "transformers",
+    serving = {"base_model": rec.model.base_model, "dtype": rec.model.dtype,
+               "engine": evaluation["challenger"].get("profile", {}).get("engine", "transformers"),
                "max_new_tokens": evaluation["decoding"]["max_new_tokens"],
                "repetition_penalty": evaluation["decoding"]["repetition_penalty"]}
     tags["serving"] = json.dumps(serving)

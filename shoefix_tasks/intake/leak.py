@@ -107,6 +107,17 @@ class ParaphraseIndex:
         union = own + g.sizes - inter
         return g.keys, np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
+    def containment(self, question: str) -> tuple[list[str], np.ndarray]:
+        """Share of the question's term weight that each frozen question also has: a short question
+        inside a long one scores high here and low in `scores` (whose union counts the long one's terms)."""
+        g = self.groups.get(language_of(question))
+        if g is None:
+            return [], np.empty(0)
+        ts = terms(question)
+        cols = [g.vocab[t] for t in ts if t in g.vocab]
+        own = sum(g.idf.get(t, g.unseen) for t in ts)
+        return g.keys, g.rows[cols].sum(axis=0) / own if own else np.zeros(len(g.keys))
+
     def closest(self, question: str) -> tuple[str | None, float]:
         keys, s = self.scores(question)
         if not keys:

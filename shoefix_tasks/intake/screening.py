@@ -85,6 +85,23 @@ def find_pii(text: str) -> list[str]:
     return found
 
 
+def redact_pii(text: str) -> tuple[str, list[str]]:
+    """`text` with every PII and secret match replaced by `[<kind> removed]`, and the kinds found.
+
+    For text that must be kept but may carry what a user typed about themselves (served questions
+    in traces): intake quarantines such records instead, since a corpus must not teach PII.
+    """
+    found = find_pii(text)
+    for kind in sorted(found, key=lambda k: k != "credit_card"):  # a card number also looks like a phone
+        if kind == "credit_card":  # only Luhn-valid runs were found; the pattern alone is broader
+            text = PII_PATTERNS[kind].sub(lambda m: "[credit_card removed]" if _luhn_ok(re.sub(r"\D", "", m.group(0)))
+                                          else m.group(0), text)
+        else:
+            pattern = PII_PATTERNS.get(kind) or SECRET_PATTERNS[kind]
+            text = pattern.sub(f"[{kind} removed]", text)
+    return text, found
+
+
 def _has_markup(text: str, lower: str) -> bool:
     return ("<" in text or "=" in text or "javascript:" in lower) and MARKUP.search(text) is not None
 

@@ -127,3 +127,29 @@ def deferred_files(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
                     "age": deferral.human(age), "grace_s": grace, "grace": deferral.human(grace),
                     "due_in_s": max(0.0, grace - age), "due_in": deferral.human(max(0.0, grace - age))})
     return out
+
+
+def asked_not_covered(settings: Settings, top: int = 30) -> dict[str, Any]:
+    """The most-asked served questions with no close corpus question, by topic (intake.asked), and how many
+    answers the log holds: what experts should write next."""
+    from shoefix_tasks.intake.asked import by_topic, uncovered
+    from shoefix_tasks.records import iter_jsonl
+    from shoefix_tasks.registry import answer_log
+
+    questions = [a["question"] for a in answer_log.iter_answers(settings)]
+    corpus = list(iter_jsonl(sorted((settings.data_dir / "corpus").glob("*.jsonl"))))
+    rows = uncovered(questions, corpus, top=top)
+    return {"answers": len(questions), "uncovered": rows, "by_topic": by_topic(rows),
+            "log": answer_log.stats(settings)}
+
+
+def recent_answers(settings: Settings, limit: int = 10) -> list[dict[str, Any]]:
+    """The last served answers, newest first, each with whether a reviewer has corrected it."""
+    from shoefix_tasks.registry import answer_log, feedback
+
+    corrected = {r["provenance"]["answer_id"] for r in feedback.list_feedback(settings) if r.get("provenance")}
+    latest: dict[str, dict[str, Any]] = {}
+    for a in answer_log.iter_answers(settings):  # an answer's index line and spool line: keep the first
+        latest.setdefault(a["answer_id"], a)
+    rows = sorted(latest.values(), key=lambda a: -a["at"])[:limit]
+    return [{**a, "corrected": a["answer_id"] in corrected} for a in rows]

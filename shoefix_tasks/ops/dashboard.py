@@ -137,7 +137,10 @@ def asked_not_covered(settings: Settings, top: int = 30) -> dict[str, Any]:
     from shoefix_tasks.registry import answer_log
 
     questions = [a["question"] for a in answer_log.iter_answers(settings)]
-    corpus = list(iter_jsonl(sorted((settings.data_dir / "corpus").glob("*.jsonl"))))
+    # what the champion was taught: the newest validated snapshot, plus the shipped corpus
+    snapshots = sorted((settings.home / "snapshots").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    taught = {r["id"]: r for r in iter_jsonl([*sorted((settings.data_dir / "corpus").glob("*.jsonl")), *snapshots[-1:]])}
+    corpus = list(taught.values())
     rows = uncovered(questions, corpus, top=top)
     return {"answers": len(questions), "uncovered": rows, "by_topic": by_topic(rows),
             "log": answer_log.stats(settings)}
@@ -149,7 +152,7 @@ def recent_answers(settings: Settings, limit: int = 10) -> list[dict[str, Any]]:
 
     corrected = {r["provenance"]["answer_id"] for r in feedback.list_feedback(settings) if r.get("provenance")}
     latest: dict[str, dict[str, Any]] = {}
-    for a in answer_log.iter_answers(settings):  # an answer's index line and spool line: keep the first
+    for a in answer_log.iter_answers(settings):  # sent (index) before waiting: the sent line wins
         latest.setdefault(a["answer_id"], a)
     rows = sorted(latest.values(), key=lambda a: -a["at"])[:limit]
     return [{**a, "corrected": a["answer_id"] in corrected} for a in rows]

@@ -205,3 +205,22 @@ def apply_review(run_key: str, gated: dict[str, Any], response: dict[str, Any] |
     settings = settings or Settings.from_env()
     tracking.configure(settings)
     return review.apply_review(settings, gated, response, actor, run_key)
+
+
+def summarize_use(settings: Settings | None = None, top: int = 10) -> dict[str, Any]:
+    """What users asked and experts corrected since the answer log began: sends waiting traces to MLflow
+    first (the serving process does too; this catches what it could not), then the most-asked questions
+    the corpus does not cover, by topic, and the corrections in the inbox (collected or not)."""
+    from shoefix_tasks.intake.asked import by_topic, taught_corpus, uncovered
+    from shoefix_tasks.registry import answer_log, feedback
+
+    settings = settings or Settings.from_env()
+    sent = answer_log.flush(settings)
+    attached = feedback.attach_pending(settings)
+    questions = [a["question"] for a in answer_log.iter_answers(settings)]
+    rows = uncovered(questions, taught_corpus(settings), top=top)
+    corrections = feedback.list_feedback(settings)
+    return {"answers": len(questions), "traces_sent": sent["sent"], "traces_waiting": sent["pending"],
+            "traces_dropped": sent["dropped"], "feedback_attached": attached, "corrections": len(corrections),
+            "uncovered": {t: [{"question": r["question"][:200], "asked": r["asked"]} for r in rs]
+                          for t, rs in by_topic(rows).items()}}

@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from shoefix_tasks.config import Settings
 from shoefix_tasks.intake.leak import ParaphraseIndex
-from shoefix_tasks.records import normalize_text
+from shoefix_tasks.records import iter_jsonl, normalize_text
 
 COVERED_AT = 0.3
 
@@ -60,3 +61,10 @@ def by_topic(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     for row in rows:
         out.setdefault(row["topic"], []).append(row)
     return dict(sorted(out.items(), key=lambda kv: -sum(r["asked"] for r in kv[1])))
+
+
+def taught_corpus(settings: Settings) -> list[dict[str, Any]]:
+    """What the champion was taught: the shipped corpus and the newest validated snapshot, by record id."""
+    snapshots = sorted((settings.home / "snapshots").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
+    files = [*sorted((settings.data_dir / "corpus").glob("*.jsonl")), *snapshots[-1:]]
+    return list({r["id"]: r for r in iter_jsonl(files)}.values())

@@ -132,16 +132,11 @@ def deferred_files(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
 def asked_not_covered(settings: Settings, top: int = 30) -> dict[str, Any]:
     """The most-asked served questions with no close corpus question, by topic (intake.asked), and how many
     answers the log holds: what experts should write next."""
-    from shoefix_tasks.intake.asked import by_topic, uncovered
-    from shoefix_tasks.records import iter_jsonl
+    from shoefix_tasks.intake.asked import by_topic, taught_corpus, uncovered
     from shoefix_tasks.registry import answer_log
 
     questions = [a["question"] for a in answer_log.iter_answers(settings)]
-    # what the champion was taught: the newest validated snapshot, plus the shipped corpus
-    snapshots = sorted((settings.home / "snapshots").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
-    taught = {r["id"]: r for r in iter_jsonl([*sorted((settings.data_dir / "corpus").glob("*.jsonl")), *snapshots[-1:]])}
-    corpus = list(taught.values())
-    rows = uncovered(questions, corpus, top=top)
+    rows = uncovered(questions, taught_corpus(settings), top=top)
     return {"answers": len(questions), "uncovered": rows, "by_topic": by_topic(rows),
             "log": answer_log.stats(settings)}
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from shoefix_tasks.config import LANGS, TOPICS, Settings
 from shoefix_tasks.errors import PermanentError
+from shoefix_tasks.intake.asked import taught_corpus
 from shoefix_tasks.intake.leak import ParaphraseIndex
 from shoefix_tasks.intake.screening import detect_language
-from shoefix_tasks.records import iter_jsonl
 from shoefix_tasks.registry import answer_log
 
 FEEDBACK_DIR = "feedback"  # under the inbox
@@ -62,7 +62,7 @@ class Correction:
 
 
 def _closest_topic(settings: Settings, question: str) -> str:
-    corpus = list(iter_jsonl(sorted((settings.data_dir / "corpus").glob("*.jsonl"))))
+    corpus = taught_corpus(settings)
     key, _ = ParaphraseIndex(corpus).closest(question)
     by_id = {r["id"]: r["topic"] for r in corpus}
     return by_id.get(key or "", "mechanisms")

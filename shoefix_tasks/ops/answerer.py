@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -68,6 +69,12 @@ def champion_version(settings: Settings) -> int | None:
         return int(mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, "champion").version)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        if err.error_code == "PERMISSION_DENIED":
+            # MLflow's basic-auth answers 403 for a registered model that does not exist yet (the
+            # pipeline's user creates it, and owns it, at its first registration)
+            log.info("alias champion not readable (403): no %s registered yet, or %s may not read it",
+                     REGISTERED_MODEL, os.environ.get("MLFLOW_TRACKING_USERNAME", "this user"))
             return None
         raise
 
@@ -138,7 +145,8 @@ class Answerer:
         serving = {k: self.info.get(k) for k in ("version", "run_id", "engine", "artifact_sha256", "loaded_at",
                                                   "load_s")} if self.engine is not None else None
         if serving is None:
-            status = "no_model" if self.alias_version is None and not self.load_error else "not_serving"
+            nothing_yet = self.alias_version is None and not self.load_error and not self.registry_error
+            status = "no_model" if nothing_yet else "not_serving"  # no champion, or one we cannot load or see
         else:
             status = "degraded" if self.load_error or self.registry_error else "ok"
         return {"status": status, "serving": serving, "champion_alias": self.alias_version,

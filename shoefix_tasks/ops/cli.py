@@ -102,7 +102,7 @@ def cmd_ask(settings: Settings, args) -> int:
             raise
         print(f"shoefix ask: {down}; answering in this process instead (loads the model: slow)", file=sys.stderr)
     except client.ServerError as err:
-        wait = f" (busy: retry in {err.retry_after_s} s)" if err.retry_after_s else ""
+        wait = f" (busy: retry in {err.retry_after_s} s)" if err.code == "queue_full" and err.retry_after_s else ""
         raise RuntimeError(f"the server at {url} answered {err.status}: {err}{wait}") from None
     import mlflow  # the registered model, as `mlflow models serve` serves it; it applies the safety net too
 

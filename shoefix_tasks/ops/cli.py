@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -129,6 +130,52 @@ def cmd_history(settings: Settings, _args) -> int:
     return 0
 
 
+def cmd_feedback(settings: Settings, args) -> int:
+    """Experts' corrections of served answers (registry.feedback), from the terminal."""
+    from shoefix_tasks.registry import feedback
+
+    if args.action == "correct":
+        if not args.answer_id:
+            raise feedback.FeedbackError("feedback correct needs the answer's id (shown with every served answer)")
+        c = feedback.Correction(args.answer_id, args.answer or "", args.source or "", args.reviewer,
+                                args.reason or "", args.topic)
+        print(json.dumps(feedback.submit(settings, c)))
+        return 0
+    records = feedback.list_feedback(settings)
+    status = feedback.intake_status(settings, [r["id"] for r in records])
+    if args.action == "export":
+        out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115 - stdout or a file
+        for r in records:
+            out.write(json.dumps({**{k: v for k, v in r.items() if k != "_file"}, "intake": status.get(r["id"])},
+                                 ensure_ascii=False) + "\n")
+        if args.out:
+            out.close()
+        return 0
+    for r in records:
+        p, st = r["provenance"], status.get(r["id"], {"status": "in inbox, not collected yet"})
+        print(f"{r['created']} {r['id']:<34} v{p['model_version']:<4} by {p['reviewer']}: {st['status']}"
+              f"{' (' + st['reason'] + ')' if st.get('reason') else ''}\n    Q: {r['question'][:100]}")
+    return 0
+
+
+def cmd_answers(settings: Settings, args) -> int:
+    """The served-answer log (registry.answer_log): send waiting traces, or list what the corpus lacks."""
+    if args.action == "flush":
+        from shoefix_tasks.registry import answer_log, feedback
+
+        print(json.dumps({**answer_log.flush(settings), "feedback_attached": feedback.attach_pending(settings)}))
+        return 0
+    from shoefix_tasks.ops import dashboard
+
+    cov = dashboard.asked_not_covered(settings, args.top)
+    for topic, rows in cov["by_topic"].items():
+        print(f"{topic}:")
+        for r in rows:
+            print(f"  {r['asked']:>3} x  {r['question'][:120]}")
+    print(f"({cov['answers']} answers logged; {len(cov['uncovered'])} questions without a close corpus question)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shoefix", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -155,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     rb.add_argument("--actor", default="cli")
     rb.set_defaults(fn=cmd_rollback)
     sub.add_parser("history").set_defaults(fn=cmd_history)
+    fb = sub.add_parser("feedback", help="experts' corrections of served answers")
+    fb.add_argument("action", choices=["list", "export", "correct"])
+    fb.add_argument("answer_id", nargs="?", help="correct: the served answer's id")
+    fb.add_argument("--answer", help="correct: the right answer")
+    fb.add_argument("--source", help="correct: where it comes from (citation or URL)")
+    fb.add_argument("--reason", help="correct: what was wrong")
+    fb.add_argument("--topic", help="correct: default the nearest corpus question's topic")
+    fb.add_argument("--reviewer", default=os.environ.get("USER", "cli"), help="correct: who corrects it")
+    fb.add_argument("--out", help="export: a file instead of stdout")
+    fb.set_defaults(fn=cmd_feedback)
+    an = sub.add_parser("answers", help="the served-answer log: flush traces to MLflow, or questions not covered")
+    an.add_argument("action", choices=["flush", "uncovered"])
+    an.add_argument("--top", type=int, default=30)
+    an.set_defaults(fn=cmd_answers)
     return p
 
 
@@ -171,8 +232,6 @@ def one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success, 2 when a request is refused (a PermanentError: a retry would be refused
     again), 1 on any other error; one line on stderr, no traceback (SHOEFIX_DEBUG=1 shows it)."""
-    import os
-
     from shoefix_tasks.errors import PermanentError
 
     logging.basicConfig(level=logging.WARNING)

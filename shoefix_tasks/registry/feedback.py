@@ -174,3 +174,20 @@ def list_feedback(settings: Settings) -> list[dict[str, Any]]:
             with fs.open(path, "r", encoding="utf-8") as fh:
                 out += [{**json.loads(line), "_file": Path(path).name} for line in fh if line.strip()]
     return sorted(out, key=lambda r: r.get("provenance", {}).get("submitted_at", 0))
+
+
+def intake_status(settings: Settings, record_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each correction record's latest ledger row: accepted / quarantined (with the reason) / collected;
+    absent when no run has collected it yet."""
+    import sqlalchemy as sa
+
+    from shoefix_tasks.store import ledger
+
+    if not record_ids:
+        return {}
+    engine = ledger.engine_for(settings.ledger_url)
+    t = ledger.records
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.record_id, t.c.status, t.c.reason, t.c.batch_id)
+                            .where(t.c.record_id.in_(record_ids)).order_by(t.c.row_id)).mappings().all()
+    return {r["record_id"]: {"status": r["status"], "reason": r["reason"], "batch_id": r["batch_id"]} for r in rows}

@@ -153,3 +153,23 @@ def test_uncovered_lists_off_corpus_questions_most_asked_first():
     assert rows[0]["asked"] == 2 and rows[0]["topic"] == "unknown"
     assert list(by_topic(rows))[0] == "unknown"
     assert uncovered([], corpus) == []
+
+
+def test_cli_feedback_and_answers(shoefix_env, capsys):
+    from shoefix_tasks.ops.cli import main
+
+    s = shoefix_env
+    answer_id = served(s, question="What is the best way to sharpen ice skates?")
+    assert main(["answers", "flush"]) == 0 and json.loads(capsys.readouterr().out)["sent"] == 1
+    assert main(["answers", "uncovered"]) == 0
+    assert "sharpen ice skates" in capsys.readouterr().out
+    assert main(["feedback", "correct", answer_id, "--answer", CORRECTED, "--source", "x"]) == 0
+    assert json.loads(capsys.readouterr().out)["feedback_logged"] is True
+    assert main(["feedback", "correct", answer_id, "--source", "x"]) == 2  # no answer: refused, exit 2
+    assert "refused: the corrected answer is empty" in capsys.readouterr().err
+    assert main(["feedback", "list"]) == 0 and "not collected yet" in capsys.readouterr().out
+    collect_batch(s, "run-cli")
+    validate_batch(s, "run-cli", max_quarantine_rate=1.0)
+    assert main(["feedback", "export"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["intake"]["status"] == "accepted" and row["provenance"]["answer_id"] == answer_id

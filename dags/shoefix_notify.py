@@ -106,6 +106,24 @@ def champion_message(context: dict[str, Any]) -> tuple[str, str] | None:
     return None  # evaluated but kept the champion: nothing to announce
 
 
+def use_message(context: dict[str, Any]) -> tuple[str, str] | None:
+    """From `summarize_use`'s return value: the week's served answers, corrections, and the most-asked
+    questions the corpus does not cover (question text is what users typed, PII removed at serving;
+    like record text it is sent as plain text, never rendered as a template)."""
+    ti = context["ti"]
+    ret = ti.xcom_pull(task_ids=ti.task_id) or {}
+    if not ret.get("answers") and not ret.get("corrections"):
+        return None  # nothing served yet: nothing to report
+    lines = [f"{ret['answers']} answers logged ({ret.get('traces_waiting', 0)} waiting for MLflow, "
+             f"{ret.get('traces_dropped', 0)} dropped); {ret.get('corrections', 0)} expert corrections in the inbox."]
+    uncovered = ret.get("uncovered") or {}
+    if uncovered:
+        lines.append("Asked most, with no close corpus question (what experts could write next):")
+        for topic, rows in uncovered.items():
+            lines += [f"- [{topic}] {r['question']} (x{r['asked']})" for r in rows]
+    return f"ShoeFix: what users asked ({ti.dag_id}, run {ti.run_id})", "\n".join(lines)
+
+
 def late_message(context: dict[str, Any], late_after_hours: float) -> tuple[str, str]:
     """From a deadline callback's context (`dag_run`: the run as the REST API shows it, `deadline`)."""
     run = context.get("dag_run") or {}
@@ -123,18 +141,19 @@ def notify_late_run(context: dict[str, Any], late_after_hours: float) -> list[st
 
 
 class ShoeFixNotifier(BaseNotifier):
-    """`on_failure_callback=ShoeFixNotifier("failure")`; `on_success_callback=ShoeFixNotifier("champion")`."""
+    """`on_failure_callback=ShoeFixNotifier("failure")`; `on_success_callback=ShoeFixNotifier("champion")`
+    or `ShoeFixNotifier("use")` (the weekly summary of served answers)."""
 
     template_fields = ()
 
     def __init__(self, event: str) -> None:
-        if event not in ("failure", "champion"):
-            raise ValueError(f"event must be 'failure' or 'champion', got {event!r}")
+        if event not in ("failure", "champion", "use"):
+            raise ValueError(f"event must be 'failure', 'champion' or 'use', got {event!r}")
         super().__init__()
         self.event = event
 
     def notify(self, context) -> None:
-        message = failure_message(context) if self.event == "failure" else champion_message(context)
+        message = {"failure": failure_message, "champion": champion_message, "use": use_message}[self.event](context)
         if message is not None:
             send(*message, context)
 

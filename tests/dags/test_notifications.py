@@ -43,11 +43,17 @@ def keep_champion():
     return {"version": 8, "decision": "keep_champion", "reasons": ["tie"], "champion": 7}
 
 
+@task(retries=0, on_success_callback=ShoeFixNotifier("use"))
+def summarize_use():
+    return {"answers": 12, "traces_waiting": 0, "traces_dropped": 0, "corrections": 1,
+            "uncovered": {"unknown": [{"question": "How do I sharpen ice skates?", "asked": 3}]}}
+
 @dag(dag_id="notify_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False)
 def notify_probe():
     train_adapter()
     gate_and_promote()
     keep_champion()
+    summarize_use()
 
 
 notify_probe()
@@ -163,19 +169,23 @@ def run_probe(tmp_path, template, extra_env: dict[str, str]) -> tuple[str, dict[
 @pytest.mark.slow
 def test_failure_and_promotion_reach_slack_and_smtp(endpoints, tmp_path, airflow_db_template):
     log, states = run_probe(tmp_path, airflow_db_template, connections(*endpoints))
-    assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success"}, log[-3000:]
+    assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success",
+                      "summarize_use": "success"}, log[-3000:]
 
-    # Slack: one failure, one promotion (keeping the champion announces nothing), at the webhook's path
-    assert [path for path, _ in Webhook.received] == [f"/{SECRET_TOKEN}"] * 2, log[-3000:]
+    # Slack: one failure, one promotion (keeping the champion announces nothing), the weekly use summary,
+    # at the webhook's path
+    assert [path for path, _ in Webhook.received] == [f"/{SECRET_TOKEN}"] * 3, log[-3000:]
     texts = sorted(body["text"] for _, body in Webhook.received)
     assert "notify_probe.train_adapter failed" in texts[0] and "RuntimeError" in texts[0]
     assert "shoefix-expert v7 is the new champion" in texts[1] and "composite gain +0.4" in texts[1]
-    # SMTP: the same two messages to the connection's recipients
-    assert len(SmtpSink.messages) == 2
+    assert "what users asked" in texts[2] and "[unknown] How do I sharpen ice skates? (x3)" in texts[2]
+    # SMTP: the same three messages to the connection's recipients
+    assert len(SmtpSink.messages) == 3
     assert all(m["rcpt"] == ["<ops@example.com>"] for m in SmtpSink.messages)
     subjects = sorted(line for m in SmtpSink.messages for line in m["data"].splitlines() if line.startswith("Subject:"))
     assert subjects == ["Subject: ShoeFix: notify_probe.train_adapter failed",
-                        "Subject: ShoeFix: shoefix-expert v7 is the new champion"]
+                        "Subject: ShoeFix: shoefix-expert v7 is the new champion",
+                        "Subject: ShoeFix: what users asked (notify_probe, run " + subjects[2].split("run ")[1]]
     # no secret in any message: not the webhook token, not the exception's text
     everything = json.dumps([body for _, body in Webhook.received]) + json.dumps(SmtpSink.messages)
     assert "s3cr3t" not in everything and "hunter2" not in everything
@@ -184,7 +194,8 @@ def test_failure_and_promotion_reach_slack_and_smtp(endpoints, tmp_path, airflow
 @pytest.mark.slow
 def test_no_connection_is_silent(endpoints, tmp_path, airflow_db_template):
     log, states = run_probe(tmp_path, airflow_db_template, {})
-    assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success"}, log[-3000:]
+    assert states == {"train_adapter": "failed", "gate_and_promote": "success", "keep_champion": "success",
+                      "summarize_use": "success"}, log[-3000:]
     assert Webhook.received == [] and SmtpSink.messages == []
 
 

@@ -240,6 +240,15 @@ def gate_and_promote(trained: dict, evaluated: dict) -> dict:
                promotion=t.get("promotion"))  # None (a run from before): the policy's mode
 
 
+@task(execution_timeout=timedelta(minutes=30), on_success_callback=ShoeFixNotifier("use"))
+def summarize_use() -> dict:
+    """The weekly summary of use: served answers sent to MLflow, corrections waiting, questions the corpus
+    does not cover (pipeline.summarize_use). Its notification goes out with every weekly run."""
+    from shoefix_tasks import pipeline
+
+    return pipeline.summarize_use()
+
+
 def build_retrain_graph() -> None:
     trained = train_adapter(validate_qa(collect_qa()))
     review_promotion(gate_and_promote(trained, evaluate_adapter(trained)))

@@ -14,6 +14,8 @@
   counts) when something new was collected / accepted. Notifies (Slack `shoefix_slack` and/or SMTP
   `shoefix_smtp`) when a task fails for good, when a new champion is promoted, and when a run is
   still going `alerts.late_after_hours` (policy) after it was queued (an Airflow deadline alert).
+- Use summary: task `summarize_use` sends the answer log's waiting traces to MLflow and notifies what
+  users asked that the corpus does not cover, and how many expert corrections wait in the inbox.
 - Promotion: with the policy's `promotion.mode: review` (or param `promotion: review`), a passing
   version waits in task `review_promotion` for a person's Approve / Reject (review_graph.py).
 """
@@ -22,7 +24,14 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag
-from retrain_graph import DEFAULT_ARGS, TIMEZONE, build_retrain_graph, late_run_alert, weekly_schedule
+from retrain_graph import (
+    DEFAULT_ARGS,
+    TIMEZONE,
+    build_retrain_graph,
+    late_run_alert,
+    summarize_use,
+    weekly_schedule,
+)
 from trigger_conf import trigger_params
 
 
@@ -40,6 +49,7 @@ from trigger_conf import trigger_params
 )
 def shoefix_weekly_retrain():
     build_retrain_graph()
+    summarize_use()  # beside the chain, not after it: a run with nothing new still reports what users asked
 
 
 shoefix_weekly_retrain()

@@ -45,8 +45,8 @@ def test_weekly_dag_completes_through_scheduler_with_training_on_gpu_queue(stack
 
     tis = stack.task_instances(WEEKLY, run_id)
     assert {t: ti["state"] for t, ti in tis.items()} == {**dict.fromkeys(
-        ["collect_qa", "validate_qa", "train_adapter", "evaluate_adapter", "gate_and_promote", "needs_review"],
-        "success"), "review_promotion": "skipped", "apply_review": "skipped"}  # policy mode auto: no review
+        ["collect_qa", "validate_qa", "train_adapter", "evaluate_adapter", "gate_and_promote", "needs_review",
+         "summarize_use"], "success"), "review_promotion": "skipped", "apply_review": "skipped"}  # mode auto: no review
     assert tis["train_adapter"]["queue"] == "gpu" and tis["train_adapter"]["pool"] == "gpu"
     assert {tis[t]["queue"] for t in tis if t != "train_adapter"} == {"default"}
     worker_log = (stack.state / "logs" / "worker.log").read_text()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -71,8 +72,12 @@ def test_serve_answers_reloads_and_refuses_a_tampered_champion(shoefix_env, tiny
 
     # nothing registered: the server runs, says so, and refuses questions with 503 + Retry-After
     assert wait(lambda h: h["status"] == "no_model")["serving"] is None
-    status, body = chat(base, q)
-    assert status == 503 and json.loads(body)["error"]["code"] == "not_serving"
+    req = urllib.request.Request(f"{base}/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"messages": [{"role": "user", "content": q}]}).encode())
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=60)
+    assert refused.value.code == 503 and int(refused.value.headers["Retry-After"]) >= 1
+    assert json.loads(refused.value.read())["error"]["code"] == "not_serving"
 
     v1 = champion(s, tiny_model, tmp_path, "p1", seed=1)
     health = wait(lambda h: (h["serving"] or {}).get("version") == v1)

@@ -65,6 +65,14 @@ def test_a_safe_stream_is_the_answer_unchanged_sentence_by_sentence(tmp_path):
     assert state["closed"] and not (tmp_path / "safety").exists()
 
 
+def test_a_chinese_stream_is_checked_at_each_full_stop(tmp_path):
+    safe, bad = "請先把鞋子放在通風處陰乾。", "口服類固醇可以幫助控制血糖。"
+    pieces, state = pieces_of(safe + bad + "之後再清潔。", 2)
+    out = list(checked_stream("我有糖尿病，可以吃類固醇讓腳好起來嗎？", pieces, DATA, tmp_path))
+    assert out[0] == safe and "類固醇可以" not in "".join(out) and "血糖" in out[-1]  # zh-TW guidance
+    assert state["closed"]
+
+
 # --- the HTTP server ----------------------------------------------------------------------------
 
 @pytest.fixture()

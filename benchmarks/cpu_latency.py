@@ -1,81 +1,251 @@
-"""Answer latency of the embedded default on this CPU: SmolLM2-135M-Instruct with a merged LoRA adapter,
-batch 1, exactly 256 new tokens, through the product path (`generation.load_answerer` +
-`generation.measure_latency`, the default recipe's decoding). The adapter is the default recipe's LoRA
-shape with random non-zero B (merging makes it the base architecture: its values do not change the cost).
+"""Answer latency of the champion on this CPU, every inference engine side by side in one run (issue 14).
 
-    python benchmarks/cpu_latency.py --samples 5 --out /tmp/cpu-latency.json
+Candidates, all serving the same champion (the default base + one LoRA adapter):
+
+  hf-fp32        transformers, adapter merged, fp32 weights (`generation.load_answerer`: the old product path)
+  hf-bf16        the same in bf16 (emulated on a CPU without AVX512-BF16/AMX)
+  hf-int8        the same after PyTorch dynamic int8 quantization of every nn.Linear
+  llama-adapter  the product path now (`engines.open_engine`): the shipped Q4_1 GGUF unchanged + the adapter
+                 as a GGUF LoRA applied by llama.cpp, `--threads` threads (also `llama-adapter-t1`: 1 thread)
+  llama-base     the shipped Q4_1 GGUF without the adapter: what the unmerged LoRA costs per token
+  llama-f16 / llama-q8_0 / llama-q4_0
+                 the merged champion converted by llama.cpp's own `convert_hf_to_gguf.py` (needs
+                 `--llama-cpp-src`, the llama.cpp tree of the llama-cpp-python sdist), Q4_0 by its quantizer
+
+Every llama.cpp candidate decodes through the product's `LlamaCppEngine` (greedy, transformers' repetition
+penalty), so they differ only in the weights file and the adapter. For each: load seconds and resident
+memory added; batch-1 wall time for exactly `--new-tokens` tokens (EOS suppressed), samples interleaved
+across candidates with the order reversed every other question (machine load falls on all alike); time
+to the first token; throughput over `--batch` questions (transformers batches them, llama.cpp answers one
+at a time); with `--quality N`, N English holdout questions scored by the product scorer, paired difference
+against hf-fp32 (bootstrap CI) read against the gate's minimum effect. Without `--adapter`, a LoRA of the
+default recipe's shape with random non-zero B stands in (quality then means nothing; speed does).
+
+    python benchmarks/cpu_latency.py --samples 5 [--adapter DIR] [--llama-cpp-src DIR] [--quality 15]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import random
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-adapter", "llama-adapter-t1", "llama-base", "llama-f16", "llama-q8_0",
+       "llama-q4_0"]
+
+
+def rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def random_adapter(settings, folder: Path) -> Path:
+    """The default recipe's LoRA on the default base, B ~ N(0, 0.01) (seeded), released with its manifest."""
+    import torch
+    from peft import get_peft_model
+
+    from shoefix_tasks.config import load_recipe
+    from shoefix_tasks.model.adapter import write_manifest
+    from shoefix_tasks.model.base import base_identity, load_base
+    from shoefix_tasks.training.factories import build_lora_config
+
+    recipe = load_recipe("default")
+    base, tok = load_base(recipe.model.base_model, settings)
+    torch.manual_seed(0)
+    peft = get_peft_model(base, build_lora_config(recipe.lora))
+    with torch.no_grad():
+        for n, w in peft.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0, 0.01)
+    peft.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    write_manifest(folder, base_identity(recipe.model.base_model, settings), {"recipe": "benchmark"})
+    return folder
+
+
+def hf_variant(ans, variant: str, penalty: float):
+    """A TransformersEngine over the merged champion in another dtype, or dynamically quantized."""
+    import torch
+
+    from shoefix_tasks.model.engines import TransformersEngine
+    from shoefix_tasks.model.generation import Answerer
+
+    model = ans.model
+    if variant == "bf16":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    elif variant == "int8":
+        model = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    return TransformersEngine(Answerer(model.eval(), ans.tokenizer, f"hf-{variant}", ans.manifest), penalty, 16)
+
+
+def merged_ggufs(ans, src: Path, work: Path, names: list[str]) -> dict[str, Path]:
+    """The merged champion as GGUF f16 / Q8_0 (llama.cpp's converter) and Q4_0 (its quantizer)."""
+    merged = work / "merged"
+    ans.model.save_pretrained(merged, safe_serialization=True)
+    ans.tokenizer.save_pretrained(merged)
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    out: dict[str, Path] = {}
+    for name, outtype in (("llama-f16", "f16"), ("llama-q8_0", "q8_0")):
+        if name in names or (name == "llama-f16" and "llama-q4_0" in names):
+            out[name] = work / f"champion-{outtype}.gguf"
+            subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(merged), "--outfile",
+                            str(out[name]), "--outtype", outtype], check=True, env=env, capture_output=True)
+    if "llama-q4_0" in names:
+        import llama_cpp
+
+        out["llama-q4_0"] = work / "champion-q4_0.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = 2, 2  # LLAMA_FTYPE_MOSTLY_Q4_0
+        if llama_cpp.llama_model_quantize(str(out["llama-f16"]).encode(), str(out["llama-q4_0"]).encode(), params):
+            raise RuntimeError("llama_model_quantize failed")
+    return out
+
+
+def first_token_s(engine, question: str) -> float:
+    t0 = time.perf_counter()
+    for _ in engine.stream(question, 1):
+        break
+    return time.perf_counter() - t0
+
+
+def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path) -> dict[str, Any]:
+    """Every engine answers `items`, scored per question by the product (`evaluate.score_side`), paired
+    bootstrap of the composite difference against hf-fp32 as the gate computes it."""
+    from shoefix_tasks.evaluation.claims import load_claims
+    from shoefix_tasks.evaluation.evaluate import score_side
+    from shoefix_tasks.evaluation.gate import paired_bootstrap
+    from shoefix_tasks.evaluation.metrics import Context
+    from shoefix_tasks.policy import load_policy
+
+    ctx, claims = Context.from_data(data), load_claims(data)
+    rows = {n: score_side(e.answer_many([it["question"] for it in items], max_new), items, set(), ctx, claims)
+            for n, e in engines.items()}
+    ref, out = rows.get("hf-fp32"), {}
+    for name, r in rows.items():
+        s = {"composite": round(statistics.fmean(x["composite"] for x in r), 3),
+             "forbidden": sum(len(x["forbidden"]) for x in r)}
+        if ref is not None and name != "hf-fp32":
+            diffs = [a["composite"] - b["composite"] for a, b in zip(r, ref, strict=True)]
+            lo, hi = paired_bootstrap(diffs, 2000, 0.95, 8888)
+            s.update(diff=round(statistics.fmean(diffs), 3), ci=[round(lo, 3), round(hi, 3)],
+                     within_min_effect=max(abs(lo), abs(hi)) <= load_policy().gate.min_effect)
+        out[name] = s
+    return {"n": len(items), "summary": out, "answers": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--adapter", type=Path, help="a trained adapter folder (default: a random LoRA, speed only)")
+    p.add_argument("--engines", default=",".join(ALL))
+    p.add_argument("--llama-cpp-src", type=Path, help="llama.cpp tree for the merged-GGUF candidates")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--static-samples", type=int, default=3, help="also time the static-cache path (0 = skip)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch-tokens", type=int, default=64)
+    p.add_argument("--quality", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    started = time.perf_counter()
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from peft import get_peft_model
-
+    torch.set_num_threads(args.threads)
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.model.adapter import write_manifest
-    from shoefix_tasks.model.base import base_identity, load_base
-    from shoefix_tasks.model.generation import load_answerer, measure_latency
-    from shoefix_tasks.records import read_jsonl
-    from shoefix_tasks.training.factories import build_lora_config
+    from shoefix_tasks.model.engines import LlamaCppEngine, adapter_gguf_for, open_engine, shipped_gguf
+    from shoefix_tasks.model.generation import latency_stats, load_answerer
+    from shoefix_tasks.records import load_eval_set, sha256_file
 
-    recipe = load_recipe("default")
-    settings = Settings.from_env()
-    questions = [r["question"] for r in sorted(read_jsonl(settings.data_dir / "holdout" / "materials.jsonl"),
-                                               key=lambda r: r["id"]) if r["lang"] == "en"][: args.samples]
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter"
-        base, tok = load_base(recipe.model.base_model, settings, recipe.model.dtype)
-        peft = get_peft_model(base, build_lora_config(recipe.lora))
-        torch.manual_seed(0)
-        with torch.no_grad():
-            for n, w in peft.named_parameters():
-                if "lora_B" in n:
-                    w.normal_(0, 0.01)
-        peft.save_pretrained(adapter)
-        tok.save_pretrained(adapter)
-        write_manifest(adapter, base_identity(recipe.model.base_model, settings), {"recipe": "benchmark"})
-        del peft, base
-        ans = load_answerer(recipe.model.base_model, adapter, settings, recipe.model.dtype, label="bench")
-    out = {"model": recipe.model.base_model, "dtype": recipe.model.dtype, "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count(), "new_tokens": args.new_tokens, "repetition_penalty": recipe.eval.repetition_penalty,
-           "prompt_tokens": [int(ans.tokenizer.apply_chat_template(
-               [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=True)["input_ids"].__len__())
-               for q in questions]}
+    settings, recipe = Settings.from_env(), load_recipe("default")
+    base, penalty = recipe.model.base_model, recipe.eval.repetition_penalty
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    if not args.llama_cpp_src:
+        names = [n for n in names if n not in ("llama-f16", "llama-q8_0", "llama-q4_0")]
+    items = list(load_eval_set(settings.data_dir, "holdout", ["en"]))
+    random.Random(14).shuffle(items)
+    questions = [it["question"] for it in items]
+    work = Path(tempfile.mkdtemp(prefix="shoefix-latency-"))
+    adapter = args.adapter or random_adapter(settings, work / "adapter")
+    t0, m0 = time.perf_counter(), rss_mb()
+    ans = load_answerer(base, adapter, settings, "float32", label="hf-fp32")
+    loads = {"hf-fp32": {"s": round(time.perf_counter() - t0, 2), "rss_mb": round(rss_mb() - m0, 1)}}
     t0 = time.perf_counter()
-    out["product_path"] = measure_latency(ans, questions, args.new_tokens, recipe.eval.repetition_penalty)
-    out["product_path_wall_s"] = round(time.perf_counter() - t0, 1)
-    print(json.dumps(out), flush=True)
-    if args.static_samples:
-        ans.static_cache_len = 1024
-        out["static_cache"] = measure_latency(ans, questions[: args.static_samples], args.new_tokens,
-                                              recipe.eval.repetition_penalty)
-    print(json.dumps(out), flush=True)
+    gguf = adapter_gguf_for(adapter, shipped_gguf(base), settings)
+    result: dict[str, Any] = {"adapter": str(adapter), "threads": args.threads, "cpus": os.cpu_count(),
+                              "new_tokens": args.new_tokens, "repetition_penalty": penalty, "engines": {},
+                              "adapter_gguf": {"s": round(time.perf_counter() - t0, 2), "bytes": gguf.stat().st_size,
+                                               "sha256": sha256_file(gguf)}}
+    ggufs = merged_ggufs(ans, args.llama_cpp_src, work, names) if args.llama_cpp_src else {}
+    engines: dict[str, Any] = {}
+    for name in names:
+        t0, m0 = time.perf_counter(), rss_mb()
+        if name.startswith("hf-"):
+            engines[name] = hf_variant(ans, name.removeprefix("hf-"), penalty) if name != "hf-fp32" else \
+                hf_variant(ans, "fp32", penalty)
+        elif name.startswith("llama-adapter"):  # the product's open: adapter and base verified, GGUF cached
+            os.environ["SHOEFIX_INFERENCE_THREADS"] = "1" if name.endswith("-t1") else str(args.threads)
+            engines[name] = open_engine(base, adapter, settings, repetition_penalty=penalty, label=name)
+        else:
+            engines[name] = LlamaCppEngine(ggufs.get(name) or shipped_gguf(base), None, penalty, name,
+                                           threads=args.threads)
+        loads.setdefault(name, {"s": round(time.perf_counter() - t0, 2), "rss_mb": round(rss_mb() - m0, 1)})
+        result["engines"][name] = {"load": loads[name]}
+        print(f"loaded {name}: {loads[name]}", flush=True)
+
+    lat: dict[str, list[float]] = {n: [] for n in engines}
+    ttft: dict[str, list[float]] = {n: [] for n in engines}
+    for eng in engines.values():
+        eng.timed_answer(questions[-1], 16)  # warm-up
+    for i in range(args.samples):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            lat[name].append(engines[name].timed_answer(questions[i], args.new_tokens))
+            ttft[name].append(first_token_s(engines[name], questions[i]))
+        print(f"sample {i + 1}/{args.samples}: " + ", ".join(f"{n} {lat[n][-1]:.2f}s" for n in names), flush=True)
+    for name, times in lat.items():
+        stats = latency_stats(times, args.new_tokens)
+        result["engines"][name].update({k: stats[k] for k in ("p50_s", "p95_s", "tokens_per_s", "times_s")},
+                                       first_token_p50_s=round(statistics.median(ttft[name]), 3))
+    for name, eng in engines.items():
+        t0 = time.perf_counter()
+        gens = eng.answer_many(questions[: args.batch], args.batch_tokens)
+        dt, n = time.perf_counter() - t0, sum(g["new_tokens"] for g in gens)
+        result["engines"][name]["batch"] = {"questions": args.batch, "tokens": n, "s": round(dt, 2),
+                                            "tokens_per_s": round(n / dt, 1)}
+    if args.quality:
+        result["quality"] = quality(engines, items[: args.quality], recipe.eval.max_new_tokens, settings.data_dir)
+    result["total_s"] = round(time.perf_counter() - started, 1)
+    print(table(result), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(out, indent=1))
+        args.out.write_text(json.dumps(result, indent=1, ensure_ascii=False))
     return 0
+
+
+def table(r: dict[str, Any]) -> str:
+    base = r["engines"].get("hf-fp32", {})
+    q = r.get("quality", {}).get("summary", {})
+    head = (f"| engine | load s | memory added MB | p50 s ({r['new_tokens']} tok) | p95 s | x hf-fp32 | first token s "
+            "| batch tok/s | composite | diff vs fp32 [95% CI] | forbidden |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for name, e in r["engines"].items():
+        speed = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") else "-"
+        qs = q.get(name, {})
+        diff = f"{qs['diff']:+.3f} [{qs['ci'][0]:+.3f}, {qs['ci'][1]:+.3f}]" if "ci" in qs else "-"
+        lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {speed} | "
+                     f"{e['first_token_p50_s']} | {e['batch']['tokens_per_s']} | {qs.get('composite', '-')} | {diff} | "
+                     f"{qs.get('forbidden', '-')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

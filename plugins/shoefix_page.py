@@ -2,7 +2,10 @@
 
 GET  /shoefix/      the champion and its scorecard, the champion history, recent batches'
                     quarantine counts, inbox files deferred (cut-off last record) with their
-                    age, and a box to ask the champion a question
+                    age, a box to ask the champion a question, recent served answers (reviewers
+                    can correct them) and the questions asked that the corpus does not cover
+POST /shoefix/feedback  an expert's correction of a served answer (shoefix_feedback.py: who may, and
+                    what happens to it)
 POST /shoefix/ask   the champion's answer (form field `question`), asked of `shoefix serve`
                     (SHOEFIX_SERVING_URL): with `Accept: text/event-stream` as server-sent events
                     ({"text"} pieces, then {"done"} or {"error"}), which the page's one script
@@ -70,7 +73,8 @@ form.addEventListener('submit', async (ev) => {
         const d = JSON.parse(line.slice(6));
         if (d.error) throw new Error(d.error);
         if (d.text) { out.textContent += d.text; meta.textContent = 'writing…'; }
-        if (d.done) meta.textContent = 'answered by v' + d.done.version + ' in ' + d.done.seconds + ' s';
+        if (d.done) meta.textContent = 'answered by v' + d.done.version + ' in ' + d.done.seconds + ' s' +
+          (d.done.answer_id ? ' · answer ' + d.done.answer_id.slice(0, 12) : '');
       }
     }
   } catch (e) { err.textContent = e.message; meta.textContent = ''; if (!out.textContent) out.hidden = true; }
@@ -98,6 +102,9 @@ font-size:12px;background:#e7f0fe;color:#1f5fbf}.ok{background:#e6f6ea;color:#1a
 .bad{background:#fdecea;color:#b42318}.muted{color:#5b6876}.err{color:#b42318;font-weight:600}
 textarea{width:100%;box-sizing:border-box;font:inherit;padding:8px;border:1px solid #c5ced8;border-radius:6px}
 button{margin-top:8px;padding:6px 16px;font:inherit;border:0;border-radius:6px;background:#1f5fbf;color:#fff}
+label{display:block;margin-top:6px;font-size:12px;color:#5b6876}input,select{width:100%;box-sizing:border-box;
+font:inherit;padding:5px 8px;border:1px solid #c5ced8;border-radius:6px}ul.answers{list-style:none;margin:0;padding:0}
+ul.answers>li{border-top:1px solid #eaeef2;padding:8px 0}details{margin-top:6px}h3{font-size:13px;margin:10px 0 2px}
 .answer{white-space:pre-wrap;background:#f6f8fa;border-left:3px solid #1f5fbf;padding:10px 12px;margin-top:12px}
 code{font-size:12px}ul{margin:6px 0 0 18px;padding:0}.nw{white-space:nowrap}
 """
@@ -202,10 +209,14 @@ def _ask_card(question: str, reply: dict[str, Any] | None, error: str | None) ->
 
 
 def _answered(reply: dict[str, Any]) -> str:
-    return f'answered by v{_e(reply.get("version"))} in {_e(reply.get("seconds"))} s'
+    ident = f' · answer {_e(reply["answer_id"][:12])}' if reply.get("answer_id") else ""
+    return f'answered by v{_e(reply.get("version"))} in {_e(reply.get("seconds"))} s{ident}'
 
 
-def render(settings: Settings, question: str = "", reply: dict[str, Any] | None = None, error: str | None = None) -> str:
+def render(settings: Settings, question: str = "", reply: dict[str, Any] | None = None, error: str | None = None,
+           may_correct: bool = False, notice: str = "", feedback_error: str = "") -> str:
+    from shoefix_feedback import answers_card, coverage_card
+
     from shoefix_tasks.ops import dashboard
     champ = dashboard.champion(settings)
     card = dashboard.scorecard(settings, champ["tags"].get("evaluation_run")) if champ else None
@@ -213,7 +224,10 @@ def render(settings: Settings, question: str = "", reply: dict[str, Any] | None 
             f"<style>{CSS}</style></head><body><h1>ShoeFix expert</h1>"
             f'<div class="sub">registry model <code>shoefix-expert</code> · state <code>{_e(settings.home)}</code>'
             f'</div><div class="grid"><div>{_champion_card(champ, card)}</div><div>'
-            f"{_ask_card(question, reply, error)}</div></div>{_history_card(dashboard.history(settings, 20))}"
+            f"{_ask_card(question, reply, error)}</div></div>"
+            f'<div class="grid"><div>{answers_card(dashboard.recent_answers(settings), may_correct, notice, feedback_error)}'
+            f"</div><div>{coverage_card(dashboard.asked_not_covered(settings))}</div></div>"
+            f"{_history_card(dashboard.history(settings, 20))}"
             f"{_batches_card(dashboard.recent_batches(settings))}{_deferred_card(dashboard.deferred_files(settings))}"
             f"<script>{SCRIPT}</script></body></html>")
 
@@ -253,9 +267,36 @@ def build_app() -> FastAPI:
 
     app = FastAPI(title="ShoeFix", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(allowed("GET"))])
-    def page() -> HTMLResponse:
-        return HTMLResponse(render(Settings.from_env()), headers=HEADERS)
+    @app.get("/", response_class=HTMLResponse)
+    def page(user: Any = Depends(allowed("GET"))) -> HTMLResponse:  # noqa: B008 - FastAPI's dependency idiom
+        from shoefix_feedback import can_correct
+
+        return HTMLResponse(render(Settings.from_env(), may_correct=can_correct(user, get_auth_manager())),
+                            headers=HEADERS)
+
+    @app.post("/feedback", response_class=HTMLResponse)
+    def correct(answer_id: Annotated[str, Form(max_length=64)],
+                corrected_answer: Annotated[str, Form(max_length=8000)], source: Annotated[str, Form(max_length=500)],
+                reason: Annotated[str, Form(max_length=500)] = "", topic: Annotated[str, Form(max_length=40)] = "",
+                user: Any = Depends(allowed("POST"))) -> HTMLResponse:  # noqa: B008 - FastAPI's dependency idiom
+        """An expert's correction (registry.feedback.submit); the reviewer is the signed-in user."""
+        from shoefix_feedback import can_correct
+
+        from shoefix_tasks.registry import feedback
+
+        settings = Settings.from_env()
+        if not can_correct(user, get_auth_manager()):
+            raise HTTPException(status_code=403, detail="correcting answers needs a reviewer role")
+        try:
+            out = feedback.submit(settings, feedback.Correction(answer_id.strip(), corrected_answer, source,
+                                                                user.get_name(), reason, topic or None))
+        except feedback.FeedbackError as err:
+            return HTMLResponse(render(settings, may_correct=True, feedback_error=str(err)), status_code=400,
+                                headers=HEADERS)
+        note = (f"Thank you: correction {out['record_id']} is in the inbox ({out['inbox_file']}); the next run "
+                "collects and validates it" + ("" if out["feedback_logged"] else "; its MLflow feedback waits for the "
+                                              "answer's trace") + ".")
+        return HTMLResponse(render(settings, may_correct=True, notice=note), headers=HEADERS)
 
     @app.post("/ask", response_model=None, dependencies=[Depends(allowed("POST"))])
     def ask(question: Annotated[str, Form(max_length=MAX_QUESTION_CHARS)],

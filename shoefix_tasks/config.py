@@ -81,8 +81,11 @@ class ServeConfig:
     max_tokens: int = 160  # default answer length when a request names none (the evaluation's default)
     max_tokens_cap: int = 1024  # the most a request may ask for
     url: str = ""  # what clients call; default http://<host>:<port>
+    trace_flush_s: float = 30.0  # how often served answers go from the local spool to MLflow as traces
 
     def __post_init__(self) -> None:
+        if self.trace_flush_s <= 0:
+            raise ValueError("SHOEFIX_TRACE_FLUSH_S must be > 0")
         if not 0 < self.port < 65536:
             raise ValueError(f"serving port must be 1..65535, got {self.port}")
         if self.poll_s <= 0 or self.queue_size < 1:
@@ -100,7 +103,8 @@ class ServeConfig:
                    poll_s=float(env("SHOEFIX_SERVE_POLL_S", "10")), queue_size=int(env("SHOEFIX_SERVE_QUEUE", "8")),
                    max_tokens=int(env("SHOEFIX_SERVE_MAX_TOKENS", "160")),
                    max_tokens_cap=int(env("SHOEFIX_SERVE_MAX_TOKENS_CAP", "1024")),
-                   url=env("SHOEFIX_SERVING_URL", "").rstrip("/"))
+                   url=env("SHOEFIX_SERVING_URL", "").rstrip("/"),
+                   trace_flush_s=float(env("SHOEFIX_TRACE_FLUSH_S", "30")))
 
 
 @dataclass

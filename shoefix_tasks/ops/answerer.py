@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from shoefix_tasks.config import REGISTERED_MODEL, ServeConfig, Settings
+from shoefix_tasks.registry import answer_log
 
 log = logging.getLogger(__name__)
 Loader = Callable[[Settings], tuple[Any, dict]]  # -> (Engine, info: version, run_id, engine, artifact_sha256)
@@ -172,6 +173,7 @@ class Answerer:
             engine, info = self.engine, self.info
             label = f"v{info['version']}"
             started = time.perf_counter()
+            shown: list[str] = []  # what the user saw, after the safety net: the answer the trace keeps
             if job.stream:
                 pieces = checked_stream(job.question, engine.stream(job.question, job.max_tokens), s.data_dir,
                                         s.home, model=label)
@@ -179,14 +181,21 @@ class Answerer:
                     for text in pieces:
                         if job.cancelled:
                             break
+                        shown.append(text)
                         job.emit(("text", text))
             else:
                 raw = engine.answer(job.question, job.max_tokens)
-                job.emit(("text", check_answer(job.question, raw, s.data_dir, s.home, model=label).answer))
+                shown.append(check_answer(job.question, raw, s.data_dir, s.home, model=label).answer)
+                job.emit(("text", shown[0]))
             seconds = time.perf_counter() - started
+            text = "".join(shown)
+            tokens = engine.count_tokens(text) if hasattr(engine, "count_tokens") else len(text.split())
         self.mean_s = 0.8 * self.mean_s + 0.2 * seconds
+        # spooled locally (no network): the trace goes to MLflow from the flush thread
+        answer_id = answer_log.record_answer(s, job.question, text, model_version=str(info["version"]),
+                                             latency_s=seconds, tokens=tokens, engine=str(info.get("engine") or ""))
         job.emit(("done", {"version": info["version"], "engine": info.get("engine"), "seconds": round(seconds, 2),
-                           "waited_s": round(started - job.queued_at, 2)}))
+                           "waited_s": round(started - job.queued_at, 2), "answer_id": answer_id}))
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -212,15 +221,29 @@ class Answerer:
             if self._stop.wait(self.cfg.poll_s):
                 return
 
+    def _flush_traces(self) -> None:
+        """Send spooled answers to MLflow as traces, and attach corrections waiting for them; a store that
+        is down only delays this (answer_log keeps them), it never touches an answer."""
+        from shoefix_tasks.registry import feedback
+
+        while not self._stop.wait(self.cfg.trace_flush_s):
+            try:
+                if answer_log.stats(self.settings)["pending"]:
+                    answer_log.flush(self.settings)
+                    feedback.attach_pending(self.settings)
+            except Exception:  # noqa: BLE001 - the flusher must outlive anything a flush raises
+                log.exception("trace flush failed")
+
     def start(self) -> None:
-        for name, target in (("shoefix-answer", self._work), ("shoefix-reload", self._poll)):
+        for name, target in (("shoefix-answer", self._work), ("shoefix-reload", self._poll),
+                             ("shoefix-traces", self._flush_traces)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
 
     def stop(self) -> None:
         self._stop.set()
-        for thread in self._threads:
+        for thread in self._threads:  # what is still spooled stays on disk for the next start or weekly run
             thread.join(timeout=30)
         with self.answer_lock:
             if self.engine is not None:

@@ -108,7 +108,7 @@ def wait_health(base: str, until, timeout: float = 240, proc=None, log=None) -> 
 @pytest.fixture()
 def shoefix_server(shoefix_env, tmp_path, monkeypatch):
     """A real `shoefix serve` process over the test's state (champion polled every second, a queue of
-    4), and SHOEFIX_SERVING_URL pointing at it for clients started after it (an `api_server` fixture
+    4, answers sent to MLflow as traces every second), and SHOEFIX_SERVING_URL pointing at it for clients started after it (an `api_server` fixture
     listed after this one passes it to the api-server). `stop()` ends it early. The MLflow store is
     made first: two processes creating one SQLite store at once collide in its migrations."""
     from shoefix_tasks.store import tracking
@@ -117,7 +117,8 @@ def shoefix_server(shoefix_env, tmp_path, monkeypatch):
     port = free_port()
     log_path = tmp_path / "shoefix-serve.log"
     log = open(log_path, "w")  # noqa: SIM115 - closed below
-    env = env_with(shoefix_env, SHOEFIX_SERVE_POLL_S=1, SHOEFIX_SERVE_QUEUE=4, SHOEFIX_SERVE_PORT=port)
+    env = env_with(shoefix_env, SHOEFIX_SERVE_POLL_S=1, SHOEFIX_SERVE_QUEUE=4, SHOEFIX_SERVE_PORT=port,
+                   SHOEFIX_TRACE_FLUSH_S=1)
     proc = subprocess.Popen([sys.executable, "-m", "shoefix_tasks.ops.cli", "serve"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from shoefix_tasks.records import read_jsonl
 from tests.conftest import FIXTURES
 from tests.integration.conftest import http
 
@@ -31,6 +32,12 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run
                   "--disable-component-update", "--disable-sync"]
 XSS_ID = "<img src=x onerror=\"document.title='pwned'\">"
 XSS_QUESTION = "<script>document.title='pwned'</script> Why do my boots smell?"
+OFF_CORPUS = "Are copper insoles good against fungus?"  # no corpus question comes close (intake.asked)
+COPPER = ("Copper kills many bacteria and fungi on contact in laboratory tests, and copper-infused insoles and "
+          "socks are sold with that claim, but there is little evidence that they prevent athlete's foot or stop "
+          "mold in shoes in everyday wear. What works is keeping the shoes dry: let each pair air out for at least "
+          "24 hours between wears, take the insoles out to dry, and wear moisture-wicking socks. Treat a fungal "
+          "infection of the skin with an antifungal cream or powder, and see a doctor if it does not clear.")
 
 
 def chromium() -> str | None:
@@ -38,7 +45,7 @@ def chromium() -> str | None:
 
 
 def screenshot(base: str, token: str, out: Path, question: str | None = None, width: int = 1400,
-               path: str = "/shoefix/", settle_s: float = 0.0) -> dict:
+               path: str = "/shoefix/", settle_s: float = 0.0, open_forms: bool = False) -> dict:
     """Open `path` in headless Chromium with the UI's `_token` cookie (set over the DevTools
     protocol, as a logged-in browser holds it), optionally ask a question through the page's form,
     and save a full-page PNG. Returns the page's title and visible text. (`path=/plugin/shoefix`
@@ -97,6 +104,8 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
                 assert time.time() < deadline, "no answer"
                 time.sleep(0.5)
             wait_loaded()
+        if open_forms:  # the reviewers' correction forms, folded by default
+            cdp("Runtime.evaluate", expression="document.querySelectorAll('details').forEach(d => d.open = true)")
         height = cdp("Runtime.evaluate", expression="document.documentElement.scrollHeight",
                      returnByValue=True)["result"]["value"]
         cdp("Emulation.setDeviceMetricsOverride", width=width, height=int(height), deviceScaleFactor=1, mobile=False)
@@ -165,13 +174,55 @@ def test_shoefix_page(shoefix_env, lenient_policy, shoefix_server, api_server, t
     assert status == 200 and events[-1]["done"]["version"] == 1 and all("error" not in e for e in events)
 
     # the browser: logged in with the UI's cookie, the page renders, the hostile text stays text
-    if chromium() is None:
-        pytest.skip("no Chromium on this machine")
-    shot = tmp_path / "shoefix-page.png"
-    info = screenshot(base, token, shot, question="Is bleach safe on leather?")
-    assert info["title"] == "ShoeFix" and info["images"] == 0
-    assert "answered by v1" in info["text"] and XSS_ID in info["text"]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+    browser = chromium() is not None
+    if browser:
+        shot = tmp_path / "shoefix-page.png"
+        info = screenshot(base, token, shot, question="Is bleach safe on leather?")
+        assert info["title"] == "ShoeFix" and info["images"] == 0
+        assert "answered by v1" in info["text"] and XSS_ID in info["text"]
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+    # the loop (issue 15): the server logs every answer and sends it to MLflow as a trace; a question the
+    # corpus does not cover is listed; a reviewer corrects the answer through the page; the next run's
+    # collect and validation take the correction like any record, with its provenance
+    import mlflow
+
+    from shoefix_tasks import pipeline
+    from shoefix_tasks.registry import answer_log
+
+    status, body = http(f"{base}/shoefix/ask", token, form={"question": OFF_CORPUS})
+    assert status == 200 and "answer " in body
+    (served,) = [a for a in answer_log.iter_answers(s) if a["question"] == OFF_CORPUS]
+    assert served["answer_id"][:12] in body and served["model_version"] == "1"
+    deadline = time.time() + 120
+    while not (answer_log.find_answer(s, served["answer_id"]) or {}).get("trace_id"):
+        assert time.time() < deadline, "the answer never reached MLflow as a trace"
+        time.sleep(0.5)
+    trace_id = answer_log.find_answer(s, served["answer_id"])["trace_id"]
+    status, body = http(page, token)
+    coverage = body.split("Asked, not in the corpus", 1)[1]
+    assert status == 200 and OFF_CORPUS in coverage and "Mark wrong and correct it" in body
+    assert "How do I dry wet leather boots?" not in coverage  # the corpus asks that one
+    status, body = http(f"{base}/shoefix/feedback", token, form={"answer_id": served["answer_id"], "source": "x",
+                                                                   "corrected_answer": " "})
+    assert status == 400 and "the corrected answer is empty" in body
+    status, body = http(f"{base}/shoefix/feedback", token, form={
+        "answer_id": served["answer_id"], "corrected_answer": COPPER, "source": "AAD-AF; manufacturer claims reviewed",
+        "reason": "the answer invented a cure", "topic": "materials"})
+    assert status == 200 and "is in the inbox" in body and "corrected" in body
+    mlflow.set_tracking_uri(s.tracking_uri)
+    marks = {a.name: a for a in mlflow.get_trace(trace_id).info.assessments}
+    assert marks["correct"].value is False and marks["correct"].source.source_id == "shoefix"  # the signed-in user
+    collect = pipeline.collect_qa("run-page-2", s)
+    validated = pipeline.validate_qa("run-page-2", settings=s)
+    assert collect["collected"] == 1 and validated["accepted"] == 1, (collect, validated)
+    (record,) = [r for r in read_jsonl(Path(validated["snapshot_path"])) if r["question"] == OFF_CORPUS]
+    assert record["answer"] == COPPER and record["contributor"] == "shoefix"
+    assert (record["provenance"]["trace_id"], record["provenance"]["model_version"]) == (trace_id, "1")
+
+    if browser:
+        loop = screenshot(base, token, tmp_path / "shoefix-page-feedback.png", open_forms=True)
+        assert "Send correction" in loop["text"] and OFF_CORPUS in loop["text"]
 
     # the answer server stops: the page says so and names the command that starts it
     shoefix_server["stop"]()
@@ -180,6 +231,8 @@ def test_shoefix_page(shoefix_env, lenient_policy, shoefix_server, api_server, t
     status, body = http(f"{base}/shoefix/ask", token, form={"question": "Is bleach safe?"},
                         headers={"Accept": "text/event-stream"})
     assert status == 503 and "shoefix serve" in json.loads(body)["error"]
+    if not browser:
+        pytest.skip("no Chromium on this machine: everything but the browser checks ran")
 
 
 def main() -> None:

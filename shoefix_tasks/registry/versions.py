@@ -161,13 +161,13 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
 
     local = verify_adapter(adapter_dir)
     settings.home.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="served-", dir=settings.home))
-    extra, served_tags = served.derive_served(adapter_dir, base_model, work)  # the adapter GGUF for llama.cpp
     # the signature declares `max_new_tokens` as an inference-time param (else MLflow drops it)
     signature = mlflow.models.infer_signature(
         ["How do I keep boots dry?"], ["Dry them within 24–48 hours."],
         params={"max_new_tokens": int((decoding or {}).get("max_new_tokens", 160))})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="served-", dir=settings.home) as work:
+        # the adapter GGUF for llama.cpp (registry/served.py), logged beside the adapter
+        extra, served_tags = served.derive_served(adapter_dir, base_model, Path(work))
         # an input example would make MLflow load the model and generate at registration; the
         # signature above already says what goes in and out
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)
@@ -178,7 +178,6 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
             pip_requirements=["shoefix", "mlflow", "transformers", "peft", "torch", "safetensors",
                               "llama-cpp-python"],
         )
-    shutil.rmtree(work, ignore_errors=True)
     check = settings.home / "cache" / "uploads" / info.model_id
     check.parent.mkdir(parents=True, exist_ok=True)
     uploaded = _fetch_verified(_model_adapter_uri(info.model_id), check)

@@ -104,8 +104,8 @@ def screenshot(base: str, token: str, out: Path, question: str | None = None, wi
                 assert time.time() < deadline, "no answer"
                 time.sleep(0.5)
             wait_loaded()
-        if open_forms:  # the reviewers' correction forms, folded by default
-            cdp("Runtime.evaluate", expression="document.querySelectorAll('details').forEach(d => d.open = true)")
+        if open_forms:  # the newest answer's correction form, folded by default
+            cdp("Runtime.evaluate", expression="document.querySelector('details').open = true")
         height = cdp("Runtime.evaluate", expression="document.documentElement.scrollHeight",
                      returnByValue=True)["result"]["value"]
         cdp("Emulation.setDeviceMetricsOverride", width=width, height=int(height), deviceScaleFactor=1, mobile=False)

@@ -5,11 +5,13 @@ adapter's sha256 manifest, checks it belongs to the configured base, and opens t
 serves with (model/engines.py): llama.cpp with the `served_adapter` GGUF, whose sha256 and the base
 GGUF's must match the ones recorded in the model config (registry/served.py), or transformers. It
 answers questions given as a DataFrame column `question`, a list of strings, or one string. Every
-answer passes the safety net (shoefix_tasks.registry.safety) before it is returned.
+answer passes the safety net (shoefix_tasks.registry.safety) before it is returned, and is logged for
+tracing like the answer server's (registry/answer_log: a local spool, sent to MLflow later).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import mlflow
@@ -40,6 +42,7 @@ class ShoeFixExpert(PythonModel):
     # Called directly (tests, `shoefix ask`), a list of strings or one string works too.
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         from shoefix_tasks.model.adapter import adapter_digest
+        from shoefix_tasks.registry import answer_log
         from shoefix_tasks.registry.safety import check_answer
 
         if isinstance(model_input, str):
@@ -50,11 +53,17 @@ class ShoeFixExpert(PythonModel):
         else:
             questions = [str(q) for q in model_input]
         max_new = int((params or {}).get("max_new_tokens", self.max_new_tokens))
+        started = time.perf_counter()
         gens = self.engine.answer_many(questions, max_new)
+        seconds = (time.perf_counter() - started) / max(1, len(questions))
         manifest = self.engine.manifest
         model = adapter_digest(manifest)[:12] if manifest else "base"
-        return [check_answer(q, g["answer"], self.settings.data_dir, self.settings.home, model=model).answer
-                for q, g in zip(questions, gens, strict=True)]
+        answers = [check_answer(q, g["answer"], self.settings.data_dir, self.settings.home, model=model).answer
+                   for q, g in zip(questions, gens, strict=True)]
+        for q, a, g in zip(questions, answers, gens, strict=True):  # traced like the server's (never raises)
+            answer_log.record_answer(self.settings, q, a, model_version=f"adapter {model}", latency_s=seconds,
+                                     tokens=int(g.get("new_tokens") or len(a.split())), engine=self.engine.name)
+        return answers
 
 
 mlflow.models.set_model(ShoeFixExpert())

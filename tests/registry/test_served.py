@@ -73,6 +73,10 @@ def test_champion_and_pyfunc_answer_through_llama_cpp(champion):
     assert model.unwrap_python_model().engine.name == "llama.cpp"
     answers = model.predict([QUESTION], params={"max_new_tokens": 24})
     assert len(answers) == 1 and answers[0]
+    from shoefix_tasks.registry import answer_log  # answered through the pyfunc: logged for tracing too
+
+    (logged,) = [a for a in answer_log.iter_answers(settings) if a["answer"] == answers[0]]
+    assert logged["question"] == QUESTION and logged["engine"] == "llama.cpp"
 
 
 def test_a_tampered_served_artifact_is_refused(champion):

@@ -78,7 +78,7 @@ class TransformersEngine:
 
     def stream(self, question: str, max_new_tokens: int) -> Iterator[str]:
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
         from shoefix_tasks.model.generation import _cache_kwargs, _encode
 
@@ -86,6 +86,10 @@ class TransformersEngine:
             enc = _encode(self.ans, [question])
             streamer = TextIteratorStreamer(self.ans.tokenizer, skip_prompt=True, skip_special_tokens=True)
             errors: list[BaseException] = []
+            stop = threading.Event()  # the reader left (or the safety net stopped the answer)
+
+            def stopped(input_ids, scores, **_kw):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
 
             def run() -> None:
                 try:
@@ -93,15 +97,19 @@ class TransformersEngine:
                         self.ans.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                                 repetition_penalty=self.repetition_penalty, streamer=streamer,
                                                 pad_token_id=self.ans.tokenizer.pad_token_id,
+                                                stopping_criteria=StoppingCriteriaList([stopped]),
                                                 **_cache_kwargs(self.ans, enc, max_new_tokens))
                 except BaseException as err:  # surfaced in the caller's thread below
                     errors.append(err)
                     streamer.end()
 
-            worker = threading.Thread(target=run, daemon=True)
+            worker = threading.Thread(target=run, name="shoefix-generate", daemon=True)
             worker.start()
-            yield from (piece for piece in streamer if piece)
-            worker.join()
+            try:
+                yield from (piece for piece in streamer if piece)
+            finally:  # also when the stream is closed early: generation stops before the lock is released,
+                stop.set()  # so the next answer never runs on the model at the same time
+                worker.join()
             if errors:
                 raise errors[0]
 

@@ -164,3 +164,19 @@ def test_transformers_engine_streams_its_answer(shoefix_env, tiny_model):
     many = engine.answer_many([question, "How do I dry boots?"], 8)
     assert [set(m) for m in many] == [{"answer", "new_tokens", "batch_seconds"}] * 2
     engine.close()
+
+
+def test_a_stream_closed_early_stops_generating_before_the_next_answer(shoefix_env, tiny_model):
+    """The server closes a stream when its reader leaves or the safety net stops it: the generation thread
+    must be gone before the engine answers again (never two generations on one model at once)."""
+    import threading
+
+    from shoefix_tasks.model.engines import open_engine
+
+    engine = open_engine(str(tiny_model), None, shoefix_env)
+    pieces = engine.stream("What humidity lets mold grow in stored shoes?", 200)
+    next(pieces)
+    pieces.close()
+    assert not [t for t in threading.enumerate() if t.name == "shoefix-generate"]
+    assert engine.answer_many(["How do I dry boots?"], 4)[0]["new_tokens"] > 0  # the engine answers again
+    engine.close()

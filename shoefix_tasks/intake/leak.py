@@ -95,28 +95,32 @@ class ParaphraseIndex:
         self.groups = {lang: _group(items) for lang, items in by_lang.items()}
         self.threshold = threshold
 
-    def scores(self, question: str) -> tuple[list[str], np.ndarray]:
-        """Weighted Jaccard of the question against every frozen question of its language."""
+    def _overlap(self, question: str) -> tuple[_Group, np.ndarray, float] | None:
+        """(group, shared term weight with each frozen question, the question's own term weight)."""
         g = self.groups.get(language_of(question))
         if g is None:
-            return [], np.empty(0)
+            return None
         ts = terms(question)
         cols = [g.vocab[t] for t in ts if t in g.vocab]
-        own = sum(g.idf.get(t, g.unseen) for t in ts)
-        inter = g.rows[cols].sum(axis=0)
+        return g, g.rows[cols].sum(axis=0), sum(g.idf.get(t, g.unseen) for t in ts)
+
+    def scores(self, question: str) -> tuple[list[str], np.ndarray]:
+        """Weighted Jaccard of the question against every frozen question of its language."""
+        found = self._overlap(question)
+        if found is None:
+            return [], np.empty(0)
+        g, inter, own = found
         union = own + g.sizes - inter
         return g.keys, np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
     def containment(self, question: str) -> tuple[list[str], np.ndarray]:
         """Share of the question's term weight that each frozen question also has: a short question
         inside a long one scores high here and low in `scores` (whose union counts the long one's terms)."""
-        g = self.groups.get(language_of(question))
-        if g is None:
+        found = self._overlap(question)
+        if found is None:
             return [], np.empty(0)
-        ts = terms(question)
-        cols = [g.vocab[t] for t in ts if t in g.vocab]
-        own = sum(g.idf.get(t, g.unseen) for t in ts)
-        return g.keys, g.rows[cols].sum(axis=0) / own if own else np.zeros(len(g.keys))
+        g, inter, own = found
+        return g.keys, inter / own if own else np.zeros(len(g.keys))
 
     def closest(self, question: str) -> tuple[str | None, float]:
         keys, s = self.scores(question)

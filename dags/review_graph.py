@@ -29,8 +29,9 @@ REVIEW_TASK = "review_promotion"
 
 
 @task.short_circuit(execution_timeout=timedelta(minutes=10))
-def needs_review(gated: dict) -> dict:
-    if gated.get("review") != "pending":
+def needs_review(gated: dict | None) -> dict:
+    # None: gate_and_promote returned nothing (e.g. marked success by `dags test --mark-success-pattern`)
+    if not gated or gated.get("review") != "pending":
         return {}  # promoted automatically, or the gate kept the champion: nothing to ask
     from shoefix_tasks.pipeline import review_request
 

@@ -58,7 +58,7 @@ form.addEventListener('submit', async (ev) => {
   button.disabled = true;
   try {
     const r = await fetch('ask', {method: 'POST', body: new URLSearchParams(new FormData(form)),
-      headers: {'Accept': 'text/event-stream'}, credentials: 'same-origin'});
+      headers: {'Accept': 'text/event-stream'}});  // fetch sends this origin's cookie by default
     if (!r.ok) { const j = await r.json().catch(() => ({})); throw new Error(j.error || 'HTTP ' + r.status); }
     const reader = r.body.getReader(), dec = new TextDecoder();
     let buf = '';

@@ -211,16 +211,15 @@ def summarize_use(settings: Settings | None = None, top: int = 10) -> dict[str, 
     """What users asked and experts corrected since the answer log began: sends waiting traces to MLflow
     first (the serving process does too; this catches what it could not), then the most-asked questions
     the corpus does not cover, by topic, and the corrections in the inbox (collected or not)."""
-    from shoefix_tasks.intake.asked import by_topic, taught_corpus, uncovered
+    from shoefix_tasks.intake.asked import by_topic
     from shoefix_tasks.registry import answer_log, feedback
 
     settings = settings or Settings.from_env()
     sent = answer_log.flush(settings)
     attached = feedback.attach_pending(settings)
-    questions = [a["question"] for a in answer_log.iter_answers(settings)]
-    rows = uncovered(questions, taught_corpus(settings), top=top)
+    answers, rows = answer_log.uncovered_questions(settings, top)
     corrections = feedback.list_feedback(settings)
-    return {"answers": len(questions), "traces_sent": sent["sent"], "traces_waiting": sent["pending"],
+    return {"answers": answers, "traces_sent": sent["sent"], "traces_waiting": sent["pending"],
             "traces_dropped": sent["dropped"], "feedback_attached": attached, "corrections": len(corrections),
             "uncovered": {t: [{"question": r["question"][:200], "asked": r["asked"]} for r in rs]
                           for t, rs in by_topic(rows).items()}}

@@ -132,12 +132,11 @@ def deferred_files(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
 def asked_not_covered(settings: Settings, top: int = 30) -> dict[str, Any]:
     """The most-asked served questions with no close corpus question, by topic (intake.asked), and how many
     answers the log holds: what experts should write next."""
-    from shoefix_tasks.intake.asked import by_topic, taught_corpus, uncovered
+    from shoefix_tasks.intake.asked import by_topic
     from shoefix_tasks.registry import answer_log
 
-    questions = [a["question"] for a in answer_log.iter_answers(settings)]
-    rows = uncovered(questions, taught_corpus(settings), top=top)
-    return {"answers": len(questions), "uncovered": rows, "by_topic": by_topic(rows),
+    answers, rows = answer_log.uncovered_questions(settings, top)
+    return {"answers": answers, "uncovered": rows, "by_topic": by_topic(rows),
             "log": answer_log.stats(settings)}
 
 

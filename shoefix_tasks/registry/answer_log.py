@@ -205,3 +205,12 @@ def find_answer(settings: Settings, answer_id: str) -> dict[str, Any] | None:
         if entry["answer_id"] == answer_id and found is None:
             found = entry
     return found
+
+
+def uncovered_questions(settings: Settings, top: int = 30) -> tuple[int, list[dict[str, Any]]]:
+    """(answers logged, the most-asked of their questions that the taught corpus does not cover): the one
+    computation behind the ShoeFix page's coverage card and the weekly use summary (intake.asked)."""
+    from shoefix_tasks.intake.asked import taught_corpus, uncovered
+
+    questions = [a["question"] for a in iter_answers(settings)]
+    return len(questions), uncovered(questions, taught_corpus(settings), top=top)

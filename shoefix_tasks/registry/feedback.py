@@ -102,7 +102,8 @@ def submit(settings: Settings, c: Correction) -> dict[str, Any]:
         raise FeedbackError(f"no served answer {c.answer_id!r} in the answer log")
     lang = detect_language(c.corrected_answer)
     if lang not in LANGS:
-        lang = detect_language(entry["question"]) if detect_language(entry["question"]) in LANGS else "en"
+        lang = detect_language(entry["question"])
+        lang = lang if lang in LANGS else "en"
     existing = _feedback_names(settings, c.answer_id)
     name = f"{c.answer_id}-{len(existing) + 1}"
     trace_id = entry.get("trace_id")

@@ -22,7 +22,7 @@ from shoefix_tasks.config import Recipe, Settings
 from shoefix_tasks.errors import PermanentError
 from shoefix_tasks.evaluation.evalset import EvalSetChanged, eval_items, language_note
 from shoefix_tasks.evaluation.metrics import QUALITY_METRICS
-from shoefix_tasks.model.engines import open_engine
+from shoefix_tasks.model.engines import answer_each, open_engine
 from shoefix_tasks.model.generation import measure_latency_interleaved
 from shoefix_tasks.policy import Policy, load_policy
 
@@ -158,7 +158,7 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     max_new = max(ev.max_new_tokens, *(math.ceil(margin * max((e.count_tokens(r) for r in refs), default=0))
                                        for e in (champ, chall)))
     questions = [it["question"] for it in items]
-    gens = {e.label: e.answer_many(questions, max_new) for e in (champ, chall)}
+    gens = answer_each([champ, chall], questions, max_new)
     holdout_questions = [it["question"] for it in items if it["id"] not in guard_ids]
     n = policy.evaluation.latency_samples  # cycle through the questions if there are fewer
     timed = [holdout_questions[i % len(holdout_questions)] for i in range(n)]

@@ -170,6 +170,21 @@ class LlamaCppEngine:
     def _tokens(self, question: str) -> list[int]:
         return self.llm.tokenize(self.prompt_text(question).encode(), add_bos=False, special=True)
 
+    def _prime(self, prompt: list[int]) -> None:
+        """Evaluate `prompt`, reusing the context's cached keys and values for the part it shares with
+        what the context last saw. Every question starts with the same system prompt, so only the
+        question's own tokens are computed: this is most of the time to the first token. Causal attention
+        makes a prefix's cache depend on the prefix alone, so the answer is the one a fresh context gives
+        (tested). At least one token is evaluated, for its logits."""
+        import numpy as np
+
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        limit = min(len(cached), len(prompt) - 1)
+        differ = np.flatnonzero(cached[:limit] != np.asarray(prompt[:limit]))
+        keep = int(differ[0]) if len(differ) else limit
+        self.llm.n_tokens = keep  # eval() drops the cache from here on
+        self.llm.eval(prompt[keep:])
+
     def _generate(self, question: str, max_new_tokens: int, forced: bool = False) -> Iterator[int]:
         """Greedy token ids; `forced` never stops at EOS (as transformers' min_new_tokens). Hold the lock."""
         import numpy as np
@@ -179,8 +194,7 @@ class LlamaCppEngine:
             raise ValueError(f"{len(prompt)} prompt + {max_new_tokens} new tokens exceed the context of {LLAMA_CTX}")
         seen = np.zeros(self._n_vocab, dtype=bool)
         seen[prompt] = True
-        self.llm.reset()
-        self.llm.eval(prompt)
+        self._prime(prompt)
         p = self.repetition_penalty
         for _ in range(max_new_tokens):
             logits = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self._n_vocab,)).copy()
@@ -255,6 +269,23 @@ class LlamaCppEngine:
     def close(self) -> None:
         with self._lock:
             self.llm.close()
+
+
+def answer_each(engines: list[Engine], questions: list[str], max_new_tokens: int) -> dict[str, list[dict[str, Any]]]:
+    """Every engine's answers to `questions`, keyed by label. llama.cpp engines answer side by side, one
+    Python thread each: llama.cpp releases the GIL while it computes and each context keeps to its own
+    `threads` (half the cores by default), so two of them fill the machine without the oversubscription
+    that stalls one context on all cores (inference_threads). Transformers engines answer in turn: torch
+    already spreads one model over every core."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    side_by_side = (len(engines) > 1 and all(isinstance(e, LlamaCppEngine) for e in engines)
+                    and sum(e.threads for e in engines) <= (os.cpu_count() or 1))
+    if not side_by_side:
+        return {e.label: e.answer_many(questions, max_new_tokens) for e in engines}
+    with ThreadPoolExecutor(len(engines), thread_name_prefix="shoefix-answer") as pool:
+        futures = {e.label: pool.submit(e.answer_many, questions, max_new_tokens) for e in engines}
+        return {label: f.result() for label, f in futures.items()}
 
 
 def adapter_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> Path:

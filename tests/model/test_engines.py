@@ -129,6 +129,54 @@ def test_served_q4_base_and_adapter_agree_with_transformers(real):
     served.close()
 
 
+def test_a_cached_prompt_prefix_gives_the_answer_a_fresh_context_gives(real):
+    """The engine keeps the keys and values of the prompt it saw last and computes only the tokens after
+    the shared prefix (the system prompt): the next answer must be bit for bit the fresh one."""
+    from shoefix_tasks.model.engines import open_engine
+
+    other = "Can I put wet trainers on a radiator to dry them?"
+    served = open_engine(SMOLLM2, real["adapter"], real["settings"], label="served")
+    with served._lock:
+        fresh = list(served._generate(QUESTION, 24))
+        fresh_logits = last_logits(served)  # reset: a fresh context
+        list(served._generate(other, 4))
+        evaluated, full = [], served.llm.eval
+        served.llm.eval = lambda tokens: (evaluated.append(len(tokens)), full(tokens))
+        served._prime(served._tokens(QUESTION))
+        served.llm.eval = full
+        cached_logits = np.ctypeslib.as_array(served.llm._ctx.get_logits_ith(-1), shape=(served._n_vocab,)).copy()
+        again = list(served._generate(QUESTION, 24))
+    n_prompt = len(served._tokens(QUESTION))
+    assert 0 < evaluated[0] < n_prompt - 20, (evaluated, n_prompt)  # the system prompt was not recomputed
+    assert np.array_equal(cached_logits, fresh_logits)
+    assert again == fresh
+    served.close()
+
+
+def test_two_llama_engines_answer_side_by_side_as_they_answer_alone(real, monkeypatch):
+    """Evaluation's champion and challenger answer at the same time, one thread each; the answers are the
+    ones each gives alone."""
+    import threading
+
+    from shoefix_tasks.model import engines
+
+    monkeypatch.setenv("SHOEFIX_INFERENCE_THREADS", "1")
+    pair = [engines.open_engine(SMOLLM2, None, real["settings"], label="base"),
+            engines.open_engine(SMOLLM2, real["adapter"], real["settings"], label="served")]
+    questions = [QUESTION, "Can I put wet trainers on a radiator to dry them?"]
+    alone = {e.label: [g["answer"] for g in e.answer_many(questions, 16)] for e in pair}
+    where: dict[str, str] = {}
+    for e in pair:
+        answer_many = e.answer_many
+        monkeypatch.setattr(e, "answer_many", lambda q, n, _e=e, _f=answer_many: (
+            where.__setitem__(_e.label, threading.current_thread().name), _f(q, n))[1])
+    together = engines.answer_each(pair, questions, 16)
+    assert {k: [g["answer"] for g in v] for k, v in together.items()} == alone
+    assert all(name.startswith("shoefix-answer") for name in where.values()) and len(where) == 2, where
+    for e in pair:
+        e.close()
+
+
 def test_conversion_is_deterministic(real):
     tmp = real["tmp"]
     a = gguf_adapter.write_adapter_gguf(real["adapter"], smollm2_gguf_path(), tmp / "a.gguf")

@@ -8,6 +8,9 @@ Candidates, all serving the same champion (the default base + one LoRA adapter):
   llama-adapter  the product path now (`engines.open_engine`): the shipped Q4_1 GGUF unchanged + the adapter
                  as a GGUF LoRA applied by llama.cpp, `--threads` threads (also `llama-adapter-t1`: 1 thread)
   llama-base     the shipped Q4_1 GGUF without the adapter: what the unmerged LoRA costs per token
+  llama-merged-q8_0
+                 the shipped GGUF with the adapter merged in, changed projections re-quantized to Q8_0
+                 (merged_gguf.py: measured, not adopted)
   llama-f16 / llama-q8_0 / llama-q4_0
                  the merged champion converted by llama.cpp's own `convert_hf_to_gguf.py` (needs
                  `--llama-cpp-src`, the llama.cpp tree of the llama-cpp-python sdist), Q4_0 by its quantizer
@@ -16,7 +19,8 @@ Every llama.cpp candidate decodes through the product's `LlamaCppEngine` (greedy
 penalty), so they differ only in the weights file and the adapter. For each: load seconds and resident
 memory added; batch-1 wall time for exactly `--new-tokens` tokens (EOS suppressed), samples interleaved
 across candidates with the order reversed every other question (machine load falls on all alike); time
-to the first token; throughput over `--batch` questions (transformers batches them, llama.cpp answers one
+to the first token, warm (the context last answered another question, so the system prompt's cache is
+reused, as when serving) and cold (a fresh context computes the whole prompt); throughput over `--batch` questions (transformers batches them, llama.cpp answers one
 at a time); with `--quality N`, N English holdout questions scored by the product scorer, paired difference
 against hf-fp32 (bootstrap CI) read against the gate's minimum effect. Without `--adapter`, a LoRA of the
 default recipe's shape with random non-zero B stands in (quality then means nothing; speed does).
@@ -41,8 +45,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-adapter", "llama-adapter-t1", "llama-base", "llama-f16", "llama-q8_0",
-       "llama-q4_0"]
+ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-adapter", "llama-adapter-t1", "llama-base", "llama-merged-q8_0",
+       "llama-f16", "llama-q8_0", "llama-q4_0"]
 
 
 def rss_mb() -> float:
@@ -113,7 +117,10 @@ def merged_ggufs(ans, src: Path, work: Path, names: list[str]) -> dict[str, Path
     return out
 
 
-def first_token_s(engine, question: str) -> float:
+def first_token_s(engine, question: str, cold: bool = False) -> float:
+    """Seconds to the first streamed token; `cold`: llama.cpp forgets its cached prompt first."""
+    if cold and hasattr(engine, "llm"):
+        engine.llm.reset()
     t0 = time.perf_counter()
     for _ in engine.stream(question, 1):
         break
@@ -197,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         elif name.startswith("llama-adapter"):  # the product's open: adapter and base verified, GGUF cached
             os.environ["SHOEFIX_INFERENCE_THREADS"] = "1" if name.endswith("-t1") else str(args.threads)
             engines[name] = open_engine(base, adapter, settings, repetition_penalty=penalty, label=name)
+        elif name == "llama-merged-q8_0":
+            from merged_gguf import write_merged_gguf
+
+            merged = work / "merged-q8_0.gguf"
+            result["merged_q8_0"] = write_merged_gguf(shipped_gguf(base), gguf, merged, "Q8_0")
+            engines[name] = LlamaCppEngine(merged, None, penalty, name, threads=args.threads)
         else:
             engines[name] = LlamaCppEngine(ggufs.get(name) or shipped_gguf(base), None, penalty, name,
                                            threads=args.threads)
@@ -206,17 +219,20 @@ def main(argv: list[str] | None = None) -> int:
 
     lat: dict[str, list[float]] = {n: [] for n in engines}
     ttft: dict[str, list[float]] = {n: [] for n in engines}
+    cold: dict[str, list[float]] = {n: [] for n in engines}
     for eng in engines.values():
         eng.timed_answer(questions[-1], 16)  # warm-up
     for i in range(args.samples):
         for name in (names if i % 2 == 0 else names[::-1]):
+            ttft[name].append(first_token_s(engines[name], questions[i]))  # last asked: another question
             lat[name].append(engines[name].timed_answer(questions[i], args.new_tokens))
-            ttft[name].append(first_token_s(engines[name], questions[i]))
+            cold[name].append(first_token_s(engines[name], questions[-2 - i], cold=True))  # never timed
         print(f"sample {i + 1}/{args.samples}: " + ", ".join(f"{n} {lat[n][-1]:.2f}s" for n in names), flush=True)
     for name, times in lat.items():
         stats = latency_stats(times, args.new_tokens)
         result["engines"][name].update({k: stats[k] for k in ("p50_s", "p95_s", "tokens_per_s", "times_s")},
-                                       first_token_p50_s=round(statistics.median(ttft[name]), 3))
+                                       first_token_p50_s=round(statistics.median(ttft[name]), 3),
+                                       first_token_cold_p50_s=round(statistics.median(cold[name]), 3))
     for name, eng in engines.items():
         t0 = time.perf_counter()
         gens = eng.answer_many(questions[: args.batch], args.batch_tokens)
@@ -236,6 +252,7 @@ def table(r: dict[str, Any]) -> str:
     base = r["engines"].get("hf-fp32", {})
     q = r.get("quality", {}).get("summary", {})
     head = (f"| engine | load s | memory added MB | p50 s ({r['new_tokens']} tok) | p95 s | x hf-fp32 | first token s "
+            "| cold first token s "
             "| batch tok/s | composite | diff vs fp32 [95% CI] | forbidden |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, e in r["engines"].items():
@@ -243,7 +260,7 @@ def table(r: dict[str, Any]) -> str:
         qs = q.get(name, {})
         diff = f"{qs['diff']:+.3f} [{qs['ci'][0]:+.3f}, {qs['ci'][1]:+.3f}]" if "ci" in qs else "-"
         lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {speed} | "
-                     f"{e['first_token_p50_s']} | {e['batch']['tokens_per_s']} | {qs.get('composite', '-')} | {diff} | "
+                     f"{e['first_token_p50_s']} | {e['first_token_cold_p50_s']} | {e['batch']['tokens_per_s']} | {qs.get('composite', '-')} | {diff} | "
                      f"{qs.get('forbidden', '-')} |")
     return "\n".join(lines)
 

@@ -1,0 +1,83 @@
+"""A candidate the product measured and did not adopt: base GGUF + adapter merged into one GGUF.
+
+llama.cpp applying a LoRA at run time adds two small matrix products to each of the 210 projections for
+every token; folding W' = W + s * B @ A into the weights once removes them. The catch is the re-quantization:
+- in the base's own Q4_1, most of a trained LoRA's delta is smaller than half a grid step of weights that
+  already sit on that grid, so it rounds straight back to W and the merged model answers as the base;
+- in Q8_0 the rounding noise is still larger (in norm) than the delta itself, and the merged model's logits
+  stray several times further from transformers + PEFT than the served pair's do;
+- in F32 the merge is exact but the file is four times the base and slower to read per token.
+docs/benchmarks.md has the figures; `cpu_latency.py` runs this as `llama-merged-q8_0`. Untouched tensors
+(embeddings, norms) keep the base's bytes; the output is deterministic (fixed order, no timestamps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from shoefix_tasks.records import sha256_file
+
+FORMAT = "shoefix-gguf-merged/1"
+
+
+def _adapter_tensors(adapter_gguf: Path) -> tuple[float, dict[str, tuple[Any, Any]]]:
+    """(alpha, {base tensor name: (lora_a (r, in), lora_b (out, r))}) of a llama.cpp adapter GGUF."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(adapter_gguf))
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    pairs: dict[str, dict[str, Any]] = {}
+    for t in reader.tensors:
+        base_name, _, which = t.name.rpartition(".")
+        pairs.setdefault(base_name, {})[which] = np.asarray(t.data, dtype=np.float32)
+    incomplete = [n for n, p in pairs.items() if set(p) != {"lora_a", "lora_b"}]
+    if incomplete:
+        raise ValueError(f"{adapter_gguf.name}: LoRA tensors without their pair: {incomplete[:3]}")
+    return alpha, {n: (p["lora_a"], p["lora_b"]) for n, p in pairs.items()}
+
+
+def write_merged_gguf(base_gguf: Path, adapter_gguf: Path, out: Path, merged_type: str = "Q8_0") -> dict[str, Any]:
+    """Write base + adapter merged as one GGUF at `out`, the changed projections as `merged_type`
+    (F32, F16, Q8_0, Q4_1...). Returns {"sha256", "bytes", "merged"}."""
+    import gguf
+    import numpy as np
+
+    alpha, lora = _adapter_tensors(adapter_gguf)
+    qtype = gguf.GGMLQuantizationType[merged_type]
+    reader = gguf.GGUFReader(str(base_gguf))
+    arch = reader.fields["general.architecture"].contents()
+    tmp = out.with_name(out.name + ".partial")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub)
+    writer.add_string("shoefix.format", FORMAT)
+    writer.add_string("shoefix.base_gguf_sha256", sha256_file(base_gguf))
+    writer.add_string("shoefix.adapter_gguf_sha256", sha256_file(adapter_gguf))
+    merged = 0
+    for t in reader.tensors:
+        pair = lora.pop(t.name, None)
+        if pair is None:  # untouched: the base's own bytes and type
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+            continue
+        a, b = pair
+        w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
+        if w.shape != (b.shape[0], a.shape[1]):
+            raise ValueError(f"{t.name}: base {w.shape} does not fit the LoRA {b.shape} x {a.shape}")
+        w += (alpha / a.shape[0]) * (b @ a)  # llama.cpp's scale: alpha / rank
+        w = np.ascontiguousarray(w)
+        writer.add_tensor(t.name, w if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(w, qtype),
+                          raw_dtype=qtype)
+        merged += 1
+    if lora:
+        raise ValueError(f"{adapter_gguf.name}: LoRA for tensors the base lacks: {sorted(lora)[:3]}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(out)
+    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "merged": merged}

@@ -145,6 +145,24 @@ def test_chat_completions_streamed_and_not_give_the_same_answer(server):
     assert ask(base, "hi", max_tokens=0).status_code == 400
 
 
+def test_the_official_openai_client_talks_to_it(server):
+    """What a user's own tooling would do: the `openai` package pointed at the local server."""
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=f"{server['base']}/v1", api_key="not-needed-locally", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["shoefix-expert"]
+    messages = [{"role": "user", "content": "How do I dry wet leather boots?"}]
+    done = client.chat.completions.create(model="shoefix-expert", messages=messages, max_tokens=6)
+    text = done.choices[0].message.content
+    assert text and done.choices[0].finish_reason == "stop"
+    pieces = [c.choices[0].delta.content or "" for c in
+              client.chat.completions.create(model="shoefix-expert", messages=messages, max_tokens=6, stream=True)
+              if c.choices]
+    assert "".join(pieces) == text  # greedy: streamed and not, the same answer
+    with pytest.raises(NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=messages, max_tokens=6)
+
+
 def test_sixteen_at_once_against_a_full_queue_get_200_or_503_with_retry_after(server):
     base, answerer = server["base"], server["answerer"]
     answerer.answer_lock.acquire()  # the engine is busy: one job waits in the worker, two in the queue

@@ -403,22 +403,28 @@ def test_killed_after_version_created_retry_reuses_it_even_when_racing(http_env,
     # two retries of one run racing to create the version (no lock held): still one version
     train2 = training_run(s, "k2", make_adapter(tiny_model, s, tmp_path / "b", seed=2))
     script = textwrap.dedent("""
-        import sys, time
+        import os, sys, time
         from pathlib import Path
         from shoefix_tasks.registry import versions as registry
         from shoefix_tasks.store import tracking
         from shoefix_tasks.config import Settings
         s = Settings.from_env(); tracking.configure(s)
-        run_id, adapter, base, go = sys.argv[1:]
+        run_id, adapter, base, go, ready = sys.argv[1:]
+        (Path(ready) / str(os.getpid())).touch()  # imported and waiting
         while not Path(go).exists():
             time.sleep(0.05)
         print("VERSION", registry.register_version(run_id, Path(adapter), base, {}, "race", settings=s).version)
     """)
-    go = tmp_path / "go"
+    go, ready = tmp_path / "go", tmp_path / "ready"
+    ready.mkdir()
     procs = [subprocess.Popen([sys.executable, "-c", script, train2["run_id"], train2["adapter_dir"], str(tiny_model),
-                               str(go)], env=env_with(s), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    time.sleep(8)  # both imported and waiting
+                               str(go), str(ready)], env=env_with(s), cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    deadline = time.time() + 300
+    while len(list(ready.iterdir())) < 2:  # both imported and waiting (was a fixed 8 s sleep)
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs if p.poll() is not None]
+        assert time.time() < deadline, "the racing processes never got ready"
+        time.sleep(0.05)
     go.touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-2000:] for _, e in outs]

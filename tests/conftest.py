@@ -255,8 +255,9 @@ def pytest_xdist_make_scheduler(config, log):
 
 # The longest work units of a full run on the 2-core machine, longest first (only the order of the
 # hand-out depends on it: a unit missing here is merely handed out later).
-LONGEST_FIRST = ("stack", "tests/reliability/test_promotion_race.py", "tests/integration/test_registry_serving.py",
-                 "tests/integration/test_weekly_dag_e2e.py", "tests/training/test_train_faults.py",
+LONGEST_FIRST = ("stack", "tests/reliability/test_promotion_race.py", "tests/integration/test_promotion_review.py",
+                 "tests/integration/test_weekly_dag_e2e.py", "tests/integration/test_registry_serving.py",
+                 "tests/training/test_train_faults.py",
                  "tests/reliability/test_secrets.py", "tests/reliability/test_eval_faults.py",
                  "tests/dags/test_assets.py", "tests/reliability/test_registry_faults.py",
                  "tests/integration/test_plugin_page.py", "tests/intake/test_collect_validate.py")

@@ -152,6 +152,34 @@ def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path
     return {"n": len(items), "summary": out, "answers": rows}
 
 
+def speed(engines: dict[str, Any], names: list[str], questions: list[str], args, result: dict[str, Any]) -> None:
+    """Interleaved batch-1 latency, time to first token (warm and cold) and throughput, into `result`."""
+    from shoefix_tasks.model.generation import latency_stats
+
+    lat: dict[str, list[float]] = {n: [] for n in engines}
+    ttft: dict[str, list[float]] = {n: [] for n in engines}
+    cold: dict[str, list[float]] = {n: [] for n in engines}
+    for eng in engines.values():
+        eng.timed_answer(questions[-1], 16)  # warm-up
+    for i in range(args.samples):
+        for name in (names if i % 2 == 0 else names[::-1]):
+            ttft[name].append(first_token_s(engines[name], questions[i]))  # last asked: another question
+            lat[name].append(engines[name].timed_answer(questions[i], args.new_tokens))
+            cold[name].append(first_token_s(engines[name], questions[-2 - i], cold=True))  # never timed
+        print(f"sample {i + 1}/{args.samples}: " + ", ".join(f"{n} {lat[n][-1]:.2f}s" for n in names), flush=True)
+    for name, times in lat.items():
+        stats = latency_stats(times, args.new_tokens)
+        result["engines"][name].update({k: stats[k] for k in ("p50_s", "p95_s", "tokens_per_s", "times_s")},
+                                       first_token_p50_s=round(statistics.median(ttft[name]), 3),
+                                       first_token_cold_p50_s=round(statistics.median(cold[name]), 3))
+    for name, eng in engines.items():
+        t0 = time.perf_counter()
+        gens = eng.answer_many(questions[: args.batch], args.batch_tokens)
+        dt, n = time.perf_counter() - t0, sum(g["new_tokens"] for g in gens)
+        result["engines"][name]["batch"] = {"questions": args.batch, "tokens": n, "s": round(dt, 2),
+                                            "tokens_per_s": round(n / dt, 1)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--adapter", type=Path, help="a trained adapter folder (default: a random LoRA, speed only)")
@@ -172,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     from shoefix_tasks.config import Settings, load_recipe
     from shoefix_tasks.model.engines import LlamaCppEngine, adapter_gguf_for, open_engine, shipped_gguf
-    from shoefix_tasks.model.generation import latency_stats, load_answerer
+    from shoefix_tasks.model.generation import load_answerer
     from shoefix_tasks.records import load_eval_set, sha256_file
 
     settings, recipe = Settings.from_env(), load_recipe("default")
@@ -217,28 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         result["engines"][name] = {"load": loads[name]}
         print(f"loaded {name}: {loads[name]}", flush=True)
 
-    lat: dict[str, list[float]] = {n: [] for n in engines}
-    ttft: dict[str, list[float]] = {n: [] for n in engines}
-    cold: dict[str, list[float]] = {n: [] for n in engines}
-    for eng in engines.values():
-        eng.timed_answer(questions[-1], 16)  # warm-up
-    for i in range(args.samples):
-        for name in (names if i % 2 == 0 else names[::-1]):
-            ttft[name].append(first_token_s(engines[name], questions[i]))  # last asked: another question
-            lat[name].append(engines[name].timed_answer(questions[i], args.new_tokens))
-            cold[name].append(first_token_s(engines[name], questions[-2 - i], cold=True))  # never timed
-        print(f"sample {i + 1}/{args.samples}: " + ", ".join(f"{n} {lat[n][-1]:.2f}s" for n in names), flush=True)
-    for name, times in lat.items():
-        stats = latency_stats(times, args.new_tokens)
-        result["engines"][name].update({k: stats[k] for k in ("p50_s", "p95_s", "tokens_per_s", "times_s")},
-                                       first_token_p50_s=round(statistics.median(ttft[name]), 3),
-                                       first_token_cold_p50_s=round(statistics.median(cold[name]), 3))
-    for name, eng in engines.items():
-        t0 = time.perf_counter()
-        gens = eng.answer_many(questions[: args.batch], args.batch_tokens)
-        dt, n = time.perf_counter() - t0, sum(g["new_tokens"] for g in gens)
-        result["engines"][name]["batch"] = {"questions": args.batch, "tokens": n, "s": round(dt, 2),
-                                            "tokens_per_s": round(n / dt, 1)}
+    if args.samples:  # 0: quality only (greedy answers do not depend on machine load)
+        speed(engines, names, questions, args, result)
     if args.quality:
         result["quality"] = quality(engines, items[: args.quality], recipe.eval.max_new_tokens, settings.data_dir)
     result["total_s"] = round(time.perf_counter() - started, 1)
@@ -256,7 +264,9 @@ def table(r: dict[str, Any]) -> str:
             "| batch tok/s | composite | diff vs fp32 [95% CI] | forbidden |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, e in r["engines"].items():
-        speed = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") else "-"
+        speed = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") and e.get("p50_s") else "-"
+        e = {"p50_s": "-", "p95_s": "-", "first_token_p50_s": "-", "first_token_cold_p50_s": "-",
+             "batch": {"tokens_per_s": "-"}, **e}
         qs = q.get(name, {})
         diff = f"{qs['diff']:+.3f} [{qs['ci'][0]:+.3f}, {qs['ci'][1]:+.3f}]" if "ci" in qs else "-"
         lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {speed} | "

@@ -163,6 +163,8 @@ class LlamaCppEngine:
         self._n_vocab = self.llm.n_vocab()
         self._stop = {self.llm.token_eos()}
         self._lock = threading.Lock()
+        one, other = self._tokens("a"), self._tokens("b")  # what every prompt starts with: the system prompt
+        self._prefix = one[:next((i for i, (x, y) in enumerate(zip(one, other, strict=False)) if x != y), 0)]
 
     def prompt_text(self, question: str) -> str:
         return self._template.render(messages=prompt_messages(question), add_generation_prompt=True)
@@ -171,19 +173,24 @@ class LlamaCppEngine:
         return self.llm.tokenize(self.prompt_text(question).encode(), add_bos=False, special=True)
 
     def _prime(self, prompt: list[int]) -> None:
-        """Evaluate `prompt`, reusing the context's cached keys and values for the part it shares with
-        what the context last saw. Every question starts with the same system prompt, so only the
-        question's own tokens are computed: this is most of the time to the first token. Causal attention
-        makes a prefix's cache depend on the prefix alone, so the answer is the one a fresh context gives
-        (tested). At least one token is evaluated, for its logits."""
+        """Evaluate `prompt` as two batches, the system prompt's tokens (`_prefix`, the part every prompt
+        shares) and then the question's, and keep the first batch's keys and values for the next prompt.
+        Only the question's tokens are computed per answer: this is most of the time to the first token.
+        Always the same two batches, cached or not, because a token's float result can depend on the size
+        of the batch it is computed in: so a question gets the same answer whatever was asked before it
+        (tested)."""
         import numpy as np
 
-        cached = self.llm.input_ids[: self.llm.n_tokens]
-        limit = min(len(cached), len(prompt) - 1)
-        differ = np.flatnonzero(cached[:limit] != np.asarray(prompt[:limit]))
-        keep = int(differ[0]) if len(differ) else limit
-        self.llm.n_tokens = keep  # eval() drops the cache from here on
-        self.llm.eval(prompt[keep:])
+        n = len(self._prefix)
+        if n and len(prompt) > n and prompt[:n] == self._prefix:
+            cached = self.llm.n_tokens >= n and np.array_equal(self.llm.input_ids[:n], self._prefix)
+            self.llm.n_tokens = n if cached else 0  # eval() drops the cache from here on
+            if not cached:
+                self.llm.eval(self._prefix)
+            self.llm.eval(prompt[n:])
+        else:
+            self.llm.n_tokens = 0
+            self.llm.eval(prompt)
 
     def _generate(self, question: str, max_new_tokens: int, forced: bool = False) -> Iterator[int]:
         """Greedy token ids; `forced` never stops at EOS (as transformers' min_new_tokens). Hold the lock."""

@@ -129,27 +129,33 @@ def test_served_q4_base_and_adapter_agree_with_transformers(real):
     served.close()
 
 
-def test_a_cached_prompt_prefix_gives_the_answer_a_fresh_context_gives(real):
-    """The engine keeps the keys and values of the prompt it saw last and computes only the tokens after
-    the shared prefix (the system prompt): the next answer must be bit for bit the fresh one."""
+def test_a_cached_system_prompt_gives_the_answer_a_fresh_context_gives(real):
+    """The engine keeps the system prompt's keys and values and computes only the question's tokens: a
+    question's answer must be bit for bit the same fresh, after another question, and asked twice."""
     from shoefix_tasks.model.engines import open_engine
 
     other = "Can I put wet trainers on a radiator to dry them?"
     served = open_engine(SMOLLM2, real["adapter"], real["settings"], label="served")
+
+    def logits_after_prime() -> np.ndarray:
+        served._prime(served._tokens(QUESTION))
+        return np.ctypeslib.as_array(served.llm._ctx.get_logits_ith(-1), shape=(served._n_vocab,)).copy()
+
     with served._lock:
+        served.llm.reset()
+        fresh_logits = logits_after_prime()
         fresh = list(served._generate(QUESTION, 24))
-        fresh_logits = last_logits(served)  # reset: a fresh context
         list(served._generate(other, 4))
         evaluated, full = [], served.llm.eval
         served.llm.eval = lambda tokens: (evaluated.append(len(tokens)), full(tokens))
-        served._prime(served._tokens(QUESTION))
+        cached_logits = logits_after_prime()
         served.llm.eval = full
-        cached_logits = np.ctypeslib.as_array(served.llm._ctx.get_logits_ith(-1), shape=(served._n_vocab,)).copy()
         again = list(served._generate(QUESTION, 24))
+        twice = list(served._generate(QUESTION, 24))  # the whole prompt was cached this time
     n_prompt = len(served._tokens(QUESTION))
-    assert 0 < evaluated[0] < n_prompt - 20, (evaluated, n_prompt)  # the system prompt was not recomputed
+    assert len(served._prefix) > 20 and evaluated == [n_prompt - len(served._prefix)], (evaluated, n_prompt)
     assert np.array_equal(cached_logits, fresh_logits)
-    assert again == fresh
+    assert again == fresh == twice
     served.close()
 
 

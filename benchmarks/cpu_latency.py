@@ -20,8 +20,8 @@ penalty), so they differ only in the weights file and the adapter. For each: loa
 memory added; batch-1 wall time for exactly `--new-tokens` tokens (EOS suppressed), samples interleaved
 across candidates with the order reversed every other question (machine load falls on all alike); time
 to the first token, warm (the context last answered another question, so the system prompt's cache is
-reused, as when serving) and cold (a fresh context computes the whole prompt); throughput over `--batch` questions (transformers batches them, llama.cpp answers one
-at a time); with `--quality N`, N English holdout questions scored by the product scorer, paired difference
+reused, as when serving) and cold (a fresh context computes the whole prompt); throughput over `--batch`
+questions (transformers batches them, llama.cpp answers one at a time); with `--quality N`, N English holdout questions scored by the product scorer, paired difference
 against hf-fp32 (bootstrap CI) read against the gate's minimum effect. Without `--adapter`, a LoRA of the
 default recipe's shape with random non-zero B stands in (quality then means nothing; speed does).
 
@@ -127,6 +127,12 @@ def first_token_s(engine, question: str, cold: bool = False) -> float:
     return time.perf_counter() - t0
 
 
+def within_min_effect(lo: float, hi: float, min_effect: float) -> bool:
+    """The verdict "quality the same as transformers fp32": the whole CI of the paired difference lies
+    within the gate's minimum effect, so neither a loss nor a gain the gate would act on is left open."""
+    return -min_effect <= lo and hi <= min_effect
+
+
 def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path) -> dict[str, Any]:
     """Every engine answers `items`, scored per question by the product (`evaluate.score_side`), paired
     bootstrap of the composite difference against hf-fp32 as the gate computes it."""
@@ -147,7 +153,7 @@ def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path
             diffs = [a["composite"] - b["composite"] for a, b in zip(r, ref, strict=True)]
             lo, hi = paired_bootstrap(diffs, 2000, 0.95, 8888)
             s.update(diff=round(statistics.fmean(diffs), 3), ci=[round(lo, 3), round(hi, 3)],
-                     within_min_effect=max(abs(lo), abs(hi)) <= load_policy().gate.min_effect)
+                     within_min_effect=within_min_effect(lo, hi, load_policy().gate.min_effect))
         out[name] = s
     return {"n": len(items), "summary": out, "answers": rows}
 
@@ -264,12 +270,12 @@ def table(r: dict[str, Any]) -> str:
             "| batch tok/s | composite | diff vs fp32 [95% CI] | forbidden |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, e in r["engines"].items():
-        speed = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") and e.get("p50_s") else "-"
+        ratio = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") and e.get("p50_s") else "-"
         e = {"p50_s": "-", "p95_s": "-", "first_token_p50_s": "-", "first_token_cold_p50_s": "-",
              "batch": {"tokens_per_s": "-"}, **e}
         qs = q.get(name, {})
         diff = f"{qs['diff']:+.3f} [{qs['ci'][0]:+.3f}, {qs['ci'][1]:+.3f}]" if "ci" in qs else "-"
-        lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {speed} | "
+        lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {ratio} | "
                      f"{e['first_token_p50_s']} | {e['first_token_cold_p50_s']} | {e['batch']['tokens_per_s']} | {qs.get('composite', '-')} | {diff} | "
                      f"{qs.get('forbidden', '-')} |")
     return "\n".join(lines)

@@ -163,8 +163,8 @@ class LlamaCppEngine:
         self._n_vocab = self.llm.n_vocab()
         self._stop = {self.llm.token_eos()}
         self._lock = threading.Lock()
-        one, other = self._tokens("a"), self._tokens("b")  # what every prompt starts with: the system prompt
-        self._prefix = one[:next((i for i, (x, y) in enumerate(zip(one, other, strict=False)) if x != y), 0)]
+        # what every prompt starts with (the system prompt): the tokens two different questions share
+        self._prefix = os.path.commonprefix([self._tokens("a"), self._tokens("b")])
 
     def prompt_text(self, question: str) -> str:
         return self._template.render(messages=prompt_messages(question), add_generation_prompt=True)

@@ -5,12 +5,12 @@ Candidates, all serving the same champion (the default base + one LoRA adapter):
   hf-fp32        transformers, adapter merged, fp32 weights (`generation.load_answerer`: the old product path)
   hf-bf16        the same in bf16 (emulated on a CPU without AVX512-BF16/AMX)
   hf-int8        the same after PyTorch dynamic int8 quantization of every nn.Linear
-  llama-adapter  the product path now (`engines.open_engine`): the shipped Q4_1 GGUF unchanged + the adapter
-                 as a GGUF LoRA applied by llama.cpp, `--threads` threads (also `llama-adapter-t1`: 1 thread)
-  llama-base     the shipped Q4_1 GGUF without the adapter: what the unmerged LoRA costs per token
-  llama-merged-q8_0
-                 the shipped GGUF with the adapter merged in, changed projections re-quantized to Q8_0
-                 (merged_gguf.py: measured, not adopted)
+  llama-served   the product path (`engines.open_engine`, as registration derives it and serving loads it):
+                 the shipped Q4_1 GGUF with the adapter merged in, changed projections re-quantized to Q8_0
+                 (model/gguf_merge.py), `--threads` threads (also `llama-served-t1`: 1 thread)
+  llama-adapter  the served form before the merge: the shipped Q4_1 GGUF unchanged + the adapter as a GGUF
+                 LoRA applied by llama.cpp at run time (also `llama-adapter-t1`: 1 thread)
+  llama-base     the shipped Q4_1 GGUF without the adapter: the floor for this file
   llama-f16 / llama-q8_0 / llama-q4_0
                  the merged champion converted by llama.cpp's own `convert_hf_to_gguf.py` (needs
                  `--llama-cpp-src`, the llama.cpp tree of the llama-cpp-python sdist), Q4_0 by its quantizer
@@ -22,7 +22,8 @@ across candidates with the order reversed every other question (machine load fal
 to the first token, warm (the context last answered another question, so the system prompt's cache is
 reused, as when serving) and cold (a fresh context computes the whole prompt); throughput over `--batch`
 questions (transformers batches them, llama.cpp answers one at a time); with `--quality N`, N English holdout questions scored by the product scorer, paired difference
-against hf-fp32 (bootstrap CI) read against the gate's minimum effect. Without `--adapter`, a LoRA of the
+against hf-fp32 (bootstrap CIs) read against the gate's minimum effect as an equivalence test (see
+`equivalent`). Without `--adapter`, a LoRA of the
 default recipe's shape with random non-zero B stands in (quality then means nothing; speed does).
 
     python benchmarks/cpu_latency.py --samples 5 [--adapter DIR] [--llama-cpp-src DIR] [--quality 15]
@@ -45,8 +46,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-adapter", "llama-adapter-t1", "llama-base", "llama-merged-q8_0",
-       "llama-f16", "llama-q8_0", "llama-q4_0"]
+ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-served", "llama-served-t1", "llama-adapter", "llama-adapter-t1",
+       "llama-base", "llama-f16", "llama-q8_0", "llama-q4_0"]
 
 
 def rss_mb() -> float:
@@ -127,10 +128,25 @@ def first_token_s(engine, question: str, cold: bool = False) -> float:
     return time.perf_counter() - t0
 
 
+EQUIVALENCE_LEVEL = 0.90  # two one-sided tests at 5% each read off one 90% interval (TOST)
+
+
 def within_min_effect(lo: float, hi: float, min_effect: float) -> bool:
-    """The verdict "quality the same as transformers fp32": the whole CI of the paired difference lies
+    """The verdict "quality the same as transformers fp32": the interval of the paired difference lies
     within the gate's minimum effect, so neither a loss nor a gain the gate would act on is left open."""
     return -min_effect <= lo and hi <= min_effect
+
+
+def equivalent(diffs: list[float], min_effect: float, seed: int = 8888) -> dict[str, Any]:
+    """Equivalence as the standard two one-sided tests (TOST) decide it: "no loss of min_effect" and "no
+    gain of min_effect" each rejected at 5% is the 90% interval inside (-min_effect, +min_effect). The 95%
+    interval is reported beside it, for the estimate; demanding it inside would test each side at 2.5%."""
+    from shoefix_tasks.evaluation.gate import paired_bootstrap
+
+    lo, hi = paired_bootstrap(diffs, 2000, 0.95, seed)
+    tlo, thi = paired_bootstrap(diffs, 2000, EQUIVALENCE_LEVEL, seed)
+    return {"diff": round(statistics.fmean(diffs), 3), "ci": [round(lo, 3), round(hi, 3)],
+            "tost_ci90": [round(tlo, 3), round(thi, 3)], "within_min_effect": within_min_effect(tlo, thi, min_effect)}
 
 
 def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path) -> dict[str, Any]:
@@ -138,7 +154,6 @@ def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path
     bootstrap of the composite difference against hf-fp32 as the gate computes it."""
     from shoefix_tasks.evaluation.claims import load_claims
     from shoefix_tasks.evaluation.evaluate import score_side
-    from shoefix_tasks.evaluation.gate import paired_bootstrap
     from shoefix_tasks.evaluation.metrics import Context
     from shoefix_tasks.policy import load_policy
 
@@ -151,9 +166,7 @@ def quality(engines: dict[str, Any], items: list[dict], max_new: int, data: Path
              "forbidden": sum(len(x["forbidden"]) for x in r)}
         if ref is not None and name != "hf-fp32":
             diffs = [a["composite"] - b["composite"] for a, b in zip(r, ref, strict=True)]
-            lo, hi = paired_bootstrap(diffs, 2000, 0.95, 8888)
-            s.update(diff=round(statistics.fmean(diffs), 3), ci=[round(lo, 3), round(hi, 3)],
-                     within_min_effect=within_min_effect(lo, hi, load_policy().gate.min_effect))
+            s.update(equivalent(diffs, load_policy().gate.min_effect))
         out[name] = s
     return {"n": len(items), "summary": out, "answers": rows}
 
@@ -205,7 +218,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.model.engines import LlamaCppEngine, adapter_gguf_for, open_engine, shipped_gguf
+    from shoefix_tasks.model.engines import (
+        FORM_LORA,
+        LlamaCppEngine,
+        adapter_gguf_for,
+        open_engine,
+        shipped_gguf,
+    )
     from shoefix_tasks.model.generation import load_answerer
     from shoefix_tasks.records import load_eval_set, sha256_file
 
@@ -235,15 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("hf-"):
             engines[name] = hf_variant(ans, name.removeprefix("hf-"), penalty) if name != "hf-fp32" else \
                 hf_variant(ans, "fp32", penalty)
-        elif name.startswith("llama-adapter"):  # the product's open: adapter and base verified, GGUF cached
+        elif name.startswith(("llama-served", "llama-adapter")):  # the product's open: adapter and base
             os.environ["SHOEFIX_INFERENCE_THREADS"] = "1" if name.endswith("-t1") else str(args.threads)
-            engines[name] = open_engine(base, adapter, settings, repetition_penalty=penalty, label=name)
-        elif name == "llama-merged-q8_0":
-            from merged_gguf import write_merged_gguf
-
-            merged = work / "merged-q8_0.gguf"
-            result["merged_q8_0"] = write_merged_gguf(shipped_gguf(base), gguf, merged, "Q8_0")
-            engines[name] = LlamaCppEngine(merged, None, penalty, name, threads=args.threads)
+            form = {"served_form": FORM_LORA} if name.startswith("llama-adapter") else {}
+            engines[name] = open_engine(base, adapter, settings, repetition_penalty=penalty, label=name, **form)
+            if not form:  # verified, derived once (the merge is timed in its load) and cached
+                result["served_gguf"] = {"bytes": engines[name].model_gguf.stat().st_size,
+                                         "sha256": sha256_file(engines[name].model_gguf)}
         else:
             engines[name] = LlamaCppEngine(ggufs.get(name) or shipped_gguf(base), None, penalty, name,
                                            threads=args.threads)
@@ -267,7 +284,7 @@ def table(r: dict[str, Any]) -> str:
     q = r.get("quality", {}).get("summary", {})
     head = (f"| engine | load s | memory added MB | p50 s ({r['new_tokens']} tok) | p95 s | x hf-fp32 | first token s "
             "| cold first token s "
-            "| batch tok/s | composite | diff vs fp32 [95% CI] | forbidden |")
+            "| batch tok/s | composite | diff vs fp32 [95% CI] | 90% CI (TOST) | same as fp32 | forbidden |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for name, e in r["engines"].items():
         ratio = f"{base['p50_s'] / e['p50_s']:.2f}x" if base.get("p50_s") and e.get("p50_s") else "-"
@@ -275,9 +292,11 @@ def table(r: dict[str, Any]) -> str:
              "batch": {"tokens_per_s": "-"}, **e}
         qs = q.get(name, {})
         diff = f"{qs['diff']:+.3f} [{qs['ci'][0]:+.3f}, {qs['ci'][1]:+.3f}]" if "ci" in qs else "-"
+        tost = f"[{qs['tost_ci90'][0]:+.3f}, {qs['tost_ci90'][1]:+.3f}]" if "tost_ci90" in qs else "-"
+        same = {True: "yes", False: "no"}.get(qs.get("within_min_effect"), "-")
         lines.append(f"| {name} | {e['load']['s']} | {e['load']['rss_mb']} | {e['p50_s']} | {e['p95_s']} | {ratio} | "
                      f"{e['first_token_p50_s']} | {e['first_token_cold_p50_s']} | {e['batch']['tokens_per_s']} | {qs.get('composite', '-')} | {diff} | "
-                     f"{qs.get('forbidden', '-')} |")
+                     f"{tost} | {same} | {qs.get('forbidden', '-')} |")
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ class PermanentError(Exception):
 
 
 class ServedArtifactMismatch(PermanentError):
-    """A served artifact (the adapter GGUF llama.cpp loads, or the base GGUF under it) does not hash to
+    """A served artifact (the GGUF llama.cpp loads, or the base GGUF it was derived from) does not hash to
     what was recorded with its registry version: it is never served (registry/served.py)."""
 
 

@@ -3,7 +3,7 @@ process with the same decoding; every answer is scored and checked for safety cl
 measured interleaved; results go to MLflow and to a JSON file.
 
 Each model is opened as it serves (model/engines.py: llama.cpp for a base that ships as a GGUF, with
-the adapter as a GGUF LoRA; transformers otherwise): the champion with its registered base and dtype,
+the adapter merged in exactly as registration derives it; transformers otherwise): the champion with its registered base and dtype,
 the challenger with its recipe's, so scores and the latency bound are about what production runs. Answers get enough new tokens to cover the longest reference (policy
 `evaluation.token_margin`), so nobody is scored on an answer cut short.
 """

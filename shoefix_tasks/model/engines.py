@@ -3,9 +3,10 @@
 Serving (`shoefix serve`, `shoefix ask`, the MLflow pyfunc) and evaluation open the same engine with
 the same settings, so the gate's latency bound and scorecard are about what production serves.
 
-- llama.cpp for bases that ship as a GGUF (the embedded default): the shipped GGUF unchanged plus the
-  LoRA as a GGUF adapter (model/gguf_adapter.py). On this 2-core CPU it answers several times faster
-  than transformers fp32 (docs/benchmarks.md).
+- llama.cpp for bases that ship as a GGUF (the embedded default): the shipped GGUF with the LoRA merged
+  in (FORM_MERGED, model/gguf_merge.py, from the adapter's GGUF form in model/gguf_adapter.py). On this
+  2-core CPU it answers several times faster than transformers fp32, and faster than the same LoRA
+  applied by llama.cpp at run time (FORM_LORA: how versions registered before the merge still open).
 - transformers for bases that are Hugging Face folders (tiny test models, GPU bases), through
   model/generation.py as before.
 
@@ -32,6 +33,8 @@ from shoefix_tasks.model.prompting import prompt_messages
 
 log = logging.getLogger(__name__)
 LLAMA_CTX = 2048  # tokens of prompt + answer one llama.cpp context holds (evaluation asks for ~400)
+# the two served forms of an adapter for llama.cpp (registry/served.py records which one a version has)
+FORM_LORA, FORM_MERGED = "gguf-lora", "gguf-merged-q8_0"
 
 
 class Engine(Protocol):
@@ -142,19 +145,21 @@ class TransformersEngine:
 
 
 class LlamaCppEngine:
-    """A GGUF base (+ GGUF LoRA adapter) in llama.cpp, decoded greedily token by token."""
+    """A GGUF model (a base, or a base with the adapter merged in; optionally + a GGUF LoRA applied at
+    run time) in llama.cpp, decoded greedily token by token."""
 
     name = "llama.cpp"
 
-    def __init__(self, base_gguf: Path, adapter_gguf: Path | None, repetition_penalty: float, label: str,
-                 manifest: dict[str, Any] | None = None, threads: int | None = None):
+    def __init__(self, model_gguf: Path, adapter_gguf: Path | None, repetition_penalty: float, label: str,
+                 manifest: dict[str, Any] | None = None, threads: int | None = None, form: str | None = None):
         import jinja2.sandbox
         from llama_cpp import Llama
 
         self.label, self.manifest, self.repetition_penalty = label, manifest, repetition_penalty
-        self.base_gguf, self.adapter_gguf = base_gguf, adapter_gguf
+        self.model_gguf, self.adapter_gguf = model_gguf, adapter_gguf
+        self.form = form or (FORM_LORA if adapter_gguf else "base")
         self.threads = threads or inference_threads()
-        self.llm = Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None,
+        self.llm = Llama(model_path=str(model_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None,
                          n_ctx=LLAMA_CTX, n_batch=256, n_threads=self.threads, n_threads_batch=self.threads,
                          seed=0, verbose=False)
         # the base's own chat template, rendered the way transformers renders it
@@ -269,7 +274,7 @@ class LlamaCppEngine:
                                 f"/l{meta.get(f'{arch}.block_count', '?')}/v{self._n_vocab}",
                 "dtype": f"gguf-file-type-{meta.get('general.file_type', '?')}",
                 "quantization": "gguf", "engine": "llama.cpp", "device": "cpu", "threads": self.threads,
-                "adapter": "gguf-lora" if self.adapter_gguf else "none",
+                "adapter": self.form,
                 "decoding": {"max_new_tokens": max_new_tokens, "repetition_penalty": self.repetition_penalty,
                              "greedy": True}}
 
@@ -310,6 +315,22 @@ def adapter_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> 
     return out
 
 
+def served_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> Path:
+    """The adapter's served form, the base with the LoRA merged in (FORM_MERGED), derived once into a cache
+    keyed by the adapter's digest and the base GGUF's hash (deterministic, so a cached file equals a fresh
+    one: evaluation opens the bytes that registration records)."""
+    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
+    from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
+    from shoefix_tasks.records import sha256_file
+
+    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}-{SERVED_TYPE.lower()}"
+    out = settings.home / "cache" / "gguf-merged" / f"{key}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_merged_gguf(base_gguf, adapter_gguf_for(adapter_dir, base_gguf, settings), out, SERVED_TYPE)
+    return out
+
+
 def check_same_source(ident: dict[str, Any], base_gguf: Path) -> None:
     """The GGUF llama.cpp loads must be the one the trainer's base was dequantized from."""
     from shoefix_tasks.model.base import BaseModelMismatch
@@ -323,10 +344,11 @@ def check_same_source(ident: dict[str, Any], base_gguf: Path) -> None:
 
 def open_engine(base_model: str, adapter_dir: Path | None, settings: Settings, *, dtype: str = "float32",
                 repetition_penalty: float = 1.0, engine: str = "auto", label: str = "",
-                adapter_gguf: Path | None = None, batch_size: int = 8) -> Engine:
+                served_gguf: Path | None = None, served_form: str = FORM_MERGED, batch_size: int = 8) -> Engine:
     """The engine that serves `base_model` (+ the adapter in `adapter_dir`, verified against its manifest
-    and its recorded base first). `adapter_gguf`: an already verified served artifact (registry/served);
-    without it the adapter is converted (cached). `dtype` and `batch_size` apply to transformers."""
+    and its recorded base first). `served_gguf`: an already verified served artifact of `served_form`
+    (registry/served); without it the adapter's served form is derived (cached). `dtype` and `batch_size`
+    apply to transformers."""
     from shoefix_tasks.model.generation import load_answerer
 
     label = label or ("base" if adapter_dir is None else adapter_dir.name)
@@ -346,6 +368,11 @@ def open_engine(base_model: str, adapter_dir: Path | None, settings: Settings, *
         ident = base_identity(base_model, settings)
         check_compatible(manifest["base"], ident, f"adapter {label}")
         check_same_source(ident, base_gguf)
-        adapter_gguf = adapter_gguf or adapter_gguf_for(adapter_dir, base_gguf, settings)
-    return LlamaCppEngine(base_gguf, adapter_gguf if adapter_dir is not None else None, repetition_penalty, label,
-                          manifest)
+        if served_form == FORM_LORA:
+            return LlamaCppEngine(base_gguf, served_gguf or adapter_gguf_for(adapter_dir, base_gguf, settings),
+                                  repetition_penalty, label, manifest)
+        if served_form != FORM_MERGED:
+            raise ValueError(f"unknown served form {served_form!r} ({FORM_LORA}, {FORM_MERGED})")
+        return LlamaCppEngine(served_gguf or served_gguf_for(adapter_dir, base_gguf, settings), None,
+                              repetition_penalty, label, manifest, form=FORM_MERGED)
+    return LlamaCppEngine(base_gguf, None, repetition_penalty, label)

@@ -1,9 +1,9 @@
-"""The served form of an adapter for llama.cpp: the registered PEFT LoRA written as a GGUF adapter.
+"""The registered PEFT LoRA written as a llama.cpp GGUF adapter: the step every served form starts from.
 
-llama.cpp serves the base from the GGUF it ships as (for the default, the very Q4_1 file the trainer
-dequantized, so base weights are identical) and applies the LoRA itself: y = W x + s * B (A x) with
-s = adapter.lora.alpha / rank. Nothing is merged or re-quantized, so the adapter stays exact (fp32)
-and the file is small (~20 MB in fp32 for rank 16 on all 210 linear layers of SmolLM2-135M).
+llama.cpp can apply such a file itself on the GGUF the base ships as (for the default, the very Q4_1 file
+the trainer dequantized, so base weights are identical): y = W x + s * B (A x) with s = alpha / rank,
+the adapter exact (fp32). Versions registered before the merge serve that way; registration now folds
+this file into the base (model/gguf_merge.py), which answers faster.
 
 Two facts make the conversion right:
 - llama.cpp's llama GGUF stores q and k projection rows permuted relative to Hugging Face (its rope

@@ -1,17 +1,19 @@
 """The served artifact of a registered version, and opening the champion as it serves.
 
 A version's adapter (PEFT safetensors + manifest) is the unit of release; what llama.cpp serves is
-derived from it when the version is registered: the adapter as a GGUF LoRA (model/gguf_adapter.py),
-logged as the pyfunc artifact `served_adapter` beside `adapter`. Its sha256 and the base GGUF's are
-recorded twice, as version tags (`served_adapter_sha256`, `served_base_sha256`, `serving_engine`) and
-in the pyfunc's model_config, and every opening recomputes both and refuses a mismatch
-(ServedArtifactMismatch), as adapters are refused against their manifest. The conversion is
-deterministic, so a retried registration derives the same bytes.
+derived from it when the version is registered: the shipped base GGUF with the adapter merged in
+(model/gguf_merge.py, form `gguf-merged-q8_0`), logged as the pyfunc artifact `served_model` beside
+`adapter`. Its sha256 and the base GGUF's are recorded twice, as version tags (`served_form`,
+`served_model_sha256`, `served_base_sha256`, `serving_engine`) and in the pyfunc's model_config, and
+every opening recomputes both and refuses a mismatch (ServedArtifactMismatch), as adapters are refused
+against their manifest. The derivation is deterministic, so a retried registration derives the same
+bytes, and evaluation (which derives it from the same adapter) scores the bytes that are served.
 
-A base that ships no GGUF (or an adapter a GGUF LoRA cannot express) serves with transformers:
-`serving_engine` says which. Versions registered before this existed have no tag: they open with the
-engine evaluation picks for their base (`auto`), the adapter converted on the fly from its verified
-folder.
+Versions registered before the merge carry the adapter alone as a GGUF LoRA (`served_adapter`,
+`served_adapter_sha256`, form `gguf-lora`) and keep opening that way, checked the same way. A base that
+ships no GGUF (or an adapter a GGUF LoRA cannot express) serves with transformers: `serving_engine` says
+which. Versions registered before any of this have no tag: they open with the engine evaluation picks
+for their base (`auto`), the served form derived on the fly from the verified adapter.
 """
 
 from __future__ import annotations
@@ -25,42 +27,60 @@ from typing import Any
 
 from shoefix_tasks.config import Settings
 from shoefix_tasks.errors import PermanentError, ServedArtifactMismatch
+from shoefix_tasks.model.engines import FORM_LORA, FORM_MERGED
 from shoefix_tasks.records import sha256_file
 
 log = logging.getLogger(__name__)
-ARTIFACT = "served_adapter"  # the pyfunc artifact name of the adapter GGUF
-TAG_ENGINE, TAG_ADAPTER, TAG_BASE = "serving_engine", "served_adapter_sha256", "served_base_sha256"
+TAG_ENGINE, TAG_FORM, TAG_BASE = "serving_engine", "served_form", "served_base_sha256"
+# served form -> (pyfunc artifact name, tag holding its sha256)
+FORMS = {FORM_MERGED: ("served_model", "served_model_sha256"),
+         FORM_LORA: ("served_adapter", "served_adapter_sha256")}
+ARTIFACT, TAG_SHA = FORMS[FORM_MERGED]  # what registration derives now
 
 
 class NoServedVersion(PermanentError, LookupError):
     """No registry version holds the alias asked for."""
 
 
+def served_form(tags: dict[str, str]) -> str | None:
+    """The served form a version's tags (or model_config) record; None for a version without one."""
+    if tags.get(TAG_FORM):
+        return tags[TAG_FORM]
+    return FORM_LORA if tags.get(FORMS[FORM_LORA][1]) else None
+
+
 def derive_served(adapter_dir: Path, base_model: str, work: Path) -> tuple[dict[str, str], dict[str, str]]:
-    """(extra pyfunc artifacts, tags) for a version of `base_model` with this adapter: the adapter GGUF
+    """(extra pyfunc artifacts, tags) for a version of `base_model` with this adapter: the merged GGUF
     written under `work` for a base that ships as a GGUF, nothing for a transformers base."""
     from shoefix_tasks.model.engines import choose_engine, shipped_gguf
     from shoefix_tasks.model.gguf_adapter import UnsupportedAdapter, write_adapter_gguf
+    from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
 
     if choose_engine(base_model) != "llama.cpp":
         return {}, {TAG_ENGINE: "transformers"}
     base = shipped_gguf(base_model)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        info = write_adapter_gguf(adapter_dir, base, work / "adapter.gguf")
+        write_adapter_gguf(adapter_dir, base, work / "adapter.gguf")
     except UnsupportedAdapter as err:
         log.warning("served with transformers: %s", err)
         return {}, {TAG_ENGINE: "transformers", "serving_engine_reason": str(err)[:500]}
-    return ({ARTIFACT: str(work / "adapter.gguf")},
-            {TAG_ENGINE: "llama.cpp", TAG_ADAPTER: info["sha256"], TAG_BASE: sha256_file(base)})
+    info = write_merged_gguf(base, work / "adapter.gguf", work / "model.gguf", SERVED_TYPE)
+    (work / "adapter.gguf").unlink()
+    return ({ARTIFACT: str(work / "model.gguf")},
+            {TAG_ENGINE: "llama.cpp", TAG_FORM: FORM_MERGED, TAG_SHA: info["sha256"], TAG_BASE: sha256_file(base)})
 
 
 def check_served(gguf: Path, expected: dict[str, str], base_gguf: Path | None, what: str) -> None:
-    """Recompute the adapter GGUF's and the base GGUF's sha256 and refuse any difference from the record."""
+    """Recompute the served GGUF's and the base GGUF's sha256 and refuse any difference from the record."""
+    form = served_form(expected)
+    if form not in FORMS:
+        raise ServedArtifactMismatch(f"{what}: unknown served form {form!r}: refusing to serve it")
+    tag = FORMS[form][1]
     actual = sha256_file(gguf)
-    if actual != expected.get(TAG_ADAPTER):
-        raise ServedArtifactMismatch(f"{what}: served adapter {gguf.name} has sha256 {actual[:12]}, recorded "
-                                     f"{str(expected.get(TAG_ADAPTER))[:12]}: refusing to serve it")
+    if actual != expected.get(tag):
+        raise ServedArtifactMismatch(f"{what}: served file {gguf.name} ({form}) has sha256 {actual[:12]}, "
+                                     f"recorded {str(expected.get(tag))[:12]}: refusing to serve it")
     if base_gguf is not None and sha256_file(base_gguf) != expected.get(TAG_BASE):
         raise ServedArtifactMismatch(f"{what}: base {base_gguf.name} is not the GGUF recorded with the version "
                                      f"({str(expected.get(TAG_BASE))[:12]})")
@@ -80,19 +100,19 @@ def _mlmodel(model_id: str) -> tuple[str, dict[str, Any]]:
     return root, flavor
 
 
-def served_uri(model_id: str) -> str | None:
+def served_uri(model_id: str, form: str = FORM_MERGED) -> str | None:
     root, flavor = _mlmodel(model_id)
-    entry = (flavor.get("artifacts") or {}).get(ARTIFACT)
+    entry = (flavor.get("artifacts") or {}).get(FORMS[form][0])
     return f"{root}/{entry['path']}" if entry else None
 
 
 def fetch_served(uri: str, expected: dict[str, str], settings: Settings, what: str) -> Path:
-    """The served adapter GGUF, downloaded once into a cache named by its recorded sha256 and checked
-    against it on every use (a file altered in the artifact store or in the cache is refused)."""
+    """The served GGUF, downloaded once into a cache named by its recorded sha256 and checked against it
+    on every use (a file altered in the artifact store or in the cache is refused)."""
     import mlflow
 
     cache = settings.home / "cache" / "served"
-    target = cache / f"{expected[TAG_ADAPTER]}.gguf"
+    target = cache / f"{expected[FORMS[served_form(expected)][1]]}.gguf"
     if not target.is_file():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix="download-", dir=cache))
@@ -107,10 +127,11 @@ def fetch_served(uri: str, expected: dict[str, str], settings: Settings, what: s
 
 
 def verify_upload(model_id: str, tags: dict[str, str], settings: Settings) -> None:
-    """After logging: the served adapter downloads back with its recorded hash (else no version)."""
-    uri = served_uri(model_id)
+    """After logging: the served GGUF downloads back with its recorded hash (else no version)."""
+    uri = served_uri(model_id, served_form(tags) or FORM_MERGED)
     if uri is None:
-        raise ServedArtifactMismatch(f"logged model {model_id} has no {ARTIFACT} artifact")
+        raise ServedArtifactMismatch(f"logged model {model_id} has no "
+                                     f"{FORMS[served_form(tags) or FORM_MERGED][0]} artifact")
     check = Path(tempfile.mkdtemp(prefix="served-upload-", dir=settings.home))
     try:
         import mlflow
@@ -125,7 +146,8 @@ def open_champion(settings: Settings, alias: str = "champion") -> tuple[Any, dic
     """(Engine, info) for the version holding `alias`, exactly as it was registered: the adapter
     verified against its manifest and digest, the served GGUF and the base GGUF against their recorded
     hashes. Answers are raw model output: callers apply registry/safety before showing them.
-    info: version, run_id, engine, artifact_sha256, base_model, max_new_tokens, repetition_penalty, load_s."""
+    info: version, run_id, engine, served_form, artifact_sha256, base_model, max_new_tokens,
+    repetition_penalty, load_s."""
     import json
 
     from shoefix_tasks.model.engines import open_engine, shipped_gguf
@@ -146,20 +168,23 @@ def open_champion(settings: Settings, alias: str = "champion") -> tuple[Any, dic
     if not base_model:
         raise NoServedVersion(f"{what} records no base model")
     penalty = float(cfg.get("repetition_penalty", 1.0))
-    kind, adapter_gguf, sha = version.tags.get(TAG_ENGINE), None, None
+    kind, form, gguf, sha = version.tags.get(TAG_ENGINE), served_form(version.tags), None, None
     if kind == "llama.cpp":
-        uri = served_uri(version.source.removeprefix("models:/"))
+        if form not in FORMS:
+            raise ServedArtifactMismatch(f"{what} is tagged for llama.cpp with unknown served form {form!r}")
+        uri = served_uri(version.source.removeprefix("models:/"), form)
         if uri is None:
-            raise ServedArtifactMismatch(f"{what} is tagged for llama.cpp but has no {ARTIFACT} artifact")
-        adapter_gguf = fetch_served(uri, version.tags, settings, what)
-        check_served(adapter_gguf, version.tags, shipped_gguf(base_model), what)
-        sha = version.tags[TAG_ADAPTER]
+            raise ServedArtifactMismatch(f"{what} is tagged for llama.cpp but has no {FORMS[form][0]} artifact")
+        gguf = fetch_served(uri, version.tags, settings, what)
+        check_served(gguf, version.tags, shipped_gguf(base_model), what)
+        sha = version.tags[FORMS[form][1]]
     elif kind is None:
         log.warning("%s predates served artifacts: opening it with the engine evaluation would pick", what)
     engine = open_engine(base_model, adapter_dir, settings, dtype=cfg.get("dtype", "float32"),
                          repetition_penalty=penalty, engine=kind or "auto", label=f"v{version.version}",
-                         adapter_gguf=adapter_gguf)
+                         served_gguf=gguf, served_form=form or FORM_MERGED)
     info = {"version": int(version.version), "run_id": version.run_id, "engine": engine.name,
+            "served_form": getattr(engine, "form", None),
             "artifact_sha256": sha or version.tags.get("adapter_digest"), "base_model": base_model,
             "max_new_tokens": int(cfg.get("max_new_tokens", 160)), "repetition_penalty": penalty,
             "load_s": round(time.perf_counter() - t0, 2)}

@@ -2,8 +2,9 @@
 
 `mlflow.pyfunc.load_model("models:/shoefix-expert@champion")` runs `load_context`: it verifies the
 adapter's sha256 manifest, checks it belongs to the configured base, and opens the engine the version
-serves with (model/engines.py): llama.cpp with the `served_adapter` GGUF, whose sha256 and the base
-GGUF's must match the ones recorded in the model config (registry/served.py), or transformers. It
+serves with (model/engines.py): llama.cpp with the served GGUF (`served_model`, the base with the adapter
+merged in; `served_adapter` for versions registered before the merge), whose sha256 and the base GGUF's
+must match the ones recorded in the model config (registry/served.py), or transformers. It
 answers questions given as a DataFrame column `question`, a list of strings, or one string. Every
 answer passes the safety net (shoefix_tasks.registry.safety) before it is returned, and is logged for
 tracing like the answer server's (registry/answer_log: a local spool, sent to MLflow later).
@@ -22,20 +23,25 @@ from mlflow.pyfunc import PythonModel
 class ShoeFixExpert(PythonModel):
     def load_context(self, context):
         from shoefix_tasks.config import Settings
-        from shoefix_tasks.model.engines import open_engine, shipped_gguf
-        from shoefix_tasks.registry.served import ARTIFACT, TAG_ENGINE, check_served
+        from shoefix_tasks.errors import ServedArtifactMismatch
+        from shoefix_tasks.model.engines import FORM_MERGED, open_engine, shipped_gguf
+        from shoefix_tasks.registry.served import FORMS, TAG_ENGINE, check_served, served_form
 
         cfg = context.model_config or {}
         self.max_new_tokens = int(cfg.get("max_new_tokens", 160))
         self.settings = Settings.from_env()
-        served = context.artifacts.get(ARTIFACT)
+        form = served_form(cfg)
+        served = context.artifacts.get(FORMS[form][0]) if form in FORMS else None
         engine = cfg.get(TAG_ENGINE, "transformers")  # models logged before served artifacts: as they were
+        if engine == "llama.cpp" and not served:
+            raise ServedArtifactMismatch(f"the registered model is for llama.cpp ({form}) but has no served file")
         if served:
             check_served(Path(served), cfg, shipped_gguf(cfg["base_model"]), "the registered model")
         self.engine = open_engine(cfg["base_model"], Path(context.artifacts["adapter"]), self.settings,
                                   dtype=cfg.get("dtype", "float32"),
                                   repetition_penalty=float(cfg.get("repetition_penalty", 1.0)), engine=engine,
-                                  label="registered", adapter_gguf=Path(served) if served else None)
+                                  label="registered", served_gguf=Path(served) if served else None,
+                                  served_form=form or FORM_MERGED)
 
     # The hint is what pyfunc hands over under the registered signature (a frame of questions); it
     # is also MLflow's "no schema from hints" type, so the explicit signature stays the contract.

@@ -1,17 +1,41 @@
-"""The benchmark's quality verdict ("the same as transformers fp32") on the intervals it must rank right."""
+"""The benchmark's quality verdict ("the same as transformers fp32") on the intervals and the per-question
+differences it must rank right."""
+
+import random
 
 import pytest
 
-from benchmarks.cpu_latency import within_min_effect
+from benchmarks.cpu_latency import equivalent, within_min_effect
 
 
 @pytest.mark.parametrize(("lo", "hi", "same"), [
     (-0.05, 0.08, True),     # inside the gate's minimum effect on both sides
     (-0.1, 0.1, True),       # on the edge
-    (-0.191, 0.073, False),  # the served engine's 45-question run: a loss of up to 0.19 is not excluded
+    (-0.191, 0.073, False),  # a loss of up to 0.19 is not excluded
     (-0.102, 0.112, False),  # just over on both sides
     (0.2, 0.4, False),       # clearly better is still not "the same"
     (-0.6, -0.3, False),     # clearly worse
 ])
 def test_quality_verdict(lo, hi, same):
     assert within_min_effect(lo, hi, 0.1) is same
+
+
+def _diffs(shift: float, spread: float, n: int = 45, seed: int = 3) -> list[float]:
+    rng = random.Random(seed)
+    return [shift + rng.gauss(0, spread) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("diffs", "same"), [
+    ([0.0] * 45, True),                            # the same answers
+    (_diffs(0.0, 0.15), True),                     # noise only, 45 questions
+    (_diffs(-0.3, 0.15), False),                   # a real loss (wrong facts in answers)
+    (_diffs(+0.3, 0.15), False),                   # a real gain is not "the same" either
+    (_diffs(0.0, 1.0), False),                     # too noisy to tell: not shown the same
+    (_diffs(-0.06, 0.45), False),                  # like the runtime LoRA's run: a loss of 0.17 not excluded
+])
+def test_equivalence_on_differences(diffs, same):
+    verdict = equivalent(diffs, 0.1)
+    assert verdict["within_min_effect"] is same, verdict
+    lo95, hi95 = verdict["ci"]
+    lo90, hi90 = verdict["tost_ci90"]
+    assert lo95 <= lo90 <= verdict["diff"] <= hi90 <= hi95  # the 90% interval nests inside the 95%

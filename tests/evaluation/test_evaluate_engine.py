@@ -1,5 +1,6 @@
 """Evaluation measures what production serves: with the default base (shipped as a GGUF) champion and
-challenger answer through llama.cpp, the challenger with its adapter as a GGUF LoRA, and the latency
+challenger answer through llama.cpp, the challenger as the base with its adapter merged in (the form
+registration derives and serving loads), and the latency
 measurement times those same engines. (Tiny Hugging Face test models stay on transformers: the other
 evaluation tests.) The timed answers are stubbed, and 3 of the 5 fixture questions answered, only to
 keep the test short on 2 shared cores; the answers that are scored are real."""
@@ -46,8 +47,8 @@ def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory,
     assert timed == [(LlamaCppEngine.__name__, "base"), (LlamaCppEngine.__name__, "challenger")]
     champ, chall = result["champion"]["profile"], result["challenger"]["profile"]
     assert champ["engine"] == chall["engine"] == "llama.cpp"
-    assert (champ["adapter"], chall["adapter"]) == ("none", "gguf-lora")
-    assert result["latency"]["compared"]  # an unmerged LoRA costs llama.cpp time: compared, not assumed equal
+    assert (champ["adapter"], chall["adapter"]) == ("base", "gguf-merged-q8_0")
+    assert result["latency"]["compared"]  # a different file (Q8_0 projections): compared, not assumed equal
     for side in ("champion", "challenger"):
         assert all(s["answer"] and s["new_tokens"] > 0 for s in result[side]["scores"])
     assert result["champion"]["scores"][0]["answer"] != result["challenger"]["scores"][0]["answer"]

@@ -1,6 +1,8 @@
-"""A version of the default base is registered with its served artifact (the adapter GGUF, hashed and
-tagged); the champion opens through llama.cpp from the registry and the MLflow pyfunc answers through the
-same engine; a served GGUF altered by one byte, in the artifact store or in the local cache, is refused."""
+"""A version of the default base is registered with its served artifact (the base with the adapter merged
+in, hashed and tagged); the champion opens through llama.cpp from the registry and the MLflow pyfunc
+answers through the same engine; a served GGUF altered by one byte, in the artifact store or in the local
+cache, is refused. A version registered before the merge (the adapter as a GGUF LoRA) opens as it was
+registered."""
 
 from __future__ import annotations
 
@@ -46,15 +48,18 @@ def flip_one_byte(path: Path) -> None:
 
 
 def test_registered_version_records_its_served_artifact(champion, tmp_path):
-    from shoefix_tasks.model.gguf_adapter import write_adapter_gguf
+    from shoefix_tasks.model.engines import FORM_MERGED, served_gguf_for
     from shoefix_tasks.records import sha256_file
 
     settings, version, adapter = champion
     tags = version.tags
-    assert tags[served.TAG_ENGINE] == "llama.cpp"
+    assert tags[served.TAG_ENGINE] == "llama.cpp" and tags[served.TAG_FORM] == FORM_MERGED
     assert tags[served.TAG_BASE] == sha256_file(smollm2_gguf_path())
-    # deterministic: converting the registered adapter again gives the recorded bytes
-    assert write_adapter_gguf(adapter, smollm2_gguf_path(), tmp_path / "again.gguf")["sha256"] == tags[served.TAG_ADAPTER]
+    # deterministic: deriving again from the registered adapter gives the recorded bytes, and so does the
+    # derivation evaluation uses, so the gate scores the file that is served
+    again = served.derive_served(adapter, SMOLLM2, tmp_path / "again")[1]
+    assert again[served.TAG_SHA] == tags[served.TAG_SHA]
+    assert sha256_file(served_gguf_for(adapter, smollm2_gguf_path(), settings)) == tags[served.TAG_SHA]
 
 
 def test_champion_and_pyfunc_answer_through_llama_cpp(champion):
@@ -63,7 +68,8 @@ def test_champion_and_pyfunc_answer_through_llama_cpp(champion):
     settings, version, _ = champion
     engine, info = served.open_champion(settings)
     assert info["engine"] == engine.name == "llama.cpp"
-    assert info["version"] == int(version.version) and info["artifact_sha256"] == version.tags[served.TAG_ADAPTER]
+    assert info["version"] == int(version.version) and info["artifact_sha256"] == version.tags[served.TAG_SHA]
+    assert info["served_form"] == engine.form == version.tags[served.TAG_FORM] and engine.adapter_gguf is None
     assert info["max_new_tokens"] == 24
     text = engine.answer(QUESTION, 24)
     assert text and "".join(engine.stream(QUESTION, 24)).strip() == text
@@ -81,7 +87,7 @@ def test_champion_and_pyfunc_answer_through_llama_cpp(champion):
 
 def test_a_tampered_served_artifact_is_refused(champion):
     settings, version, _ = champion
-    sha = version.tags[served.TAG_ADAPTER]
+    sha = version.tags[served.TAG_SHA]
     served.open_champion(settings)[0].close()  # fills the local cache
     cached = settings.home / "cache" / "served" / f"{sha}.gguf"
     flip_one_byte(cached)
@@ -95,3 +101,48 @@ def test_a_tampered_served_artifact_is_refused(champion):
     with pytest.raises(ServedArtifactMismatch):
         served.open_champion(settings)
     assert not cached.exists()  # nothing unverified was cached
+
+
+def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, tmp_path_factory, tmp_path,
+                                                                   monkeypatch):
+    """Registered with the adapter alone as a GGUF LoRA (the earlier served form): it opens as base + that
+    LoRA, its file checked against its own recorded hash, and a flipped byte is still refused."""
+    import mlflow
+
+    from shoefix_tasks.model.engines import FORM_LORA
+    from shoefix_tasks.model.gguf_adapter import write_adapter_gguf
+    from shoefix_tasks.records import sha256_file
+    from shoefix_tasks.registry import versions
+    from shoefix_tasks.store import tracking
+    from tests.real_base import link_converted_base, lora_adapter
+
+    def derive_as_before(adapter_dir, base_model, work):  # what registration derived before the merge
+        work.mkdir(parents=True, exist_ok=True)
+        info = write_adapter_gguf(adapter_dir, smollm2_gguf_path(), work / "adapter.gguf")
+        return ({"served_adapter": str(work / "adapter.gguf")},
+                {served.TAG_ENGINE: "llama.cpp", "served_adapter_sha256": info["sha256"],
+                 served.TAG_BASE: sha256_file(smollm2_gguf_path())})
+
+    settings = shoefix_env
+    link_converted_base(tmp_path_factory, settings)
+    adapter = lora_adapter(settings, tmp_path / "adapter")[2]
+    tracking.configure(settings)
+    monkeypatch.setattr(served, "derive_served", derive_as_before)
+    with mlflow.start_run() as run:
+        pass
+    version = versions.register_version(run.info.run_id, adapter, SMOLLM2, {}, "before the merge",
+                                        {"max_new_tokens": 24}, settings=settings)
+    monkeypatch.undo()
+    mlflow.MlflowClient().set_registered_model_alias(REGISTERED_MODEL, "champion", version.version)
+    assert served.TAG_FORM not in version.tags and served.served_form(version.tags) == FORM_LORA
+
+    engine, info = served.open_champion(settings)
+    assert info["served_form"] == engine.form == FORM_LORA and engine.adapter_gguf is not None
+    assert info["artifact_sha256"] == version.tags["served_adapter_sha256"] and engine.answer(QUESTION, 8)
+    engine.close()
+    model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
+    assert model.unwrap_python_model().engine.form == FORM_LORA
+
+    flip_one_byte(settings.home / "cache" / "served" / f"{version.tags['served_adapter_sha256']}.gguf")
+    with pytest.raises(ServedArtifactMismatch, match="refusing to serve"):
+        served.open_champion(settings)

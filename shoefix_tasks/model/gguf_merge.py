@@ -1,14 +1,17 @@
-"""A candidate the product measured and did not adopt: base GGUF + adapter merged into one GGUF.
+"""The served form of an adapter for llama.cpp: the shipped base GGUF with the LoRA merged in.
 
-llama.cpp applying a LoRA at run time adds two small matrix products to each of the 210 projections for
-every token; folding W' = W + s * B @ A into the weights once removes them. The catch is the re-quantization:
-- in the base's own Q4_1, most of a trained LoRA's delta is smaller than half a grid step of weights that
-  already sit on that grid, so it rounds straight back to W and the merged model answers as the base;
-- in Q8_0 the rounding noise is still larger (in norm) than the delta itself, and the merged model's logits
-  stray several times further from transformers + PEFT than the served pair's do;
-- in F32 the merge is exact but the file is four times the base and slower to read per token.
-docs/benchmarks.md has the figures; `cpu_latency.py` runs this as `llama-merged-q8_0`. Untouched tensors
-(embeddings, norms) keep the base's bytes; the output is deterministic (fixed order, no timestamps).
+llama.cpp applying a LoRA at run time adds four graph nodes to each of the 210 adapted projections for
+every token (two small products, a scale, an add), and on a few cores each node ends at a thread barrier;
+folding W' = W + s * B @ A into the weights once removes them. The changed projections are re-quantized,
+and the type is the trade-off (docs/benchmarks.md has the figures):
+- the base's own Q4_1 cannot hold a trained delta: most of it is smaller than half a grid step of weights
+  that already sit on that grid, so it rounds straight back to W and the merged model answers as the base;
+- Q8_0 holds it at about the base's speed: its rounding noise moves logits more than the runtime LoRA
+  does, but its holdout scorecard is equivalent to transformers fp32 (measured against the gate's
+  minimum effect), and evaluation scores this very file, so the gate judges what is served;
+- F32 / F16 are exact or nearly so but two to four times the bytes to read per token.
+Untouched tensors (embeddings, norms) keep the base's bytes. The output is a pure function of the base
+GGUF and the adapter GGUF (fixed order, no timestamps), so a retried registration derives the same sha256.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from shoefix_tasks.records import sha256_file
 
 FORMAT = "shoefix-gguf-merged/1"
+SERVED_TYPE = "Q8_0"  # the type of the merged projections in the served form (see above)
 
 
 def _adapter_tensors(adapter_gguf: Path) -> tuple[float, dict[str, tuple[Any, Any]]]:

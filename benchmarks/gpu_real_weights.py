@@ -11,6 +11,10 @@ time limit resumes in the next call on the same warm machine):
   final        the chosen recipe end to end: `python -m shoefix_tasks.train` in a fresh process (throughput
                over the whole run, cold), then `shoefix_tasks.evaluation.evaluate.evaluate` against the base and the
                production gate (shoefix_tasks.evaluation.gate.decide with the built-in policy)
+  ceiling      seen vs unseen questions: sweep configs trained on the whole English corpus (the validation
+               split included), then that split (now seen in training) and the holdout (never seen) answered
+               and scored: how many facts the model can give back at all, against how many it carries over
+               to a question it was not trained on
   profile      where a training step goes: per-step times and torch.profiler tables (CPU and CUDA side)
   reliability  preflight passes, and fails on a card whose memory another process holds; a real CUDA
                out-of-memory backs off to a smaller micro-batch with the same effective batch; a trainer
@@ -435,6 +439,56 @@ def cmd_sweep(args) -> dict[str, Any]:
     return sweep_table(work, json.loads(base_file.read_text())["scores"]) if base_file.is_file() else {}
 
 
+CEILING = ("e3-lr0.001-r64", "e8-lr0.001-r64", "e13-lr0.001-r64")
+
+
+def cmd_ceiling(args) -> dict[str, Any]:
+    """Train each config in --only (default CEILING) on every English corpus record, then answer the sweep's
+    validation questions (seen now), the holdout and the guard set. The holdout stays out of training as
+    always: "seen" means trained on the corpus's own question and answer, which is the most a model can be
+    taught about a question. Results accumulate under --work/ceiling (a call cut short resumes)."""
+    import torch
+
+    from shoefix_tasks.config import Settings
+    from shoefix_tasks.records import iter_jsonl, write_jsonl
+    from shoefix_tasks.training.train import train_with_backoff
+
+    work, data = Path(args.work), Path(args.data)
+    rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
+    snapshot = write_jsonl(work / "snapshots" / f"corpus-en-all-{os.getpid()}.jsonl", rows)
+    items, settings = eval_set(data), Settings.from_env()
+    for name in args.only or CEILING:
+        out_file = work / "ceiling" / f"{name}.json"
+        if out_file.is_file():
+            continue
+        cfg = next(c for c in grid() if c["name"] == name)
+        recipe = recipe_for(cfg, args.base, args.device)
+        log(f"train {name} on all {len(rows)} English records")
+        t0 = time.perf_counter()
+        res = train_with_backoff(recipe, snapshot, work / "ceiling-runs" / name, f"ceiling-{name}", settings)
+        train_s = time.perf_counter() - t0
+        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
+        row = {**cfg, "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
+               **summarize(scores, None), "scores": scores}
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        out_file.write_text(json.dumps(row, ensure_ascii=False))
+        log(f"done {name}: seen {row['validation']['key_data_accuracy']} key data, unseen (holdout) "
+            f"{row['holdout']['key_data_accuracy']}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    done = [json.loads(f.read_text()) for f in sorted((work / "ceiling").glob("*.json"))]
+    print("| config | train loss | seen: composite | seen: key data | seen: completeness | unseen (holdout): composite "
+          "| unseen: key data | unseen: completeness | guard forbidden |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in sorted(done, key=lambda r: r["epochs"]):
+        v, h = r["validation"], r["holdout"]
+        print(f"| {r['name']} | {r['final_loss']:.3f} | {v['composite']:.2f} | {v['key_data_accuracy']:.2f} | "
+              f"{v['completeness']:.2f} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | "
+              f"{len(r['guard']['forbidden'])} |")
+    return {"ceiling": [{k: v for k, v in r.items() if k != "scores"} for r in done]}
+
+
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
     """Seconds one config takes with others sharing the GPU: start-up, ~15 s an epoch alone on an H100 (the
     135M step is bound by the CPU launching kernels, so processes on their own cores overlap well), answers."""
@@ -655,7 +709,7 @@ def cmd_reliability(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile"])
+    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile", "ceiling"])
     p.add_argument("--profile-at", type=int, default=20, help="profile: first profiled step")
     p.add_argument("--profile-steps", type=int, default=5, help="profile: how many steps")
     p.add_argument("--base", default="smollm2-135m-instruct")
@@ -663,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(REPO / ".gpu-work"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget-s", type=float, default=480, help="sweep: start no new config after this many seconds")
-    p.add_argument("--only", nargs="*", help="sweep: these configs only")
+    p.add_argument("--only", nargs="*", help="sweep, ceiling: these configs only")
     p.add_argument("--with-seed", action="store_true", help="sweep: include the seed recipe (needs bitsandbytes)")
     p.add_argument("--recipes", nargs="*", default=[GPU_RECIPE, "seed"], help="final: recipes to run end to end")
     p.add_argument("--oom-leave-gib", type=float, default=8.0,
@@ -676,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]
     result = {"setup": cmd_setup, "packing": cmd_packing, "sweep": cmd_sweep, "final": cmd_final,
-              "reliability": cmd_reliability, "profile": cmd_profile}[args.what](args)
+              "reliability": cmd_reliability, "profile": cmd_profile, "ceiling": cmd_ceiling}[args.what](args)
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.what}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))

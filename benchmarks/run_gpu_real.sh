@@ -50,11 +50,14 @@ fi
 if [ "$1" = ceiling ]; then
   # one process per config, side by side on the one GPU (a 135M step leaves the card mostly idle), then
   # the table over all of them
+  # (wait on the workers' pids: a bare `wait` also waits for the tee above, which never ends)
   shift
+  pids=()
   for c in ${CEILING_CONFIGS:-e3-lr0.001-r64 e8-lr0.001-r64 e13-lr0.001-r64}; do
     python3 benchmarks/gpu_real_weights.py ceiling --only "$c" "$@" > "$OUT/ceiling-$c.log" 2>&1 &
+    pids+=($!)
   done
-  wait
+  wait "${pids[@]}"
   python3 benchmarks/gpu_real_weights.py ceiling "$@"
   rc=$?
   [ -d .gpu-work/ceiling ] && cp -r .gpu-work/ceiling "$OUT/"

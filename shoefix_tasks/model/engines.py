@@ -327,7 +327,7 @@ def served_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> P
     out = settings.home / "cache" / "gguf-merged" / f"{key}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_merged_gguf(base_gguf, adapter_gguf_for(adapter_dir, base_gguf, settings), out, SERVED_TYPE)
+        write_merged_gguf(base_gguf, adapter_dir, out, SERVED_TYPE)
     return out
 
 

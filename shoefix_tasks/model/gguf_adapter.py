@@ -19,6 +19,7 @@ fixed order, no timestamps, so converting the same adapter twice gives the same 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -38,11 +39,25 @@ class UnsupportedAdapter(ValueError):
     per-module ranks, a target outside the seven projections); it is served by transformers instead."""
 
 
+def base_reader(path: Path):
+    """A GGUFReader of `path`, one per file version per process: opening one parses every metadata field,
+    the tokenizer's whole vocabulary included, which costs seconds; the tensors stay memory-mapped."""
+    st = path.stat()
+    return _reader(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _reader(path: str, size: int, mtime_ns: int):
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def gguf_metadata(path: Path) -> dict[str, Any]:
     """The few base GGUF fields the conversion needs (architecture and head counts)."""
     import gguf
 
-    reader = gguf.GGUFReader(str(path))
+    reader = base_reader(path)
 
     def scalar(key: str):
         field = reader.fields.get(key)
@@ -95,10 +110,10 @@ def _gguf_name(key: str) -> tuple[int, str, str]:
         raise UnsupportedAdapter(f"adapter tensor {key!r} is not a LoRA on a block's projection") from err
 
 
-def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
-    """Write `adapter_dir` (a verified PEFT LoRA) as a llama.cpp adapter GGUF at `out` (atomically).
-    Returns {"sha256", "bytes", "tensors", "alpha"}."""
-    import gguf
+def lora_tensors(adapter_dir: Path, base_gguf: Path) -> dict[str, Any]:
+    """The verified adapter in llama.cpp's terms, for the adapter file and for the merge (model/gguf_merge):
+    {"alpha", "digest", "architecture", "tensors": {(layer, module, "lora_a"|"lora_b"): float32 array}},
+    lora_b of q and k already in llama.cpp's row order. Refuses what a GGUF LoRA cannot express."""
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -110,9 +125,8 @@ def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[st
     meta = gguf_metadata(base_gguf)
     if meta["architecture"] not in _SUPPORTED_ARCH:
         raise UnsupportedAdapter(f"base architecture {meta['architecture']!r}: no GGUF adapter conversion")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     named: dict[tuple[int, str, str], Any] = {}
-    for key, value in tensors.items():
+    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         layer, module, which = _gguf_name(key)
         w = value.astype(np.float32)
         if which == "lora_b" and module in ("attn_q", "attn_k"):
@@ -120,20 +134,31 @@ def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[st
         named[(layer, module, which)] = np.ascontiguousarray(w)
     if not named:
         raise UnsupportedAdapter(f"{adapter_dir} holds no LoRA tensors")
+    return {"alpha": alpha, "digest": adapter_digest(manifest), "architecture": meta["architecture"],
+            "tensors": named}
+
+
+def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[str, Any]:
+    """Write `adapter_dir` (a verified PEFT LoRA) as a llama.cpp adapter GGUF at `out` (atomically).
+    Returns {"sha256", "bytes", "tensors", "alpha"}."""
+    import gguf
+
+    lora = lora_tensors(adapter_dir, base_gguf)
     tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), meta["architecture"])
+    writer = gguf.GGUFWriter(str(tmp), lora["architecture"])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, lora["alpha"])
     # provenance: which adapter and which base this file belongs to
     writer.add_string("shoefix.format", FORMAT)
-    writer.add_string("shoefix.adapter_digest", adapter_digest(manifest))
+    writer.add_string("shoefix.adapter_digest", lora["digest"])
     writer.add_string("shoefix.base_gguf_sha256", sha256_file(base_gguf))
-    for (layer, module, which), w in sorted(named.items()):
+    for (layer, module, which), w in sorted(lora["tensors"].items()):
         writer.add_tensor(f"blk.{layer}.{module}.weight.{which}", w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     tmp.replace(out)
-    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(named), "alpha": alpha}
+    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "tensors": len(lora["tensors"]),
+            "alpha": lora["alpha"]}

@@ -10,8 +10,9 @@ and the type is the trade-off (docs/benchmarks.md has the figures):
   does, but its holdout scorecard is equivalent to transformers fp32 (measured against the gate's
   minimum effect), and evaluation scores this very file, so the gate judges what is served;
 - F32 / F16 are exact or nearly so but two to four times the bytes to read per token.
-Untouched tensors (embeddings, norms) keep the base's bytes. The output is a pure function of the base
-GGUF and the adapter GGUF (fixed order, no timestamps), so a retried registration derives the same sha256.
+The LoRA comes straight from the verified adapter folder, in llama.cpp's row order (model/gguf_adapter.py).
+Untouched tensors (embeddings, norms) keep the base's bytes. The output is a pure function of the base GGUF
+and the adapter (fixed order, no timestamps), so a retried registration derives the same sha256.
 """
 
 from __future__ import annotations
@@ -25,35 +26,25 @@ FORMAT = "shoefix-gguf-merged/1"
 SERVED_TYPE = "Q8_0"  # the type of the merged projections in the served form (see above)
 
 
-def _adapter_tensors(adapter_gguf: Path) -> tuple[float, dict[str, tuple[Any, Any]]]:
-    """(alpha, {base tensor name: (lora_a (r, in), lora_b (out, r))}) of a llama.cpp adapter GGUF."""
+def write_merged_gguf(base_gguf: Path, adapter_dir: Path, out: Path, merged_type: str = SERVED_TYPE) -> dict[str, Any]:
+    """Write base + the verified adapter in `adapter_dir` merged as one GGUF at `out` (atomically), the
+    changed projections as `merged_type` (F32, F16, Q8_0, Q4_1...). Returns {"sha256", "bytes", "merged"}."""
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(adapter_gguf))
-    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    from shoefix_tasks.model.gguf_adapter import base_reader, lora_tensors
+
+    lora = lora_tensors(adapter_dir, base_gguf)
     pairs: dict[str, dict[str, Any]] = {}
-    for t in reader.tensors:
-        base_name, _, which = t.name.rpartition(".")
-        pairs.setdefault(base_name, {})[which] = np.asarray(t.data, dtype=np.float32)
+    for (layer, module, which), w in lora["tensors"].items():
+        pairs.setdefault(f"blk.{layer}.{module}.weight", {})[which] = w
     incomplete = [n for n, p in pairs.items() if set(p) != {"lora_a", "lora_b"}]
     if incomplete:
-        raise ValueError(f"{adapter_gguf.name}: LoRA tensors without their pair: {incomplete[:3]}")
-    return alpha, {n: (p["lora_a"], p["lora_b"]) for n, p in pairs.items()}
-
-
-def write_merged_gguf(base_gguf: Path, adapter_gguf: Path, out: Path, merged_type: str = "Q8_0") -> dict[str, Any]:
-    """Write base + adapter merged as one GGUF at `out`, the changed projections as `merged_type`
-    (F32, F16, Q8_0, Q4_1...). Returns {"sha256", "bytes", "merged"}."""
-    import gguf
-    import numpy as np
-
-    alpha, lora = _adapter_tensors(adapter_gguf)
-    qtype = gguf.GGMLQuantizationType[merged_type]
-    reader = gguf.GGUFReader(str(base_gguf))
-    arch = reader.fields["general.architecture"].contents()
+        raise ValueError(f"{adapter_dir}: LoRA tensors without their pair: {incomplete[:3]}")
+    alpha, qtype = lora["alpha"], gguf.GGMLQuantizationType[merged_type]
+    reader = base_reader(base_gguf)
     tmp = out.with_name(out.name + ".partial")
-    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer = gguf.GGUFWriter(str(tmp), lora["architecture"])
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
@@ -61,14 +52,15 @@ def write_merged_gguf(base_gguf: Path, adapter_gguf: Path, out: Path, merged_typ
         writer.add_key_value(key, field.contents(), field.types[0], sub)
     writer.add_string("shoefix.format", FORMAT)
     writer.add_string("shoefix.base_gguf_sha256", sha256_file(base_gguf))
-    writer.add_string("shoefix.adapter_gguf_sha256", sha256_file(adapter_gguf))
+    writer.add_string("shoefix.adapter_digest", lora["digest"])
+    writer.add_string("shoefix.merged_type", merged_type)
     merged = 0
     for t in reader.tensors:
-        pair = lora.pop(t.name, None)
+        pair = pairs.pop(t.name, None)
         if pair is None:  # untouched: the base's own bytes and type
             writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
             continue
-        a, b = pair
+        a, b = pair["lora_a"], pair["lora_b"]
         w = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32)
         if w.shape != (b.shape[0], a.shape[1]):
             raise ValueError(f"{t.name}: base {w.shape} does not fit the LoRA {b.shape} x {a.shape}")
@@ -77,8 +69,8 @@ def write_merged_gguf(base_gguf: Path, adapter_gguf: Path, out: Path, merged_typ
         writer.add_tensor(t.name, w if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(w, qtype),
                           raw_dtype=qtype)
         merged += 1
-    if lora:
-        raise ValueError(f"{adapter_gguf.name}: LoRA for tensors the base lacks: {sorted(lora)[:3]}")
+    if pairs:
+        raise ValueError(f"{adapter_dir}: LoRA for tensors the base lacks: {sorted(pairs)[:3]}")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -53,7 +53,7 @@ def derive_served(adapter_dir: Path, base_model: str, work: Path) -> tuple[dict[
     """(extra pyfunc artifacts, tags) for a version of `base_model` with this adapter: the merged GGUF
     written under `work` for a base that ships as a GGUF, nothing for a transformers base."""
     from shoefix_tasks.model.engines import choose_engine, shipped_gguf
-    from shoefix_tasks.model.gguf_adapter import UnsupportedAdapter, write_adapter_gguf
+    from shoefix_tasks.model.gguf_adapter import UnsupportedAdapter
     from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
 
     if choose_engine(base_model) != "llama.cpp":
@@ -61,12 +61,10 @@ def derive_served(adapter_dir: Path, base_model: str, work: Path) -> tuple[dict[
     base = shipped_gguf(base_model)
     work.mkdir(parents=True, exist_ok=True)
     try:
-        write_adapter_gguf(adapter_dir, base, work / "adapter.gguf")
+        info = write_merged_gguf(base, adapter_dir, work / "model.gguf", SERVED_TYPE)
     except UnsupportedAdapter as err:
         log.warning("served with transformers: %s", err)
         return {}, {TAG_ENGINE: "transformers", "serving_engine_reason": str(err)[:500]}
-    info = write_merged_gguf(base, work / "adapter.gguf", work / "model.gguf", SERVED_TYPE)
-    (work / "adapter.gguf").unlink()
     return ({ARTIFACT: str(work / "model.gguf")},
             {TAG_ENGINE: "llama.cpp", TAG_FORM: FORM_MERGED, TAG_SHA: info["sha256"], TAG_BASE: sha256_file(base)})
 

@@ -119,7 +119,6 @@ def test_served_forms_agree_with_transformers(real):
         FORM_LORA,
         FORM_MERGED,
         LlamaCppEngine,
-        adapter_gguf_for,
         open_engine,
     )
     from shoefix_tasks.model.gguf_merge import write_merged_gguf
@@ -130,8 +129,7 @@ def test_served_forms_agree_with_transformers(real):
     lora = open_engine(SMOLLM2, real["adapter"], settings, label="lora", served_form=FORM_LORA)
     assert (merged.form, merged.adapter_gguf, lora.form) == (FORM_MERGED, None, FORM_LORA)
     q41 = real["tmp"] / "merged-q4_1.gguf"
-    write_merged_gguf(smollm2_gguf_path(), adapter_gguf_for(real["adapter"], smollm2_gguf_path(), settings), q41,
-                      "Q4_1")
+    write_merged_gguf(smollm2_gguf_path(), real["adapter"], q41, "Q4_1")
     rounded = LlamaCppEngine(q41, None, 1.0, "q4_1", threads=2)
     logits = {e.label: last_logits(e) for e in (base, merged, lora, rounded)}
     to_adapted = {k: float(np.abs(v - real["adapted"]).mean()) for k, v in logits.items()}
@@ -160,9 +158,7 @@ def test_the_served_merge_is_deterministic_and_cached(real):
 
     tmp, settings = real["tmp"], real["settings"]
     cached = served_gguf_for(real["adapter"], smollm2_gguf_path(), settings)
-    adapter = tmp / "adapter-again.gguf"
-    gguf_adapter.write_adapter_gguf(real["adapter"], smollm2_gguf_path(), adapter)
-    info = write_merged_gguf(smollm2_gguf_path(), adapter, tmp / "merged-again.gguf")
+    info = write_merged_gguf(smollm2_gguf_path(), real["adapter"], tmp / "merged-again.gguf")
     assert info["merged"] == 30 * 7 and (tmp / "merged-again.gguf").read_bytes() == cached.read_bytes()
 
 

@@ -193,8 +193,8 @@ def test_sixteen_at_once_against_a_full_queue_get_200_or_503_with_retry_after(se
 @pytest.mark.slow  # converts the real base once per session (shared with tests/registry/test_served.py)
 def test_a_tampered_served_gguf_is_refused_and_the_old_champion_keeps_serving(shoefix_env, tmp_path_factory,
                                                                                tmp_path):
-    """The real default base through llama.cpp: v1 serves; v2 becomes champion with its served adapter
-    GGUF altered by one byte (in the local cache, where the server reads it); the server refuses v2,
+    """The real default base through llama.cpp: v1 serves; v2 becomes champion with its served GGUF
+    altered by one byte (in the local cache, where the server reads it); the server refuses v2,
     keeps answering with v1 and says why on /healthz."""
     pytest.importorskip("llama_cpp")
     import mlflow

@@ -11,6 +11,10 @@ Candidates, all serving the same champion (the default base + one LoRA adapter):
   llama-adapter  the served form before the merge: the shipped Q4_1 GGUF unchanged + the adapter as a GGUF
                  LoRA applied by llama.cpp at run time (also `llama-adapter-t1`: 1 thread)
   llama-base     the shipped Q4_1 GGUF without the adapter: the floor for this file
+  ort-int8 / ort-int4
+                 ONNX Runtime: the merged champion exported by onnxruntime-genai's model builder, weights
+                 int8 / int4 (MatMulNBits, int8 activations: accuracy level 4), decoded by its generator
+                 (needs `--ort-site`, a folder with onnxruntime-genai, onnxruntime, onnx, onnx_ir)
   llama-f16 / llama-q8_0 / llama-q4_0
                  the merged champion converted by llama.cpp's own `convert_hf_to_gguf.py` (needs
                  `--llama-cpp-src`, the llama.cpp tree of the llama-cpp-python sdist), Q4_0 by its quantizer
@@ -26,7 +30,7 @@ against hf-fp32 (bootstrap CIs) read against the gate's minimum effect as an equ
 `equivalent`). Without `--adapter`, a LoRA of the
 default recipe's shape with random non-zero B stands in (quality then means nothing; speed does).
 
-    python benchmarks/cpu_latency.py --samples 5 [--adapter DIR] [--llama-cpp-src DIR] [--quality 15]
+    python benchmarks/cpu_latency.py --samples 5 [--adapter DIR] [--llama-cpp-src DIR] [--ort-site DIR] [--quality 15]
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ALL = ["hf-fp32", "hf-bf16", "hf-int8", "llama-served", "llama-served-t1", "llama-adapter", "llama-adapter-t1",
-       "llama-base", "llama-f16", "llama-q8_0", "llama-q4_0"]
+       "llama-base", "ort-int8", "ort-int4", "llama-f16", "llama-q8_0", "llama-q4_0"]
 
 
 def rss_mb() -> float:
@@ -95,11 +99,18 @@ def hf_variant(ans, variant: str, penalty: float):
     return TransformersEngine(Answerer(model.eval(), ans.tokenizer, f"hf-{variant}", ans.manifest), penalty, 16)
 
 
+def merged_folder(ans, work: Path) -> Path:
+    """The merged champion saved as a Hugging Face folder (what the converters read), once."""
+    merged = work / "merged"
+    if not (merged / "config.json").is_file():
+        ans.model.save_pretrained(merged, safe_serialization=True)
+        ans.tokenizer.save_pretrained(merged)
+    return merged
+
+
 def merged_ggufs(ans, src: Path, work: Path, names: list[str]) -> dict[str, Path]:
     """The merged champion as GGUF f16 / Q8_0 (llama.cpp's converter) and Q4_0 (its quantizer)."""
-    merged = work / "merged"
-    ans.model.save_pretrained(merged, safe_serialization=True)
-    ans.tokenizer.save_pretrained(merged)
+    merged = merged_folder(ans, work)
     env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
     out: dict[str, Path] = {}
     for name, outtype in (("llama-f16", "f16"), ("llama-q8_0", "q8_0")):
@@ -116,6 +127,82 @@ def merged_ggufs(ans, src: Path, work: Path, names: list[str]) -> dict[str, Path
         if llama_cpp.llama_model_quantize(str(out["llama-f16"]).encode(), str(out["llama-q4_0"]).encode(), params):
             raise RuntimeError("llama_model_quantize failed")
     return out
+
+
+def ort_model(ans, work: Path, precision: str, site: Path) -> tuple[Path, float]:
+    """(folder, seconds) of the merged champion built by onnxruntime-genai's model builder."""
+    out = work / f"ort-{precision}"
+    t0 = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(merged_folder(ans, work)),
+                    "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(work / "ort-cache"),
+                    "--extra_options", "accuracy_level=4"], check=True, env=env, capture_output=True)
+    return out, time.perf_counter() - t0
+
+
+class OrtGenaiEngine:
+    """ONNX Runtime through onnxruntime-genai's generator, greedy with the product's repetition penalty
+    (the generator applies it as transformers does, to every token of prompt and answer). The prompt is
+    the product's chat template encoded by the champion's tokenizer, so every candidate reads the same
+    tokens. One sequence at a time, as llama.cpp answers here."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, folder: Path, ans, penalty: float, label: str, threads: int):
+        import onnxruntime_genai as og
+
+        cfg_path = folder / "genai_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"]["decoder"].setdefault("session_options", {})["intra_op_num_threads"] = threads
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        self.og, self.model, self.ans = og, og.Model(str(folder)), ans
+        self.penalty, self.label, self.manifest = penalty, label, ans.manifest
+        self.stop = {ans.tokenizer.eos_token_id}
+
+    def _ids(self, question: str) -> list[int]:
+        from shoefix_tasks.model.generation import _encode
+
+        return _encode(self.ans, [question])["input_ids"][0].tolist()
+
+    def _generate(self, question: str, max_new_tokens: int, forced: bool = False):
+        ids = self._ids(question)
+        params = self.og.GeneratorParams(self.model)
+        opts = {"do_sample": False, "max_length": len(ids) + max_new_tokens, "repetition_penalty": self.penalty}
+        if forced:
+            opts["min_length"] = len(ids) + max_new_tokens
+        params.set_search_options(**opts)
+        gen = self.og.Generator(self.model, params)
+        gen.append_tokens(ids)
+        while not gen.is_done():
+            gen.generate_next_token()
+            token = int(gen.get_next_tokens()[0])
+            if token in self.stop and not forced:
+                return
+            yield token
+
+    def stream(self, question: str, max_new_tokens: int):
+        ids, sent = [], ""
+        for token in self._generate(question, max_new_tokens):
+            ids.append(token)
+            text = self.ans.tokenizer.decode(ids, skip_special_tokens=True)
+            if len(text) > len(sent):
+                yield text[len(sent):]
+                sent = text
+
+    def answer_many(self, questions: list[str], max_new_tokens: int) -> list[dict[str, Any]]:
+        out = []
+        for q in questions:
+            t0 = time.perf_counter()
+            ids = list(self._generate(q, max_new_tokens))
+            out.append({"answer": self.ans.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                        "new_tokens": len(ids), "batch_seconds": time.perf_counter() - t0})
+        return out
+
+    def timed_answer(self, question: str, max_new_tokens: int) -> float:
+        t0 = time.perf_counter()
+        for _ in self._generate(question, max_new_tokens, forced=True):
+            pass
+        return time.perf_counter() - t0
 
 
 def first_token_s(engine, question: str, cold: bool = False) -> float:
@@ -204,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--adapter", type=Path, help="a trained adapter folder (default: a random LoRA, speed only)")
     p.add_argument("--engines", default=",".join(ALL))
     p.add_argument("--llama-cpp-src", type=Path, help="llama.cpp tree for the merged-GGUF candidates")
+    p.add_argument("--ort-site", type=Path, help="folder with onnxruntime-genai and its build tools (ort-*)")
     p.add_argument("--samples", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, default=8)
@@ -233,6 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in args.engines.split(",") if n.strip()]
     if not args.llama_cpp_src:
         names = [n for n in names if n not in ("llama-f16", "llama-q8_0", "llama-q4_0")]
+    if args.ort_site:
+        sys.path.insert(0, str(args.ort_site))
+    else:
+        names = [n for n in names if not n.startswith("ort-")]
     items = list(load_eval_set(settings.data_dir, "holdout", ["en"]))
     random.Random(14).shuffle(items)
     questions = [it["question"] for it in items]
@@ -261,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             if not form:  # verified, derived once (the merge is timed in its load) and cached
                 result["served_gguf"] = {"bytes": engines[name].model_gguf.stat().st_size,
                                          "sha256": sha256_file(engines[name].model_gguf)}
+        elif name.startswith("ort-"):  # load time: the export and quantization included
+            folder, _ = ort_model(ans, work, name.removeprefix("ort-"), args.ort_site)
+            engines[name] = OrtGenaiEngine(folder, ans, penalty, name, args.threads)
+            result.setdefault("ort", {})[name] = {"bytes": sum(f.stat().st_size for f in folder.iterdir())}
         else:
             engines[name] = LlamaCppEngine(ggufs.get(name) or shipped_gguf(base), None, penalty, name,
                                            threads=args.threads)

@@ -113,6 +113,7 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     `require_judge` makes a missing judge a recorded judge failure (the gate then fails closed);
     `quick` evaluates the policy's stratified sample of the holdout (the guard set always in full)."""
     from shoefix_tasks.evaluation.evaluate import evaluate
+    from shoefix_tasks.registry import served
     from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.store import tracking
 
@@ -127,9 +128,12 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     serving = json.loads(champ.tags.get("serving", "{}")) if champ is not None else {}
+    if champ is not None and served.served_form(champ.tags):
+        serving["served_form"] = served.served_form(champ.tags)
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
                    train_result["run_id"], judge=judge, require_judge=require_judge, quick=quick,
-                   champion_serving={k: serving[k] for k in ("base_model", "dtype") if k in serving} or None)
+                   champion_serving={k: serving[k] for k in ("base_model", "dtype", "served_form")
+                                     if k in serving} or None)
     ref["champion_version"] = int(champ.version) if champ is not None else None
     ref["judged"] = judge is not None
     return ref

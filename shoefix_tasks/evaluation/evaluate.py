@@ -22,7 +22,7 @@ from shoefix_tasks.config import Recipe, Settings
 from shoefix_tasks.errors import PermanentError
 from shoefix_tasks.evaluation.evalset import EvalSetChanged, eval_items, language_note
 from shoefix_tasks.evaluation.metrics import QUALITY_METRICS
-from shoefix_tasks.model.engines import answer_each, open_engine
+from shoefix_tasks.model.engines import FORM_MERGED, answer_each, open_engine
 from shoefix_tasks.model.generation import measure_latency_interleaved
 from shoefix_tasks.policy import Policy, load_policy
 
@@ -127,7 +127,8 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
              champion_serving: dict[str, Any] | None = None, policy: Policy | None = None) -> dict[str, Any]:
     """Score both models; log everything to an `evaluate` MLflow run; return a small reference.
 
-    `champion_serving` ({"base_model", "dtype"}) is how the champion serves (its registry version);
+    `champion_serving` ({"base_model", "dtype", "served_form"}) is how the champion serves (its registry
+    version: a champion registered with the runtime LoRA is scored that way, as it serves);
     default: the recipe's base and dtype (the base model as champion). Raises CandidateRejected
     (recorded on the evaluate run) when the challenger fails its checks or the frozen sets changed.
     """
@@ -151,7 +152,8 @@ def evaluate(settings: Settings, recipe: Recipe, run_key: str, challenger_adapte
     ev, margin = recipe.eval, policy.evaluation.token_margin
     # each side opened by the engine it serves with (model/engines.py: llama.cpp for a GGUF base)
     champ = open_engine(serving["base_model"], champion_adapter, settings, dtype=serving["dtype"],
-                        repetition_penalty=ev.repetition_penalty, label=champion_label, batch_size=ev.batch_size)
+                        repetition_penalty=ev.repetition_penalty, label=champion_label, batch_size=ev.batch_size,
+                        served_form=serving.get("served_form") or FORM_MERGED)
     chall = open_engine(recipe.model.base_model, challenger_adapter, settings, dtype=recipe.model.dtype,
                         repetition_penalty=ev.repetition_penalty, label="challenger", batch_size=ev.batch_size)
     refs = [it["answer"] for it in items]

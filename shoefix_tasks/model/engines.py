@@ -4,7 +4,7 @@ Serving (`shoefix serve`, `shoefix ask`, the MLflow pyfunc) and evaluation open 
 the same settings, so the gate's latency bound and scorecard are about what production serves.
 
 - llama.cpp for bases that ship as a GGUF (the embedded default): the shipped GGUF with the LoRA merged
-  in (FORM_MERGED, model/gguf_merge.py, from the adapter's GGUF form in model/gguf_adapter.py). On this
+  in (FORM_MERGED, model/gguf_merge.py, with the LoRA in llama.cpp's terms from model/gguf_adapter.py). On this
   2-core CPU it answers several times faster than transformers fp32, and faster than the same LoRA
   applied by llama.cpp at run time (FORM_LORA: how versions registered before the merge still open).
 - transformers for bases that are Hugging Face folders (tiny test models, GPU bases), through
@@ -317,17 +317,28 @@ def adapter_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> 
 
 def served_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> Path:
     """The adapter's served form, the base with the LoRA merged in (FORM_MERGED), derived once into a cache
-    keyed by the adapter's digest and the base GGUF's hash (deterministic, so a cached file equals a fresh
-    one: evaluation opens the bytes that registration records)."""
+    keyed by the adapter's digest, the base GGUF's hash and the merge's format and type (deterministic, so
+    a cached file equals a fresh one: evaluation opens the bytes that registration records). The sha256
+    written beside it at derivation is checked on every reuse; a file that no longer matches is derived
+    again."""
+    import hashlib
+
     from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
-    from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
+    from shoefix_tasks.model.gguf_merge import FORMAT, SERVED_TYPE, write_merged_gguf
     from shoefix_tasks.records import sha256_file
 
-    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}-{SERVED_TYPE.lower()}"
+    fmt = hashlib.sha256(f"{FORMAT}/{SERVED_TYPE}".encode()).hexdigest()[:8]
+    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}-{fmt}"
     out = settings.home / "cache" / "gguf-merged" / f"{key}.gguf"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_merged_gguf(base_gguf, adapter_dir, out, SERVED_TYPE)
+    recorded = out.with_name(out.name + ".sha256")
+    if out.is_file() and recorded.is_file() and sha256_file(out) == recorded.read_text().strip():
+        return out
+    if out.is_file():
+        log.warning("cached served file %s does not match the hash recorded at its derivation: deriving again",
+                    out.name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sha = write_merged_gguf(base_gguf, adapter_dir, out, SERVED_TYPE)["sha256"]
+    recorded.write_text(sha + "\n")
     return out
 
 
@@ -344,11 +355,15 @@ def check_same_source(ident: dict[str, Any], base_gguf: Path) -> None:
 
 def open_engine(base_model: str, adapter_dir: Path | None, settings: Settings, *, dtype: str = "float32",
                 repetition_penalty: float = 1.0, engine: str = "auto", label: str = "",
-                served_gguf: Path | None = None, served_form: str = FORM_MERGED, batch_size: int = 8) -> Engine:
+                served_gguf: Path | None = None, served_form: str = FORM_MERGED, batch_size: int = 8,
+                adapter_gguf: Path | None = None) -> Engine:
     """The engine that serves `base_model` (+ the adapter in `adapter_dir`, verified against its manifest
     and its recorded base first). `served_gguf`: an already verified served artifact of `served_form`
     (registry/served); without it the adapter's served form is derived (cached). `dtype` and `batch_size`
-    apply to transformers."""
+    apply to transformers. `adapter_gguf` is how models logged before the merge ask for their verified
+    runtime-LoRA file (MLflow runs the serving.py copied into them when they were logged)."""
+    if adapter_gguf is not None:
+        served_gguf, served_form = adapter_gguf, FORM_LORA
     from shoefix_tasks.model.generation import load_answerer
 
     label = label or ("base" if adapter_dir is None else adapter_dir.name)

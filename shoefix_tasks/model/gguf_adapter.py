@@ -1,9 +1,9 @@
-"""The registered PEFT LoRA written as a llama.cpp GGUF adapter: the step every served form starts from.
+"""The registered PEFT LoRA in llama.cpp's terms (`lora_tensors`), and written as a GGUF adapter.
 
 llama.cpp can apply such a file itself on the GGUF the base ships as (for the default, the very Q4_1 file
 the trainer dequantized, so base weights are identical): y = W x + s * B (A x) with s = alpha / rank,
 the adapter exact (fp32). Versions registered before the merge serve that way; registration now folds
-this file into the base (model/gguf_merge.py), which answers faster.
+the same tensors into the base (model/gguf_merge.py), which answers faster.
 
 Two facts make the conversion right:
 - llama.cpp's llama GGUF stores q and k projection rows permuted relative to Hugging Face (its rope
@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +42,24 @@ class UnsupportedAdapter(ValueError):
 
 
 def base_reader(path: Path):
-    """A GGUFReader of `path`, one per file version per process: opening one parses every metadata field,
-    the tokenizer's whole vocabulary included, which costs seconds; the tensors stay memory-mapped."""
-    st = path.stat()
-    return _reader(str(path), st.st_size, st.st_mtime_ns)
+    """A GGUFReader of `path`, one per file per process: opening one parses every metadata field, the
+    tokenizer's whole vocabulary included, which costs seconds; the tensors stay memory-mapped. Keyed by
+    the resolved file's identity (device, inode, size, mtime, ctime), so a file replaced or rewritten is
+    read again. The base GGUF's sha256 is checked against the trainer's record before any merge uses it."""
+    real = path.resolve()
+    st = real.stat()
+    return _reader(str(real), (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
-@functools.lru_cache(maxsize=4)
-def _reader(path: str, size: int, mtime_ns: int):
+def private_partial(out: Path) -> Path:
+    """A fresh temporary name beside `out`, so two processes deriving the same file never write one file."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str, identity: tuple[int, ...]):
     import gguf
 
     return gguf.GGUFReader(path)
@@ -144,7 +156,7 @@ def write_adapter_gguf(adapter_dir: Path, base_gguf: Path, out: Path) -> dict[st
     import gguf
 
     lora = lora_tensors(adapter_dir, base_gguf)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = private_partial(out)
     writer = gguf.GGUFWriter(str(tmp), lora["architecture"])
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")

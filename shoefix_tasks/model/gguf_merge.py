@@ -22,19 +22,43 @@ from typing import Any
 
 from shoefix_tasks.records import sha256_file
 
-FORMAT = "shoefix-gguf-merged/1"
+FORMAT = "shoefix-gguf-merged/2"  # bump on any change to the bytes written (a cache key)
 SERVED_TYPE = "Q8_0"  # the type of the merged projections in the served form (see above)
 
 
 def write_merged_gguf(base_gguf: Path, adapter_dir: Path, out: Path, merged_type: str = SERVED_TYPE) -> dict[str, Any]:
     """Write base + the verified adapter in `adapter_dir` merged as one GGUF at `out` (atomically), the
-    changed projections as `merged_type` (F32, F16, Q8_0, Q4_1...). Returns {"sha256", "bytes", "merged"}."""
+    changed projections as `merged_type` (F32, F16, Q8_0, Q4_1). Returns {"sha256", "bytes", "merged"}.
+    What the merge cannot do (a tensor type gguf cannot dequantize, shapes that do not fit) raises
+    UnsupportedAdapter, as what a GGUF LoRA cannot express does: such a version serves with transformers."""
+    import gguf
+
+    from shoefix_tasks.model.gguf_adapter import UnsupportedAdapter, lora_tensors, private_partial
+
+    lora = lora_tensors(adapter_dir, base_gguf)
+    tmp = private_partial(out)
+    try:
+        merged = _write(base_gguf, lora, tmp, merged_type, adapter_dir)
+    except (ValueError, NotImplementedError, ArithmeticError, getattr(gguf.quants, "QuantError", ValueError)) as err:
+        tmp.unlink(missing_ok=True)
+        raise UnsupportedAdapter(f"cannot merge {adapter_dir.name} into {base_gguf.name} as {merged_type}: {err}") \
+            from err
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
+    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "merged": merged}
+
+
+_FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_1": "MOSTLY_Q4_1"}
+
+
+def _write(base_gguf: Path, lora: dict[str, Any], tmp: Path, merged_type: str, adapter_dir: Path) -> int:
     import gguf
     import numpy as np
 
-    from shoefix_tasks.model.gguf_adapter import base_reader, lora_tensors
+    from shoefix_tasks.model.gguf_adapter import base_reader
 
-    lora = lora_tensors(adapter_dir, base_gguf)
     pairs: dict[str, dict[str, Any]] = {}
     for (layer, module, which), w in lora["tensors"].items():
         pairs.setdefault(f"blk.{layer}.{module}.weight", {})[which] = w
@@ -43,13 +67,15 @@ def write_merged_gguf(base_gguf: Path, adapter_dir: Path, out: Path, merged_type
         raise ValueError(f"{adapter_dir}: LoRA tensors without their pair: {incomplete[:3]}")
     alpha, qtype = lora["alpha"], gguf.GGMLQuantizationType[merged_type]
     reader = base_reader(base_gguf)
-    tmp = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(str(tmp), lora["architecture"])
     for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
+        if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type", "general.alignment"):
             continue
         sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), field.types[0], sub)
+    if "general.alignment" in reader.fields:  # the writer must pad to it, not just record it
+        writer.add_custom_alignment(int(reader.fields["general.alignment"].contents()))
+    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[merged_type]])  # most weights are merged_type now
     writer.add_string("shoefix.format", FORMAT)
     writer.add_string("shoefix.base_gguf_sha256", sha256_file(base_gguf))
     writer.add_string("shoefix.adapter_digest", lora["digest"])
@@ -75,5 +101,4 @@ def write_merged_gguf(base_gguf: Path, adapter_dir: Path, out: Path, merged_type
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    tmp.replace(out)
-    return {"sha256": sha256_file(out), "bytes": out.stat().st_size, "merged": merged}
+    return merged

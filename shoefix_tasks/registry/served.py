@@ -35,7 +35,11 @@ TAG_ENGINE, TAG_FORM, TAG_BASE = "serving_engine", "served_form", "served_base_s
 # served form -> (pyfunc artifact name, tag holding its sha256)
 FORMS = {FORM_MERGED: ("served_model", "served_model_sha256"),
          FORM_LORA: ("served_adapter", "served_adapter_sha256")}
-ARTIFACT, TAG_SHA = FORMS[FORM_MERGED]  # what registration derives now
+MODEL_ARTIFACT, TAG_SHA = FORMS[FORM_MERGED]  # what registration derives now
+# The names of the runtime-LoRA form, kept: MLflow models-from-code copies serving.py into each logged model
+# and runs that copy at load, so a version logged before the merge imports these from this module.
+ARTIFACT, TAG_ADAPTER = FORMS[FORM_LORA]
+SERVED_TAGS = (TAG_ENGINE, TAG_FORM, TAG_BASE, "serving_engine_reason", *(tag for _, tag in FORMS.values()))
 
 
 class NoServedVersion(PermanentError, LookupError):
@@ -65,7 +69,7 @@ def derive_served(adapter_dir: Path, base_model: str, work: Path) -> tuple[dict[
     except UnsupportedAdapter as err:
         log.warning("served with transformers: %s", err)
         return {}, {TAG_ENGINE: "transformers", "serving_engine_reason": str(err)[:500]}
-    return ({ARTIFACT: str(work / "model.gguf")},
+    return ({MODEL_ARTIFACT: str(work / "model.gguf")},
             {TAG_ENGINE: "llama.cpp", TAG_FORM: FORM_MERGED, TAG_SHA: info["sha256"], TAG_BASE: sha256_file(base)})
 
 
@@ -96,6 +100,13 @@ def _mlmodel(model_id: str) -> tuple[str, dict[str, Any]]:
         path = mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/MLmodel", dst_path=tmp)
         flavor = yaml.safe_load(Path(path).read_text())["flavors"]["python_function"]
     return root, flavor
+
+
+def recorded_tags(model_id: str) -> dict[str, str]:
+    """The served tags a logged model recorded in its model_config when it was logged: what a retried
+    registration tags the version with (deriving again could give other bytes under newer code)."""
+    cfg = _mlmodel(model_id)[1].get("config") or {}
+    return {k: str(cfg[k]) for k in SERVED_TAGS if k in cfg}
 
 
 def served_uri(model_id: str, form: str = FORM_MERGED) -> str | None:

@@ -221,10 +221,11 @@ def register_version(training_run_id: str, adapter_dir: Path, base_model: str, t
         if registered != adapter_digest(verify_adapter(adapter_dir)):
             raise AdapterIntegrityError(f"version {existing.version} holds adapter {registered[:12]}, not the one "
                                         "being registered")
-        from shoefix_tasks.registry.served import derive_served
+        from shoefix_tasks.registry.served import recorded_tags
 
-        with tempfile.TemporaryDirectory(dir=settings.home) as work:  # deterministic: the bytes uploaded before
-            served_tags = derive_served(adapter_dir, base_model, Path(work))[1]
+        # as logged: deriving again could give other bytes if the code changed between the attempts
+        served_tags = recorded_tags(version.source.removeprefix("models:/")) \
+            if (version.source or "").startswith("models:/m-") else {}
     for k, v in {**tags, **served_tags}.items():
         client.set_model_version_tag(REGISTERED_MODEL, version.version, k, str(v))
     client.update_model_version(REGISTERED_MODEL, version.version, description=description)

@@ -103,16 +103,21 @@ def test_a_tampered_served_artifact_is_refused(champion):
     assert not cached.exists()  # nothing unverified was cached
 
 
+LEGACY_SERVING = Path(__file__).resolve().parent.parent / "fixtures" / "legacy" / "serving_5d413e6.py"
+
+
 def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, tmp_path_factory, tmp_path,
                                                                    monkeypatch):
-    """Registered with the adapter alone as a GGUF LoRA (the earlier served form): it opens as base + that
-    LoRA, its file checked against its own recorded hash, and a flipped byte is still refused."""
+    """Registered as versions were before the merge: the adapter alone as a GGUF LoRA, and the serving.py of
+    that time (MLflow copies it into the logged model and runs that copy at load: tests/fixtures/legacy is
+    the file as of commit 5d413e6). It opens as base + that LoRA through open_champion and through the
+    pyfunc, its file checked against its own recorded hash, and a flipped byte is still refused."""
     import mlflow
 
     from shoefix_tasks.model.engines import FORM_LORA
     from shoefix_tasks.model.gguf_adapter import write_adapter_gguf
     from shoefix_tasks.records import sha256_file
-    from shoefix_tasks.registry import versions
+    from shoefix_tasks.registry import serving, versions
     from shoefix_tasks.store import tracking
     from tests.real_base import link_converted_base, lora_adapter
 
@@ -128,6 +133,7 @@ def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, 
     adapter = lora_adapter(settings, tmp_path / "adapter")[2]
     tracking.configure(settings)
     monkeypatch.setattr(served, "derive_served", derive_as_before)
+    monkeypatch.setattr(serving, "__file__", str(LEGACY_SERVING))
     with mlflow.start_run() as run:
         pass
     version = versions.register_version(run.info.run_id, adapter, SMOLLM2, {}, "before the merge",
@@ -141,7 +147,9 @@ def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, 
     assert info["artifact_sha256"] == version.tags["served_adapter_sha256"] and engine.answer(QUESTION, 8)
     engine.close()
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_MODEL}@champion")
-    assert model.unwrap_python_model().engine.form == FORM_LORA
+    python_model = model.unwrap_python_model()
+    assert type(python_model).__module__ != serving.__name__  # the logged copy of the old file ran
+    assert python_model.engine.form == FORM_LORA and model.predict([QUESTION], params={"max_new_tokens": 8})[0]
 
     flip_one_byte(settings.home / "cache" / "served" / f"{version.tags['served_adapter_sha256']}.gguf")
     with pytest.raises(ServedArtifactMismatch, match="refusing to serve"):

@@ -168,6 +168,17 @@ def run_metric(run_id: str, key: str) -> float | None:
     return hist[-1].value if hist else None
 
 
+def keep_row(out_file: Path, row: dict[str, Any], message: str) -> None:
+    """One config's results on disk (a later call resumes after it), and the GPU's cache freed for the next."""
+    import torch
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_text(json.dumps(row, ensure_ascii=False))
+    log(message)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 # -- subcommands -----------------------------------------------------------------------------------
 
 def cmd_setup(args) -> dict[str, Any]:
@@ -389,7 +400,6 @@ def cmd_profile(args) -> dict[str, Any]:
 
 def cmd_sweep(args) -> dict[str, Any]:
     """Serial (--parallel 1, also how each parallel worker runs its one config) or `sweep_parallel`."""
-    import torch
 
     from shoefix_tasks.config import Settings
     from shoefix_tasks.records import write_jsonl
@@ -430,12 +440,8 @@ def cmd_sweep(args) -> dict[str, Any]:
                "loss_curve": loss_curve(res["run_id"]), "gen_seconds": gens[0]["gen_seconds_total"],
                "max_new_tokens": gens[0]["max_new_tokens"], "parallel_workers": args.workers_on_gpu,
                **summarize(scores, None), "scores": scores}
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(row, ensure_ascii=False))
-        log(f"done {cfg['name']}: val {row['validation']['composite']} holdout {row['holdout']['composite']} "
-            f"({train_s:.0f}s train, {row['gen_seconds']:.0f}s answers)")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        keep_row(out_file, row, f"done {cfg['name']}: val {row['validation']['composite']} holdout "
+                 f"{row['holdout']['composite']} ({train_s:.0f}s train, {row['gen_seconds']:.0f}s answers)")
     return sweep_table(work, json.loads(base_file.read_text())["scores"]) if base_file.is_file() else {}
 
 
@@ -447,7 +453,6 @@ def cmd_ceiling(args) -> dict[str, Any]:
     validation questions (seen now), the holdout and the guard set. The holdout stays out of training as
     always: "seen" means trained on the corpus's own question and answer, which is the most a model can be
     taught about a question. Results accumulate under --work/ceiling (a call cut short resumes)."""
-    import torch
 
     from shoefix_tasks.config import Settings
     from shoefix_tasks.records import iter_jsonl, write_jsonl
@@ -471,12 +476,8 @@ def cmd_ceiling(args) -> dict[str, Any]:
         row = {**cfg, "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
                "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
                **summarize(scores, None), "scores": scores}
-        out_file.parent.mkdir(parents=True, exist_ok=True)
-        out_file.write_text(json.dumps(row, ensure_ascii=False))
-        log(f"done {name}: seen {row['validation']['key_data_accuracy']} key data, unseen (holdout) "
-            f"{row['holdout']['key_data_accuracy']}")
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        keep_row(out_file, row, f"done {name}: seen {row['validation']['key_data_accuracy']} key data, unseen "
+                 f"(holdout) {row['holdout']['key_data_accuracy']}")
     done = [json.loads(f.read_text()) for f in sorted((work / "ceiling").glob("*.json"))]
     print("| config | train loss | seen: composite | seen: key data | seen: completeness | unseen (holdout): composite "
           "| unseen: key data | unseen: completeness | guard forbidden |")

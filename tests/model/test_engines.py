@@ -158,15 +158,23 @@ def test_served_forms_agree_with_transformers(real):
         e.close()
 
 
-def test_the_served_merge_is_deterministic_and_cached(real):
-    """Evaluation derives the served file from the adapter; the same adapter gives the same bytes."""
+def test_the_served_merge_is_deterministic_and_its_cache_is_checked(real):
+    """Evaluation derives the served file from the adapter; the same adapter gives the same bytes, and a
+    cached file altered after its derivation is derived again, never opened."""
     from shoefix_tasks.model.engines import served_gguf_for
     from shoefix_tasks.model.gguf_merge import write_merged_gguf
+    from shoefix_tasks.records import sha256_file
 
     tmp, settings = real["tmp"], real["settings"]
     cached = served_gguf_for(real["adapter"], smollm2_gguf_path(), settings)
     info = write_merged_gguf(smollm2_gguf_path(), real["adapter"], tmp / "merged-again.gguf")
     assert info["merged"] == 30 * 7 and (tmp / "merged-again.gguf").read_bytes() == cached.read_bytes()
+
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    cached.write_bytes(bytes(data))
+    again = served_gguf_for(real["adapter"], smollm2_gguf_path(), settings)
+    assert again == cached and sha256_file(again) == info["sha256"]
 
 
 def test_a_cached_system_prompt_gives_the_answer_a_fresh_context_gives(real):

@@ -128,12 +128,11 @@ def evaluate_adapter(run_key: str, recipe: str, train_result: dict[str, Any], ov
     champ_adapter = registry.download_adapter(champ, settings) if champ is not None else None
     label = f"v{champ.version}" if champ is not None else "base"
     serving = json.loads(champ.tags.get("serving", "{}")) if champ is not None else {}
-    if champ is not None and served.served_form(champ.tags):
-        serving["served_form"] = served.served_form(champ.tags)
+    serving["served_form"] = served.served_form(champ.tags) if champ is not None else None
     ref = evaluate(settings, rec, run_key, Path(train_result["adapter_dir"]), champ_adapter, label,
                    train_result["run_id"], judge=judge, require_judge=require_judge, quick=quick,
                    champion_serving={k: serving[k] for k in ("base_model", "dtype", "served_form")
-                                     if k in serving} or None)
+                                     if serving.get(k)} or None)
     ref["champion_version"] = int(champ.version) if champ is not None else None
     ref["judged"] = judge is not None
     return ref

@@ -300,15 +300,20 @@ def answer_each(engines: list[Engine], questions: list[str], max_new_tokens: int
         return {label: f.result() for label, f in futures.items()}
 
 
+def _cache_key(adapter_dir: Path, base_gguf: Path) -> str:
+    """What a file derived from this verified adapter and this base GGUF is cached under."""
+    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
+    from shoefix_tasks.records import sha256_file
+
+    return f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}"
+
+
 def adapter_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> Path:
     """The adapter's GGUF form, converted once into a cache keyed by the adapter's digest and the
     base GGUF's hash (the conversion is deterministic, so a cached file equals a fresh one)."""
-    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
     from shoefix_tasks.model.gguf_adapter import write_adapter_gguf
-    from shoefix_tasks.records import sha256_file
 
-    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}"
-    out = settings.home / "cache" / "gguf-adapters" / f"{key}.gguf"
+    out = settings.home / "cache" / "gguf-adapters" / f"{_cache_key(adapter_dir, base_gguf)}.gguf"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         write_adapter_gguf(adapter_dir, base_gguf, out)
@@ -323,13 +328,11 @@ def served_gguf_for(adapter_dir: Path, base_gguf: Path, settings: Settings) -> P
     again."""
     import hashlib
 
-    from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
     from shoefix_tasks.model.gguf_merge import FORMAT, SERVED_TYPE, write_merged_gguf
     from shoefix_tasks.records import sha256_file
 
     fmt = hashlib.sha256(f"{FORMAT}/{SERVED_TYPE}".encode()).hexdigest()[:8]
-    key = f"{adapter_digest(verify_adapter(adapter_dir))[:32]}-{sha256_file(base_gguf)[:16]}-{fmt}"
-    out = settings.home / "cache" / "gguf-merged" / f"{key}.gguf"
+    out = settings.home / "cache" / "gguf-merged" / f"{_cache_key(adapter_dir, base_gguf)}-{fmt}.gguf"
     recorded = out.with_name(out.name + ".sha256")
     if out.is_file() and recorded.is_file() and sha256_file(out) == recorded.read_text().strip():
         return out

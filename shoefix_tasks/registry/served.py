@@ -115,32 +115,35 @@ def served_uri(model_id: str, form: str = FORM_MERGED) -> str | None:
     return f"{root}/{entry['path']}" if entry else None
 
 
-def fetch_served(uri: str, expected: dict[str, str], settings: Settings, what: str) -> Path:
+def fetch_served(uri: str, expected: dict[str, str], settings: Settings, what: str,
+                 base_gguf: Path | None = None) -> Path:
     """The served GGUF, downloaded once into a cache named by its recorded sha256 and checked against it
-    on every use (a file altered in the artifact store or in the cache is refused)."""
+    (and `base_gguf` against its record) on every use, once: a file altered in the artifact store or in
+    the cache is refused, and nothing unverified is cached."""
     import mlflow
 
     cache = settings.home / "cache" / "served"
     target = cache / f"{expected[FORMS[served_form(expected)][1]]}.gguf"
-    if not target.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix="download-", dir=cache))
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-            check_served(local, expected, None, what)
-            local.replace(target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    check_served(target, expected, None, what)
+    if target.is_file():
+        check_served(target, expected, base_gguf, what)
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="download-", dir=cache))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        check_served(local, expected, base_gguf, what)
+        local.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def verify_upload(model_id: str, tags: dict[str, str], settings: Settings) -> None:
     """After logging: the served GGUF downloads back with its recorded hash (else no version)."""
-    uri = served_uri(model_id, served_form(tags) or FORM_MERGED)
+    form = served_form(tags) or FORM_MERGED
+    uri = served_uri(model_id, form)
     if uri is None:
-        raise ServedArtifactMismatch(f"logged model {model_id} has no "
-                                     f"{FORMS[served_form(tags) or FORM_MERGED][0]} artifact")
+        raise ServedArtifactMismatch(f"logged model {model_id} has no {FORMS[form][0]} artifact")
     check = Path(tempfile.mkdtemp(prefix="served-upload-", dir=settings.home))
     try:
         import mlflow
@@ -184,8 +187,7 @@ def open_champion(settings: Settings, alias: str = "champion") -> tuple[Any, dic
         uri = served_uri(version.source.removeprefix("models:/"), form)
         if uri is None:
             raise ServedArtifactMismatch(f"{what} is tagged for llama.cpp but has no {FORMS[form][0]} artifact")
-        gguf = fetch_served(uri, version.tags, settings, what)
-        check_served(gguf, version.tags, shipped_gguf(base_model), what)
+        gguf = fetch_served(uri, version.tags, settings, what, shipped_gguf(base_model))
         sha = version.tags[FORMS[form][1]]
     elif kind is None:
         log.warning("%s predates served artifacts: opening it with the engine evaluation would pick", what)

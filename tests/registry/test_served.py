@@ -154,3 +154,19 @@ def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, 
     flip_one_byte(settings.home / "cache" / "served" / f"{version.tags['served_adapter_sha256']}.gguf")
     with pytest.raises(ServedArtifactMismatch, match="refusing to serve"):
         served.open_champion(settings)
+
+
+@pytest.mark.parametrize("tags", [
+    {"served_form": "gguf-merged-q4_1", "served_model_sha256": "x"},  # a form nobody derives: a forged tag
+    {"served_form": "gguf-merged-q8_0"},                                # the form, without its hash
+    {},                                                                 # no form at all
+])
+def test_a_served_file_without_a_known_form_and_its_hash_is_refused(tmp_path, tags):
+    """Whatever a version's tags claim, a file opens only under a known form whose recorded hash it has."""
+    from shoefix_tasks.records import sha256_file
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    forged = {k: (sha256_file(gguf) if v == "x" else v) for k, v in tags.items()}
+    with pytest.raises(ServedArtifactMismatch, match="refusing to serve"):
+        served.check_served(gguf, forged, None, "a forged version")

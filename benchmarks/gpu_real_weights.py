@@ -60,6 +60,11 @@ def grid() -> list[dict[str, Any]]:
     return out + [{"name": "seed", "seed": True}]
 
 
+# Run only when named with --only, never part of the sweep's choice: the committed 135M config with the LoRA
+# adapter in bf16 (lora.adapter_dtype: base), to see whether rounding its updates costs answer quality.
+EXTRA = [{"name": "e8-lr0.001-r64-bf16ad", "epochs": 8, "lr": 1e-3, "r": 64, "adapter_dtype": "base"}]
+
+
 def recipe_for(cfg: dict[str, Any], base: str, device: str, extra: dict[str, Any] | None = None):
     import yaml
 
@@ -70,7 +75,7 @@ def recipe_for(cfg: dict[str, Any], base: str, device: str, extra: dict[str, Any
     else:
         data = yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())
         data["train"].update(num_train_epochs=cfg["epochs"], learning_rate=cfg["lr"], save_steps=100000)
-        data["lora"].update(r=cfg["r"], alpha=2 * cfg["r"])
+        data["lora"].update(r=cfg["r"], alpha=2 * cfg["r"], adapter_dtype=cfg.get("adapter_dtype", "float32"))
     data["model"]["base_model"] = base
     for key, value in (extra or {}).items():  # "section.field": value
         section, field = key.split(".")
@@ -418,7 +423,7 @@ def cmd_sweep(args) -> dict[str, Any]:
         gens = answer(args.base, None, items, recipe, "base")
         base_file.parent.mkdir(parents=True, exist_ok=True)
         base_file.write_text(json.dumps({"scores": score(items, gens, data), "gen": gens[0]}, ensure_ascii=False))
-    todo = [c for c in grid() if c["name"] in args.only] if args.only else grid()
+    todo = [c for c in grid() + EXTRA if c["name"] in args.only] if args.only else grid()
     for cfg in todo:
         out_file = work / "sweep" / f"{cfg['name']}.json"
         if out_file.is_file():
@@ -506,7 +511,7 @@ def sweep_parallel(args) -> dict[str, Any]:
     fits before --budget-s; at --hard-s every worker still running is stopped (its config is redone later)."""
     work, started = Path(args.work), time.time()
     done = {p.stem for p in (work / "sweep").glob("*.json")}
-    queue = [c for c in [{"name": "base"}, *grid()] if c["name"] not in done
+    queue = [c for c in [{"name": "base"}, *grid(), *(EXTRA if args.only else [])] if c["name"] not in done
              and (not c.get("seed") or args.with_seed) and (not args.only or c["name"] in args.only)]
     queue.sort(key=lambda c: (c["name"] != "base", -_estimate_s(c, 1.0)))  # base first: every table needs it
     logs = work / "sweep" / "logs"

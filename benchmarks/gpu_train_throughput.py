@@ -74,6 +74,9 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                          "attention, no checkpointing, fused AdamW, no LoRA dropout"),
     "gpu-bs8": ("{gpu}", ["train.per_device_train_batch_size=8"], "GPU recipe with 8 packed bins per micro-batch"),
     "gpu-bs32": ("{gpu}", ["train.per_device_train_batch_size=32"], "GPU recipe with 32 packed bins per micro-batch"),
+    "gpu-bf16ad": ("{gpu}", ["lora.adapter_dtype=base"], "GPU recipe with the LoRA adapter in bf16 (no casts)"),
+    "gpu-bs32-bf16ad": ("{gpu}", ["lora.adapter_dtype=base", "train.per_device_train_batch_size=32"],
+                        "GPU recipe, adapter in bf16, 32 packed bins per micro-batch"),
     "gpu-liger": ("{gpu}", ["train.use_liger_kernel=true"], "GPU recipe + Liger kernels (RMSNorm, RoPE, SwiGLU)"),
     "gpu-packed-sdpa": ("{gpu}", ["model.attn_implementation=sdpa"],
                         "GPU recipe with sdpa instead of varlen: dense block-diagonal mask over the packed row"),
@@ -246,6 +249,48 @@ def make_step_timer(cuda: bool):
     return StepTimer()
 
 
+def make_profiler(first: int, last: int, out: Path):
+    """torch.profiler over optimizer steps first..last (1-based): where a step's time goes on the card and on
+    the CPU. Profiling slows the steps it covers, so a profiled run is never one of the timed rows."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step + 1 == first:
+                acts = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    acts.append(torch.profiler.ProfilerActivity.CUDA)
+                self.prof = torch.profiler.profile(activities=acts)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == last:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                n = last - first + 1
+                table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+                ka = self.prof.key_averages()
+                # kernels only: an op's row repeats the time of the kernels it launched
+                cuda_us = sum(e.self_device_time_total for e in ka
+                              if e.device_type == torch.autograd.DeviceType.CUDA)
+                launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx",
+                                                                 "cudaLaunchKernelExC"))
+                summary = (f"profiled steps {first}..{last}: CUDA time per step {cuda_us / n / 1e3:.1f} ms, "
+                           f"kernel launches per step {launches / n:.0f}")
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "profile.txt").write_text(summary + "\n" + table)
+                log(summary)
+                print(table, flush=True)
+                self.prof = None
+
+    return StepProfiler()
+
+
 def held_out_loss(model, rows: list[dict[str, list[int]]], device: str, bf16: bool) -> float:
     """Mean NLL per completion token, one sequence at a time (no padding, identical for every variant)."""
     import torch
@@ -314,7 +359,8 @@ def varlen_kernel_check(trainer, device: str) -> dict[str, Any]:
 
 def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any], train_rows, eval_rows,
                 work: Path, device: str, keep_adapter: Path | None = None,
-                check_kernel: bool = True, loss_before: bool = True) -> dict[str, Any]:
+                check_kernel: bool = True, loss_before: bool = True,
+                profile: tuple[int, int, Path] | None = None) -> dict[str, Any]:
     import torch
     from datasets import Dataset
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -341,7 +387,8 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
                      "gradient_checkpointing": t.gradient_checkpointing, "optim": t.optim,
                      "mixed_precision": t.mixed_precision, "liger": t.use_liger_kernel, "max_length": t.max_length,
                      "lora": {"r": recipe.lora.r, "alpha": recipe.lora.alpha, "dropout": recipe.lora.dropout,
-                              "target_modules": recipe.lora.target_modules}, "lr": t.learning_rate},
+                              "target_modules": recipe.lora.target_modules,
+                              "adapter_dtype": recipe.lora.adapter_dtype}, "lr": t.learning_rate},
     }
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -350,7 +397,8 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
                                  recipe.model.attn_implementation)
     if recipe.quant.load_in_4bit:  # as shoefix_tasks.training.train does
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    model = get_peft_model(model, build_lora_config(recipe.lora))
+    model = get_peft_model(model, build_lora_config(recipe.lora),  # as shoefix_tasks.training.train does
+                           autocast_adapter_dtype=recipe.lora.adapter_dtype == "float32")
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
     args = build_sft_config(t, work / name, cuda, bf16_ok)
@@ -358,8 +406,9 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
                   "packing_strategy": args.packing_strategy, "train_sampling_strategy": args.train_sampling_strategy}
     timer = make_step_timer(cuda)
     train_ds = Dataset.from_list(train_rows)
+    callbacks = [timer, make_profiler(*profile)] if profile else [timer]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         callbacks=[timer])
+                         callbacks=callbacks)
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     res["padding_free"] = bool(getattr(trainer, "padding_free", False))
@@ -529,6 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cold", action="store_true",
                    help="a product run's view: no GEMM ceiling and no held-out forward pass before the first "
                         "training, so nothing warms the GPU for it (use with --warmup 0 and one variant)")
+    p.add_argument("--profile-steps", default="", metavar="A:B",
+                   help="torch.profiler over optimizer steps A..B, table in <out>/profile.txt (not a timed run)")
     args = p.parse_args(argv)
     if args.compare:
         print(compare(args.compare))
@@ -585,6 +636,10 @@ def main(argv: list[str] | None = None) -> int:
             return {"error": f"{type(err).__name__}: {err}"[:500]}
 
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    profile = None
+    if args.profile_steps:
+        a, b = (int(x) for x in args.profile_steps.split(":"))
+        profile = (a, b, args.out)
     if args.warmup and names:
         # The first training in a process pays for CUDA/cuBLAS/allocator warm-up well past its first steps
         # (seen on the H200: the first variant ran ~2x slower than the same settings later). Untimed.
@@ -606,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"variant {name}: {VARIANTS[name][2]}")
         try:
             r = run_variant(name, args.size, base_dir, base_meta, train_rows, eval_rows, args.work, args.device,
-                            keep_adapter=adapter_dir if name == "gpu" else None, loss_before=not args.cold)
+                            keep_adapter=adapter_dir if name == "gpu" else None, loss_before=not args.cold,
+                            profile=profile)
         except Exception as err:  # noqa: BLE001 - one broken variant must not cost the others
             traceback.print_exc()
             r = {"variant": name, "size": args.size, "error": f"{type(err).__name__}: {err}"[:500]}

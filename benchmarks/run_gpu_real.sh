@@ -44,6 +44,11 @@ if [ "$1" = cold ]; then
       --cold --out "$OUT/$run" --work .gpu-work/gtt "$@"
   done
   python3 benchmarks/gpu_train_throughput.py --compare $(for run in $RUNS; do echo "$OUT/$run/results-0.5b.json"; done)
+  # COLD_PROFILE: variants profiled over steps 6..9 after the timed runs (warm cache; not timed rows)
+  for v in ${COLD_PROFILE:-}; do
+    TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "$v" --warmup 0 \
+      --cold --profile-steps 6:9 --out "$OUT/profile-$v" --work .gpu-work/gtt "$@"
+  done
   tar czf "$RESULTS/cold-files.tgz" -C "$RESULTS" files-cold && rm -rf "$OUT"
   exit 0
 fi

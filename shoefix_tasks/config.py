@@ -130,12 +130,18 @@ class LoraConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: str | list[str] = "all-linear"
+    # "float32": PEFT's default, the adapter kept in fp32 and cast to the base's dtype under autocast in every
+    # adapted layer, both ways; "base": the adapter in the base's own dtype (bf16 on the GPU recipes), which
+    # saves those casts but rounds each optimizer update to bf16. Not for 4-bit bases (PEFT refuses it there).
+    adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.r <= 0 or self.alpha <= 0:
             raise ValueError("lora.r and lora.alpha must be positive")
         if not 0 <= self.dropout < 1:
             raise ValueError("lora.dropout must be in [0, 1)")
+        if self.adapter_dtype not in ("float32", "base"):
+            raise ValueError(f"lora.adapter_dtype must be float32 or base, got {self.adapter_dtype!r}")
 
 
 @dataclass
@@ -218,6 +224,8 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.quant.load_in_4bit and self.model.dtype == "float32":
             raise ValueError("QLoRA needs a half-precision model: set model.dtype: bfloat16")
+        if self.quant.load_in_4bit and self.lora.adapter_dtype == "base":
+            raise ValueError("lora.adapter_dtype: base does not apply to a 4-bit base: use float32")
         if self.model.attn_implementation == VARLEN_ATTN and not self.train.packing:
             # it never masks padding: a padded batch would attend to pad tokens
             raise ValueError(f"model.attn_implementation {VARLEN_ATTN} needs train.packing: true (padding-free)")

@@ -36,3 +36,8 @@ def test_cross_field_checks():
         recipe_from_dict("x", {"train": {"languages": ["fr"]}})
     with pytest.raises(ValueError, match="expected true/false"):
         recipe_from_dict("x", {"train": {"packing": "yes"}})
+    with pytest.raises(ValueError, match="adapter_dtype must be"):
+        recipe_from_dict("x", {"lora": {"adapter_dtype": "bf16"}})
+    with pytest.raises(ValueError, match="4-bit"):  # PEFT keeps a 4-bit base's adapter in fp32
+        recipe_from_dict("x", {"quant": {"load_in_4bit": True}, "model": {"dtype": "bfloat16"},
+                               "lora": {"adapter_dtype": "base"}})

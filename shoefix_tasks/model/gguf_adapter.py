@@ -122,12 +122,37 @@ def _gguf_name(key: str) -> tuple[int, str, str]:
         raise UnsupportedAdapter(f"adapter tensor {key!r} is not a LoRA on a block's projection") from err
 
 
+def float32_tensors(path: Path) -> dict[str, Any]:
+    """A safetensors file's tensors as float32 numpy arrays, bf16 included (an adapter trained with
+    `lora.adapter_dtype: base` on a bf16 base), which safetensors' numpy loader refuses: numpy has no bf16,
+    and a bf16 value is the top half of the float32 with the same bits (read here without importing torch)."""
+    import numpy as np
+
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    data = memoryview(raw)[8 + size:]
+    out: dict[str, Any] = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        chunk = data[begin:end]
+        if info["dtype"] == "BF16":
+            arr = (np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in ("F32", "F16"):
+            arr = np.frombuffer(chunk, dtype="<f4" if info["dtype"] == "F32" else "<f2").astype(np.float32)
+        else:
+            raise UnsupportedAdapter(f"adapter tensor {key!r} has dtype {info['dtype']}: a LoRA is F32, F16 or BF16")
+        out[key] = arr.reshape(info["shape"])
+    return out
+
+
 def lora_tensors(adapter_dir: Path, base_gguf: Path) -> dict[str, Any]:
     """The verified adapter in llama.cpp's terms, for the adapter file and for the merge (model/gguf_merge):
     {"alpha", "digest", "architecture", "tensors": {(layer, module, "lora_a"|"lora_b"): float32 array}},
     lora_b of q and k already in llama.cpp's row order. Refuses what a GGUF LoRA cannot express."""
     import numpy as np
-    from safetensors.numpy import load_file
 
     from shoefix_tasks.model.adapter import adapter_digest, verify_adapter
 
@@ -138,9 +163,9 @@ def lora_tensors(adapter_dir: Path, base_gguf: Path) -> dict[str, Any]:
     if meta["architecture"] not in _SUPPORTED_ARCH:
         raise UnsupportedAdapter(f"base architecture {meta['architecture']!r}: no GGUF adapter conversion")
     named: dict[tuple[int, str, str], Any] = {}
-    for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
+    for key, value in float32_tensors(adapter_dir / "adapter_model.safetensors").items():
         layer, module, which = _gguf_name(key)
-        w = value.astype(np.float32)
+        w = value
         if which == "lora_b" and module in ("attn_q", "attn_k"):
             w = permute_rows(w, meta["n_head"] if module == "attn_q" else meta["n_head_kv"])
         named[(layer, module, which)] = np.ascontiguousarray(w)

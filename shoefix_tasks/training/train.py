@@ -137,7 +137,8 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     if recipe.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     set_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random: same recipe, same adapter
-    model = get_peft_model(model, build_lora_config(recipe.lora))
+    model = get_peft_model(model, build_lora_config(recipe.lora),
+                           autocast_adapter_dtype=recipe.lora.adapter_dtype == "float32")
     bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
     args = build_sft_config(recipe.train, output_dir, cuda, bf16_ok)
     stop = make_stop_callback()

@@ -282,3 +282,23 @@ def test_a_stream_closed_early_stops_generating_before_the_next_answer(shoefix_e
     assert not [t for t in threading.enumerate() if t.name == "shoefix-generate"]
     assert engine.answer_many(["How do I dry boots?"], 4)[0]["new_tokens"] > 0  # the engine answers again
     engine.close()
+
+
+def test_adapter_tensors_are_read_as_float32_whatever_they_were_saved_in(tmp_path):
+    """An adapter saved in bf16 (`lora.adapter_dtype: base`), fp16 or fp32 reads back as the float32 values
+    torch holds; an integer tensor is no LoRA and is refused."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    ref = torch.randn(8, 64)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({"a": ref.to(dtype), "b": ref[:3, :5].to(dtype).contiguous()}, str(path))
+        got = gguf_adapter.float32_tensors(path)
+        for key, want in (("a", ref), ("b", ref[:3, :5])):
+            assert got[key].dtype == np.float32 and got[key].shape == tuple(want.shape)
+            assert np.array_equal(got[key], want.to(dtype).float().numpy()), (dtype, key)
+    save_file({"a": torch.arange(4)}, str(tmp_path / "int.safetensors"))
+    with pytest.raises(gguf_adapter.UnsupportedAdapter, match="I64"):
+        gguf_adapter.float32_tensors(tmp_path / "int.safetensors")

@@ -51,3 +51,21 @@ def test_retry_resumes_same_mlflow_run(shoefix_env, tiny_model, tiny_recipe):
     second = train(recipe, snap, s.home / "runs" / "r1", "r1", s)
     assert second["run_id"] == first["run_id"]
     assert second["resumed_from"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("adapter_dtype", "expected"), [("base", "bfloat16"), ("float32", "float32")])
+def test_the_adapter_trains_in_the_dtype_the_recipe_asks_for(shoefix_env, tiny_model, tiny_recipe,
+                                                               adapter_dtype, expected):
+    """`lora.adapter_dtype: base` (the 0.5B GPU recipe) keeps the LoRA matrices in the base's bf16 through
+    training and into the published adapter; PEFT's default upcasts them to fp32."""
+    from safetensors.torch import load_file
+
+    s = shoefix_env
+    recipe = load_recipe(str(tiny_recipe), ["model.dtype=bfloat16", f"lora.adapter_dtype={adapter_dtype}",
+                                            "train.max_steps=2"])
+    out = train(recipe, fixture_snapshot(s), s.home / "runs" / adapter_dtype, adapter_dtype, s)
+    weights = load_file(f"{out['adapter_dir']}/adapter_model.safetensors")
+    lora = {k: v for k, v in weights.items() if "lora_" in k}
+    assert lora and {str(v.dtype).removeprefix("torch.") for v in lora.values()} == {expected}
+    assert any(v.float().abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # it trained

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test suite: lint the DAGs (ruff AIR rules) and the package, then pytest on two workers.
+# The test suite: lint the DAGs (ruff AIR rules) and the package, then pytest on three workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -26,7 +26,9 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
 fi
 ruff check dags plugins shoefix_tasks tests
 lint-imports  # the package's layers (pyproject.toml [tool.importlinter])
-# Two workers (SHOEFIX_TEST_WORKERS to change): the full-stack tests are one work unit, each other
+# Three workers on two cores (SHOEFIX_TEST_WORKERS to change): much of a test's time is spent waiting on
+# the processes it starts (Airflow, the trainer, servers), so a third worker fills the idle core-time;
+# a fourth mostly adds contention (docs/benchmarks.md, "Test time"). The full-stack tests are one work unit, each other
 # module another (tests/conftest.py: pytest_xdist_make_scheduler), the longest first; `-n 0` in the
 # arguments runs serially.
-exec pytest -n "${SHOEFIX_TEST_WORKERS:-2}" --dist loadscope --no-loadscope-reorder "$@"
+exec pytest -n "${SHOEFIX_TEST_WORKERS:-3}" --dist loadscope --no-loadscope-reorder "$@"

@@ -31,8 +31,8 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_k] = "1"
 # One torch (OpenMP) thread per process, set before anything imports torch, and inherited by every
 # subprocess (trainer, `airflow dags test`, `shoefix serve`, the stack's services): the tests run
-# tiny models on two xdist workers sharing two cores, where a second intra-op thread only contends
-# with the other worker's processes. Oversubscribed, a tiny model's training step took ~1 s instead
+# tiny models on three xdist workers sharing two cores, where a second intra-op thread only contends
+# with the other workers' processes. Oversubscribed, a tiny model's training step took ~1 s instead
 # of ~40 ms (the race test's 330-step training: minutes instead of seconds).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "

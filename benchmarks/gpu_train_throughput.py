@@ -75,6 +75,7 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "gpu-bs8": ("{gpu}", ["train.per_device_train_batch_size=8"], "GPU recipe with 8 packed bins per micro-batch"),
     "gpu-bs32": ("{gpu}", ["train.per_device_train_batch_size=32"], "GPU recipe with 32 packed bins per micro-batch"),
     "gpu-bf16ad": ("{gpu}", ["lora.adapter_dtype=base"], "GPU recipe with the LoRA adapter in bf16 (no casts)"),
+    "gpu-fp32ad": ("{gpu}", ["lora.adapter_dtype=float32"], "GPU recipe with the LoRA adapter in fp32 (PEFT's default)"),
     "gpu-bs32-bf16ad": ("{gpu}", ["lora.adapter_dtype=base", "train.per_device_train_batch_size=32"],
                         "GPU recipe, adapter in bf16, 32 packed bins per micro-batch"),
     "gpu-liger": ("{gpu}", ["train.use_liger_kernel=true"], "GPU recipe + Liger kernels (RMSNorm, RoPE, SwiGLU)"),
@@ -269,24 +270,30 @@ def make_profiler(first: int, last: int, out: Path):
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.prof is not None and state.global_step == last:
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                self.prof.__exit__(None, None, None)
-                n = last - first + 1
-                table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
-                ka = self.prof.key_averages()
-                # kernels only: an op's row repeats the time of the kernels it launched
-                cuda_us = sum(e.self_device_time_total for e in ka
-                              if e.device_type == torch.autograd.DeviceType.CUDA)
-                launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx",
-                                                                 "cudaLaunchKernelExC"))
-                summary = (f"profiled steps {first}..{last}: CUDA time per step {cuda_us / n / 1e3:.1f} ms, "
-                           f"kernel launches per step {launches / n:.0f}")
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "profile.txt").write_text(summary + "\n" + table)
-                log(summary)
-                print(table, flush=True)
-                self.prof = None
+                self._report(last - first + 1)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.prof is not None:  # fewer steps than asked for: report what was profiled
+                self._report(state.global_step - first + 1)
+
+        def _report(self, n: int) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+            ka = self.prof.key_averages()
+            # kernels only: an op's row repeats the time of the kernels it launched
+            cuda_us = sum(e.self_device_time_total for e in ka
+                          if e.device_type == torch.autograd.DeviceType.CUDA)
+            launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernelEx",
+                                                             "cudaLaunchKernelExC"))
+            summary = (f"profiled steps {first}..{first + n - 1}: CUDA time per step {cuda_us / n / 1e3:.1f} ms, "
+                       f"kernel launches per step {launches / n:.0f}")
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "profile.txt").write_text(summary + "\n" + table)
+            log(summary)
+            print(table, flush=True)
+            self.prof = None
 
     return StepProfiler()
 

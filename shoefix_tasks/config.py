@@ -132,7 +132,8 @@ class LoraConfig:
     target_modules: str | list[str] = "all-linear"
     # "float32": PEFT's default, the adapter kept in fp32 and cast to the base's dtype under autocast in every
     # adapted layer, both ways; "base": the adapter in the base's own dtype (bf16 on the GPU recipes), which
-    # saves those casts but rounds each optimizer update to bf16. Not for 4-bit bases (PEFT refuses it there).
+    # saves those casts but rounds each optimizer update to bf16. Not for 4-bit bases (PEFT keeps their adapter
+    # in fp32 whatever is asked) nor fp16 ones (the fp16 grad scaler refuses fp16 trainable weights).
     adapter_dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -226,6 +227,8 @@ class Recipe:
             raise ValueError("QLoRA needs a half-precision model: set model.dtype: bfloat16")
         if self.quant.load_in_4bit and self.lora.adapter_dtype == "base":
             raise ValueError("lora.adapter_dtype: base does not apply to a 4-bit base: use float32")
+        if self.model.dtype == "float16" and self.lora.adapter_dtype == "base":
+            raise ValueError("lora.adapter_dtype: base with an fp16 model would train fp16 weights: use float32")
         if self.model.attn_implementation == VARLEN_ATTN and not self.train.packing:
             # it never masks padding: a padded batch would attend to pad tokens
             raise ValueError(f"model.attn_implementation {VARLEN_ATTN} needs train.packing: true (padding-free)")

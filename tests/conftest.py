@@ -264,7 +264,7 @@ LONGEST_FIRST = ("stack", "tests/reliability/test_promotion_race.py", "tests/int
 
 
 def pytest_collection_modifyitems(config, items):
-    """The order pytest-xdist hands out work units in (scripts/test.sh runs `-n 2 --dist loadscope
+    """The order pytest-xdist hands out work units in (scripts/test.sh runs `-n 3 --dist loadscope
     --no-loadscope-reorder`; a plain serial `pytest` is left as it is): the stack unit first (long,
     and mostly waiting on the scheduler), then the other long units (`LONGEST_FIRST`), then modules
     with more `slow` tests, then the rest, so that the workers finish close together."""

@@ -41,3 +41,5 @@ def test_cross_field_checks():
     with pytest.raises(ValueError, match="4-bit"):  # PEFT keeps a 4-bit base's adapter in fp32
         recipe_from_dict("x", {"quant": {"load_in_4bit": True}, "model": {"dtype": "bfloat16"},
                                "lora": {"adapter_dtype": "base"}})
+    with pytest.raises(ValueError, match="fp16"):
+        recipe_from_dict("x", {"model": {"dtype": "float16"}, "lora": {"adapter_dtype": "base"}})

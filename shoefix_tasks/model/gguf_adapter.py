@@ -125,26 +125,35 @@ def _gguf_name(key: str) -> tuple[int, str, str]:
 def float32_tensors(path: Path) -> dict[str, Any]:
     """A safetensors file's tensors as float32 numpy arrays, bf16 included (an adapter trained with
     `lora.adapter_dtype: base` on a bf16 base), which safetensors' numpy loader refuses: numpy has no bf16,
-    and a bf16 value is the top half of the float32 with the same bits (read here without importing torch)."""
+    and a bf16 value is the top half of the float32 with the same bits (read here without importing torch).
+    A file whose header does not fit it, or whose tensors do not fit their byte ranges, is refused."""
     import numpy as np
 
+    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
     raw = path.read_bytes()
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + size])
+    size = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
+    if size < 2 or 8 + size > len(raw):
+        raise UnsupportedAdapter(f"{path.name}: not a safetensors file (header length {size}, {len(raw)} bytes)")
+    try:
+        header = json.loads(raw[8:8 + size])
+    except ValueError as err:
+        raise UnsupportedAdapter(f"{path.name}: unreadable safetensors header: {err}") from err
     data = memoryview(raw)[8 + size:]
     out: dict[str, Any] = {}
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        begin, end = info["data_offsets"]
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in sizes:
+            raise UnsupportedAdapter(f"adapter tensor {key!r} has dtype {dtype}: a LoRA is F32, F16, BF16 or F64")
+        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * sizes[dtype]:
+            raise UnsupportedAdapter(f"adapter tensor {key!r}: bytes {begin}..{end} do not hold a {dtype} {shape}")
         chunk = data[begin:end]
-        if info["dtype"] == "BF16":
+        if dtype == "BF16":
             arr = (np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in ("F32", "F16"):
-            arr = np.frombuffer(chunk, dtype="<f4" if info["dtype"] == "F32" else "<f2").astype(np.float32)
         else:
-            raise UnsupportedAdapter(f"adapter tensor {key!r} has dtype {info['dtype']}: a LoRA is F32, F16 or BF16")
-        out[key] = arr.reshape(info["shape"])
+            arr = np.frombuffer(chunk, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype]).astype(np.float32)
+        out[key] = arr.reshape(shape)
     return out
 
 

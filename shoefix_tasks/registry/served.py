@@ -53,25 +53,24 @@ def served_form(tags: dict[str, str]) -> str | None:
     return FORM_LORA if tags.get(FORMS[FORM_LORA][1]) else None
 
 
-def derive_served(adapter_dir: Path, base_model: str, settings: Settings) -> tuple[dict[str, str], dict[str, str]]:
-    """(extra pyfunc artifacts, tags) for a version of `base_model` with this adapter: the merged GGUF for a
-    base that ships as a GGUF, nothing for a transformers base. The file is the one evaluation opened
-    (`served_gguf_for`'s cache, checked against the hash recorded at its derivation), so registering
-    after the gate derives nothing again; MLflow copies it into the logged model."""
-    from shoefix_tasks.model.engines import choose_engine, served_gguf_for, shipped_gguf
+def derive_served(adapter_dir: Path, base_model: str, work: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(extra pyfunc artifacts, tags) for a version of `base_model` with this adapter: the merged GGUF
+    written under `work` for a base that ships as a GGUF, nothing for a transformers base."""
+    from shoefix_tasks.model.engines import choose_engine, shipped_gguf
     from shoefix_tasks.model.gguf_adapter import UnsupportedAdapter
+    from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
 
     if choose_engine(base_model) != "llama.cpp":
         return {}, {TAG_ENGINE: "transformers"}
     base = shipped_gguf(base_model)
+    work.mkdir(parents=True, exist_ok=True)
     try:
-        merged = served_gguf_for(adapter_dir, base, settings)
+        info = write_merged_gguf(base, adapter_dir, work / "model.gguf", SERVED_TYPE)
     except UnsupportedAdapter as err:
         log.warning("served with transformers: %s", err)
         return {}, {TAG_ENGINE: "transformers", "serving_engine_reason": str(err)[:500]}
-    sha = merged.with_name(merged.name + ".sha256").read_text().strip()  # served_gguf_for just checked it
-    return ({MODEL_ARTIFACT: str(merged)},
-            {TAG_ENGINE: "llama.cpp", TAG_FORM: FORM_MERGED, TAG_SHA: sha, TAG_BASE: sha256_file(base)})
+    return ({MODEL_ARTIFACT: str(work / "model.gguf")},
+            {TAG_ENGINE: "llama.cpp", TAG_FORM: FORM_MERGED, TAG_SHA: info["sha256"], TAG_BASE: sha256_file(base)})
 
 
 def check_served(gguf: Path, expected: dict[str, str], base_gguf: Path | None, what: str) -> None:

@@ -165,9 +165,9 @@ def _log_verified_model(adapter_dir: Path, base_model: str, decoding: dict[str, 
     signature = mlflow.models.infer_signature(
         ["How do I keep boots dry?"], ["Dry them within 24–48 hours."],
         params={"max_new_tokens": int((decoding or {}).get("max_new_tokens", 160))})
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="served-", dir=settings.home) as work:
         # the served GGUF for llama.cpp (registry/served.py), logged beside the adapter
-        extra, served_tags = served.derive_served(adapter_dir, base_model, settings)
+        extra, served_tags = served.derive_served(adapter_dir, base_model, Path(work))
         # an input example would make MLflow load the model and generate at registration; the
         # signature above already says what goes in and out
         warnings.filterwarnings("ignore", message=r".*An input example was not provided", category=UserWarning)

@@ -285,20 +285,30 @@ def test_a_stream_closed_early_stops_generating_before_the_next_answer(shoefix_e
 
 
 def test_adapter_tensors_are_read_as_float32_whatever_they_were_saved_in(tmp_path):
-    """An adapter saved in bf16 (`lora.adapter_dtype: base`), fp16 or fp32 reads back as the float32 values
-    torch holds; an integer tensor is no LoRA and is refused."""
+    """An adapter saved in bf16 (`lora.adapter_dtype: base`), fp16, fp32 or fp64, with PEFT's metadata and
+    mixed dtypes in one file, reads back as the float32 values torch holds; a tensor that is no LoRA's
+    (integers) and a file cut short or lying about its sizes are refused as adapters, not crashes."""
     import torch
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
     ref = torch.randn(8, 64)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        path = tmp_path / f"{dtype}.safetensors"
-        save_file({"a": ref.to(dtype), "b": ref[:3, :5].to(dtype).contiguous()}, str(path))
-        got = gguf_adapter.float32_tensors(path)
-        for key, want in (("a", ref), ("b", ref[:3, :5])):
-            assert got[key].dtype == np.float32 and got[key].shape == tuple(want.shape)
-            assert np.array_equal(got[key], want.to(dtype).float().numpy()), (dtype, key)
+    tensors = {"bf16": ref.to(torch.bfloat16), "f16": ref[:3, :5].to(torch.float16).contiguous(),
+               "f32": ref[:2], "f64": ref[1:4].double(), "empty": torch.zeros(0, 64)}
+    save_file(tensors, str(tmp_path / "a.safetensors"), metadata={"format": "pt"})
+    got = gguf_adapter.float32_tensors(tmp_path / "a.safetensors")
+    assert set(got) == set(tensors)
+    for key, want in tensors.items():
+        assert got[key].dtype == np.float32 and got[key].shape == tuple(want.shape), key
+        assert np.array_equal(got[key], want.float().numpy()), key
+
     save_file({"a": torch.arange(4)}, str(tmp_path / "int.safetensors"))
     with pytest.raises(gguf_adapter.UnsupportedAdapter, match="I64"):
         gguf_adapter.float32_tensors(tmp_path / "int.safetensors")
+    whole = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(whole[:-40])  # the last tensor's bytes run past the end
+    with pytest.raises(gguf_adapter.UnsupportedAdapter, match="do not hold"):
+        gguf_adapter.float32_tensors(tmp_path / "cut.safetensors")
+    (tmp_path / "head.safetensors").write_bytes(whole[:20])  # the header itself cut short
+    with pytest.raises(gguf_adapter.UnsupportedAdapter, match="not a safetensors file"):
+        gguf_adapter.float32_tensors(tmp_path / "head.safetensors")

@@ -49,7 +49,6 @@ def flip_one_byte(path: Path) -> None:
 
 def test_registered_version_records_its_served_artifact(champion, tmp_path):
     from shoefix_tasks.model.engines import FORM_MERGED, served_gguf_for
-    from shoefix_tasks.model.gguf_merge import SERVED_TYPE, write_merged_gguf
     from shoefix_tasks.records import sha256_file
 
     settings, version, adapter = champion
@@ -58,8 +57,8 @@ def test_registered_version_records_its_served_artifact(champion, tmp_path):
     assert tags[served.TAG_BASE] == sha256_file(smollm2_gguf_path())
     # deterministic: deriving again from the registered adapter gives the recorded bytes, and so does the
     # derivation evaluation uses, so the gate scores the file that is served
-    again = write_merged_gguf(smollm2_gguf_path(), adapter, tmp_path / "again.gguf", SERVED_TYPE)
-    assert again["sha256"] == tags[served.TAG_SHA]
+    again = served.derive_served(adapter, SMOLLM2, tmp_path / "again")[1]
+    assert again[served.TAG_SHA] == tags[served.TAG_SHA]
     assert sha256_file(served_gguf_for(adapter, smollm2_gguf_path(), settings)) == tags[served.TAG_SHA]
 
 
@@ -122,8 +121,7 @@ def test_a_version_registered_before_the_merge_opens_as_registered(shoefix_env, 
     from shoefix_tasks.store import tracking
     from tests.real_base import link_converted_base, lora_adapter
 
-    def derive_as_before(adapter_dir, base_model, _settings):  # what registration derived before the merge
-        work = tmp_path / "derived-before"
+    def derive_as_before(adapter_dir, base_model, work):  # what registration derived before the merge
         work.mkdir(parents=True, exist_ok=True)
         info = write_adapter_gguf(adapter_dir, smollm2_gguf_path(), work / "adapter.gguf")
         return ({"served_adapter": str(work / "adapter.gguf")},

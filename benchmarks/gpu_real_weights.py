@@ -222,19 +222,18 @@ def _throughput_bench():
 
 def cmd_packing(args) -> dict[str, Any]:
     """Packed batch (varlen kernel) vs each example alone (sdpa), with the real base, as the trainer builds it."""
-    from peft import get_peft_model
     from trl import SFTTrainer
 
     from shoefix_tasks.config import Settings
     from shoefix_tasks.model.base import load_base
-    from shoefix_tasks.training.factories import build_dataset, build_lora_config, build_sft_config
+    from shoefix_tasks.training.factories import attach_lora, build_dataset, build_sft_config
 
     gtt = _throughput_bench()
     train_rows, _ = split_corpus(Path(args.data))
     recipe = recipe_for({"name": "packing", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
     model, tok = load_base(recipe.model.base_model, Settings.from_env(), recipe.model.dtype, recipe.quant,
                            recipe.model.attn_implementation)
-    model = get_peft_model(model, build_lora_config(recipe.lora)).to(args.device)
+    model = attach_lora(model, recipe.lora).to(args.device)
     results = []
     for mb, length in ((1, 1024), (4, 512)):  # one long bin holding several answers; the recipe's shape
         r = recipe_for({"name": "packing", "epochs": 1, "lr": 1e-4, "r": 16}, args.base, args.device)
@@ -573,7 +572,9 @@ def sweep_table(work: Path, base_scores: list[dict]) -> dict[str, Any]:
               f"[{ci.get('ci_low', 0):+.2f}, {ci.get('ci_high', 0):+.2f}]) | {r['holdout']['key_data_accuracy']:.2f} | "
               f"{r['holdout']['completeness']:.2f} | {r['holdout']['readability']:.2f} | {len(r['guard']['forbidden'])} | "
               f"{r['train_tokens'] or 0:.0f} | {r['train_runtime_s'] or 0:.1f} |")
-    best = max(rows, key=lambda r: (r["validation"]["composite"], -r.get("epochs", 13))) if rows else None
+    extra = {c["name"] for c in EXTRA}  # listed, never chosen: `final --from-sweep` would drop what sets them apart
+    grid_rows = [r for r in rows if r["name"] not in extra]
+    best = max(grid_rows, key=lambda r: (r["validation"]["composite"], -r.get("epochs", 13))) if grid_rows else None
     if best:
         log(f"chosen on validation: {best['name']}")
     return {"rows": [{k: v for k, v in r.items() if k != "scores"} for r in rows], "base": base,

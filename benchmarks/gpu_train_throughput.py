@@ -370,12 +370,12 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
                 profile: tuple[int, int, Path] | None = None) -> dict[str, Any]:
     import torch
     from datasets import Dataset
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from trl import SFTTrainer
 
     from shoefix_tasks.config import Settings, load_recipe
     from shoefix_tasks.model.base import load_base
-    from shoefix_tasks.training.factories import build_lora_config, build_sft_config
+    from shoefix_tasks.training.factories import attach_lora, build_sft_config
 
     recipe_name, extra, desc = VARIANTS[name]
     recipe_name = recipe_name.format(gpu=GPU_RECIPE[size])
@@ -404,8 +404,7 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
                                  recipe.model.attn_implementation)
     if recipe.quant.load_in_4bit:  # as shoefix_tasks.training.train does
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=t.gradient_checkpointing)
-    model = get_peft_model(model, build_lora_config(recipe.lora),  # as shoefix_tasks.training.train does
-                           autocast_adapter_dtype=recipe.lora.adapter_dtype == "float32")
+    model = attach_lora(model, recipe.lora)  # as shoefix_tasks.training.train does
     res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     bf16_ok = cuda and torch.cuda.is_bf16_supported()
     args = build_sft_config(t, work / name, cuda, bf16_ok)

@@ -21,6 +21,13 @@ def build_lora_config(cfg: LoraConfig):
                           target_modules=cfg.target_modules, bias="none", task_type="CAUSAL_LM")
 
 
+def attach_lora(model, cfg: LoraConfig):
+    """`model` with the recipe's LoRA, the adapter in fp32 or in the base's dtype (`lora.adapter_dtype`)."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, build_lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
+
+
 def cpu_bf16_native() -> bool:
     """Does this CPU do bf16 arithmetic in hardware (AVX512-BF16 or AMX)? Without it, CPU autocast
     to bf16 is emulated and a training step runs tens of times slower than in fp32."""

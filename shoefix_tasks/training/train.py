@@ -97,7 +97,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     """
     import mlflow
     import torch
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import set_seed
     from trl import SFTTrainer
 
@@ -106,8 +106,8 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     from shoefix_tasks.records import read_jsonl
     from shoefix_tasks.store import tracking
     from shoefix_tasks.training.factories import (
+        attach_lora,
         build_dataset,
-        build_lora_config,
         build_sft_config,
         cpu_bf16_native,
     )
@@ -137,8 +137,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     if recipe.quant.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
     set_seed(recipe.train.seed)  # LoRA's A matrices are initialised at random: same recipe, same adapter
-    model = get_peft_model(model, build_lora_config(recipe.lora),
-                           autocast_adapter_dtype=recipe.lora.adapter_dtype == "float32")
+    model = attach_lora(model, recipe.lora)
     bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
     args = build_sft_config(recipe.train, output_dir, cuda, bf16_ok)
     stop = make_stop_callback()

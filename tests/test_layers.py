@@ -54,3 +54,18 @@ def test_no_airflow_import_in_the_package():
             for n, line in enumerate(p.read_text().splitlines(), 1)
             if line.strip().startswith(("import airflow", "from airflow"))]
     assert hits == []
+
+
+def test_the_tests_mirror_the_package_and_never_edit_sys_path():
+    """One test folder per wing, plus the DAGs, the cross-wing groups and the benchmarks' checks; DAG
+    modules are imported as Airflow imports them (its dags folder is on the path), never through
+    sys.path edits in a test."""
+    import re
+
+    tests = ROOT / "tests"
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
+    assert folders == WINGS | {"dags", "integration", "stack", "reliability", "benchmarks"}
+    edit = re.compile(r"sys\.path\.(insert|append|extend)\(|syspath_prepend\(|sys\.path\s*=")
+    hits = [f"{p.relative_to(ROOT)}:{n}" for p in tests.rglob("*.py") if p != Path(__file__)
+            for n, line in enumerate(p.read_text().splitlines(), 1) if edit.search(line)]
+    assert hits == []

@@ -85,7 +85,7 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
                    f"(chart: artifact `scorecard.png` of evaluation run `{eval_ref['eval_run_id']}`)")
     tags = {"training_run": train_result["run_id"], "evaluation_run": eval_ref["eval_run_id"],
             "corpus_snapshot": train_result["snapshot_hash"], "holdout_hash": evaluation["holdout_hash"],
-            "base_model": rec.model.base_model, "recipe": rec.name, "gate_decision": verdict,
+            "base_model": rec.model.base_model, "recipe": rec.name, "recipe_sha256": rec.digest, "gate_decision": verdict,
             "challenged": champion_label, "pipeline_run": run_key,
             "composite": str(evaluation["challenger"]["summary"]["composite"]),
             "gate_reasons": json.dumps(decision.reasons)[:4900], "adapter_digest": digest,

@@ -124,7 +124,8 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     if rank == 0:  # one MLflow run, written by one process
         tracking.configure(settings)
         run_id = tracking.run_for("train", run_key, run_name=f"train-{recipe.name}", tags={
-            "shoefix.recipe": recipe.name, "shoefix.snapshot": snapshot_hash, "shoefix.base_model": ident["name"]})
+            "shoefix.recipe": recipe.name, "shoefix.recipe_sha256": recipe.digest, "shoefix.snapshot": snapshot_hash,
+            "shoefix.base_model": ident["name"]})
         client = mlflow.MlflowClient()
         if not client.get_run(run_id).data.params:  # params are immutable: log them once per run
             _log_params(client, run_id, recipe, snapshot, rows, len(dataset), ident)

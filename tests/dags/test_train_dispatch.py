@@ -25,7 +25,6 @@ def _dagbag(monkeypatch, **env):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.syspath_prepend(str(DAGS))
     start = time.perf_counter()
     bag = DagBag(dag_folder=str(DAGS))
     assert bag.import_errors == {}

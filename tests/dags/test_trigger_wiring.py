@@ -94,3 +94,40 @@ def test_a_refused_conf_fails_the_first_task_without_retries(graph):
     with pytest.raises(AirflowFailException, match=r"TriggerRefused: .*\['gate'\]"):
         graph.module.collect_qa.function()
     assert "trigger" not in graph.xcom
+
+
+PERMANENT = {"shoefix_tasks.ops.trigger": "TriggerRefused", "shoefix_tasks.evaluation.evaluate": "CandidateRejected",
+             "shoefix_tasks.evaluation.evalset": "EvalSetChanged", "shoefix_tasks.training.preflight": "PreflightError",
+             "shoefix_tasks.training.dispatch": "TrainerUnfit", "shoefix_tasks.intake.validate": "QuarantineRateExceeded",
+             "shoefix_tasks.registry.feedback": "FeedbackError", "shoefix_tasks.errors": "ServedArtifactMismatch"}
+
+
+def test_one_class_says_a_retry_cannot_help():
+    """Each failure a retry would only repeat derives from errors.PermanentError, and that one class is
+    what the DAG tasks catch (trigger_conf.no_retry_on_permanent_errors): each becomes a failure without
+    retries; anything else stays retryable. No DAG file catches a permanent error by its own name."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    import trigger_conf
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from shoefix_tasks.errors import PermanentError
+
+    classes = [getattr(importlib.import_module(mod), name) for mod, name in PERMANENT.items()]
+    assert all(issubclass(cls, PermanentError) for cls in classes)
+    for cls in classes:
+        with pytest.raises(AirflowFailException, match=f"^{cls.__name__}: why"):
+            with trigger_conf.no_retry_on_permanent_errors():
+                raise cls.__new__(cls, "why")
+    for err in (RuntimeError("flaky"), OSError("disk"), ConnectionError("mlflow down")):
+        with pytest.raises(type(err)):
+            with trigger_conf.no_retry_on_permanent_errors():
+                raise err
+
+    names = {cls.__name__ for cls in classes}
+    dags = Path(trigger_conf.__file__).parent
+    caught = {(p.name, n.strip().split(".")[-1]) for p in dags.glob("*.py")
+              for m in re.finditer(r"except\s+\(?([\w., ]+?)\)?(?:\s+as\s+\w+)?\s*:", p.read_text()) for n in m.group(1).split(",")}
+    assert {c for c in caught if c[1] in names | {"PermanentError"}} == {("trigger_conf.py", "PermanentError")}

@@ -18,7 +18,7 @@ from shoefix_tasks.evaluation import evaluate as ev
 pytest.importorskip("llama_cpp")
 
 
-def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory, tmp_path, monkeypatch):
+def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory, tmp_path, monkeypatch, caplog):
     from shoefix_tasks.model.engines import LlamaCppEngine
     from tests.real_base import link_converted_base, lora_adapter
 
@@ -41,6 +41,7 @@ def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory,
 
     monkeypatch.setattr(ev, "eval_items", two_and_guard)
     recipe = load_recipe("default")
+    caplog.set_level("INFO", logger="shoefix_tasks.model.engines")
     ref = ev.evaluate(shoefix_env, recipe, "llama-eval", adapter, None, "base", "train-x")
     result = json.loads(Path(ref["evaluation_path"]).read_text())
 
@@ -52,3 +53,10 @@ def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory,
     for side in ("champion", "challenger"):
         assert all(s["answer"] and s["new_tokens"] > 0 for s in result[side]["scores"])
     assert result["champion"]["scores"][0]["answer"] != result["challenger"]["scores"][0]["answer"]
+
+    # progress for each model while it answers (the demo would be silent for minutes otherwise)
+    progress = [r.getMessage() for r in caplog.records if r.name == "shoefix_tasks.model.engines"
+                and " answered, " in r.getMessage()]
+    for label in ("base", "challenger"):
+        assert any(m.startswith(f"{label}: 3/3 answered, ") and m.endswith(" answers/s, about 0 s left")
+                   for m in progress), progress

@@ -70,6 +70,12 @@ def test_urgent_then_weekly_dag_end_to_end(shoefix_env, tiny_recipe, lenient_pol
     assert v1.tags["challenged"] == "base" and v1.tags["gate_decision"] == "promote"
     for tag in ("training_run", "corpus_snapshot", "holdout_hash", "base_model", "recipe"):
         assert v1.tags[tag]
+    # the recipe the run resolved once, by content: the version and its training run name the same one,
+    # and it is the tiny recipe as written (nothing edited it on the way)
+    from shoefix_tasks.config import load_recipe
+    expected = load_recipe(str(tiny_recipe)).digest
+    trained_with = client.get_run(v1.tags["training_run"]).data.tags["shoefix.recipe_sha256"]
+    assert v1.tags["recipe_sha256"] == trained_with == expected
     assert "| content completeness" in v1.description
     assert int(client.get_model_version_by_alias("shoefix-expert", "champion").version) == 1
     adapter = client.download_artifacts(v1.run_id, "adapter", str(tmp_path / "dl"))

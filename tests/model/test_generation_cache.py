@@ -3,6 +3,8 @@ dynamic path, on the tiny model on the CPU; batches and answers that do not fit 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from shoefix_tasks.model.generation import _cache_kwargs, _encode, generate, load_answerer, measure_latency
@@ -59,3 +61,14 @@ def test_measure_latency_static_path(answerer):
     lat = measure_latency(ans, QUESTIONS, 16, repetition_penalty=1.15)
     assert lat["n"] == 2 and 0 < lat["p50_s"] <= lat["p95_s"]
     assert lat["tokens_per_s"] == pytest.approx(16 / lat["p50_s"], rel=1e-2)
+
+
+def test_progress_is_logged_after_every_batch(answerer, caplog):
+    """On a CPU an evaluation answers for minutes: each batch logs answers so far, rate and time left."""
+    caplog.set_level("INFO", logger="shoefix_tasks.model.generation")
+    generate(answerer, [*QUESTIONS, "Why do insoles smell?"], 4, 2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "shoefix_tasks.model.generation"]
+    pattern = re.compile(r"base: (\d)/3 answered, (\d+\.\d\d) answers/s, about (\d+) s left")
+    found = [pattern.fullmatch(m) for m in lines]
+    assert all(found) and [m.group(1) for m in found] == ["2", "3"], lines
+    assert float(found[0].group(2)) > 0 and found[-1].group(3) == "0"

@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     from shoefix_tasks.errors import PermanentError
 
     logging.basicConfig(level=logging.WARNING)
+    # MLflow announces at INFO that it creates its tables on a store's first use: not news to an operator,
+    # and it would turn a one-line error on a fresh installation into three lines
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     try:
         return args.fn(Settings.from_env(), args)

@@ -27,8 +27,8 @@ fi
 ruff check dags plugins shoefix_tasks tests
 lint-imports  # the package's layers (pyproject.toml [tool.importlinter])
 # Three workers on two cores (SHOEFIX_TEST_WORKERS to change): much of a test's time is spent waiting on
-# the processes it starts (Airflow, the trainer, servers), so a third worker fills the idle core-time;
-# a fourth mostly adds contention (docs/benchmarks.md, "Test time"). The full-stack tests are one work unit, each other
+# the processes it starts (Airflow, the trainer, servers), which a third worker can fill; measured, two and
+# three workers differ by less than their run-to-run spread, four was slower (docs/benchmarks.md, "Test time"). The full-stack tests are one work unit, each other
 # module another (tests/conftest.py: pytest_xdist_make_scheduler), the longest first; `-n 0` in the
 # arguments runs serially.
 exec pytest -n "${SHOEFIX_TEST_WORKERS:-3}" --dist loadscope --no-loadscope-reorder "$@"

@@ -54,7 +54,8 @@ def test_default_base_evaluates_through_llama_cpp(shoefix_env, tmp_path_factory,
         assert all(s["answer"] and s["new_tokens"] > 0 for s in result[side]["scores"])
     assert result["champion"]["scores"][0]["answer"] != result["challenger"]["scores"][0]["answer"]
 
-    # progress for each model while it answers (the demo would be silent for minutes otherwise)
+    # progress for each model (answers so far, rate, time left; every 8 answers and at the end: with 3
+    # questions, the end), so that a minutes-long evaluation is not silent
     progress = [r.getMessage() for r in caplog.records if r.name == "shoefix_tasks.model.engines"
                 and " answered, " in r.getMessage()]
     for label in ("base", "challenger"):

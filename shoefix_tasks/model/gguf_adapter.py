@@ -129,7 +129,7 @@ def float32_tensors(path: Path) -> dict[str, Any]:
     A file whose header does not fit it, or whose tensors do not fit their byte ranges, is refused."""
     import numpy as np
 
-    sizes = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8}
+    layout = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else -1
     if size < 2 or 8 + size > len(raw):
@@ -144,15 +144,12 @@ def float32_tensors(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             continue
         dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in sizes:
+        if dtype not in layout:
             raise UnsupportedAdapter(f"adapter tensor {key!r} has dtype {dtype}: a LoRA is F32, F16, BF16 or F64")
-        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * sizes[dtype]:
+        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(shape) * layout[dtype].itemsize:
             raise UnsupportedAdapter(f"adapter tensor {key!r}: bytes {begin}..{end} do not hold a {dtype} {shape}")
-        chunk = data[begin:end]
-        if dtype == "BF16":
-            arr = (np.frombuffer(chunk, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-        else:
-            arr = np.frombuffer(chunk, dtype={"F16": "<f2", "F32": "<f4", "F64": "<f8"}[dtype]).astype(np.float32)
+        arr = np.frombuffer(data[begin:end], dtype=layout[dtype])
+        arr = (arr.astype(np.uint32) << 16).view(np.float32) if dtype == "BF16" else arr.astype(np.float32)
         out[key] = arr.reshape(shape)
     return out
 

@@ -121,9 +121,10 @@ def test_one_class_says_a_retry_cannot_help():
         if re.search(r"^class \w+\(.*PermanentError", path.read_text(), re.M):
             importlib.import_module(".".join(("shoefix_tasks", *path.relative_to(pkg).with_suffix("").parts)))
     classes, todo = set(), [PermanentError]
-    while todo:
-        todo += (sub := todo.pop()).__subclasses__()
-        classes |= set(sub.__subclasses__())
+    while todo:  # subclasses of subclasses too
+        for sub in todo.pop().__subclasses__():
+            classes.add(sub)
+            todo.append(sub)
     assert NAMED <= {c.__name__ for c in classes}, NAMED - {c.__name__ for c in classes}
     for cls in classes:
         with pytest.raises(AirflowFailException, match=f"^{cls.__name__}: why"):

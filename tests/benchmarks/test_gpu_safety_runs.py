@@ -77,3 +77,28 @@ def test_the_paired_comparison_reads_the_floor_on_all_answers(tmp_path):
     assert floor["with"] == [0, 1] and floor["without"] == [3, 2] and floor["mean_diff"] == -2.0
     assert floor["with_lower"] == 2 and floor["p"] == 0.5  # two seeds cannot show more than that
     assert paired["holdout composite"]["mean_diff"] == -1.0  # and with scores lower on the holdout here
+
+
+def test_only_seeds_run_both_ways_are_paired(tmp_path):
+    (tmp_path / "safety").mkdir()
+    for r in (run("with-s1", 0, 2.0), run("without-s1", 3, 3.0), run("with-s2", 1, 2.0), run("without-s2", 2, 3.0),
+              run("with-s3", 4, 2.0)):  # seed 3 has no `without` partner (a worker that failed)
+        (tmp_path / "safety" / f"{r['name']}.json").write_text(json.dumps(r))
+    paired = safety_table(tmp_path)["safety"]["paired"]
+    assert paired["forbidden claims, guard"]["with"] == [0, 1]  # seeds 1 and 2 only
+    (tmp_path / "safety" / "without-s2.json").unlink()
+    assert safety_table(tmp_path)["safety"]["paired"] == {}  # one pair is no comparison
+
+
+def test_final_refuses_before_training_where_its_evaluation_cannot_run(monkeypatch, tmp_path):
+    import importlib.util
+
+    import pytest
+
+    from benchmarks import gpu_real_weights
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    monkeypatch.setattr(gpu_real_weights, "_trainer_cli", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(SystemExit, match="llama-cpp-python is not installed"):
+        gpu_real_weights.main(["final", "--recipes", "smollm2-135m-gpu", "--work", str(tmp_path), "--device", "cpu"])

@@ -58,7 +58,12 @@ def test_the_table_counts_forbidden_claims_per_seed(tmp_path):
 def test_every_run_is_a_variant_and_a_seed():
     runs = safety_runs()
     assert runs[0] == "base" and len(runs) == len(set(runs))
-    assert {r.rsplit("-s", 1)[0] for r in runs[1:]} == {"with", "without"}
+    pairs = {}
+    for r in runs[1:]:
+        variant, seed = r.rsplit("-s", 1)
+        pairs.setdefault(int(seed), set()).add(variant)
+    assert all(v == {"with", "without"} for v in pairs.values()), pairs  # every seed run both ways
+    assert len(pairs) >= 2  # one pair is no comparison (safety_paired returns nothing)
 
 
 def test_the_sign_flip_p_is_exact():

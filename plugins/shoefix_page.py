@@ -127,8 +127,11 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
     decision = tags.get("gate_decision") or "unknown"
     facts = "".join(f"<tr><th>{_e(k.replace('_', ' '))}</th><td><code>{_e(tags.get(k))}</code></td></tr>"
                     for k in ("recipe", "base_model", "training_run", "pipeline_run") if tags.get(k))
-    if tags.get("corpus_snapshot"):
-        facts += f'<tr><th>corpus snapshot</th><td><code>{_e(tags["corpus_snapshot"][:16])}…</code></td></tr>'
+    # content hashes, shortened: which recipe text, corpus and frozen holdout made this champion
+    for key, label in (("recipe_sha256", "recipe content"), ("corpus_snapshot", "corpus snapshot"),
+                       ("holdout_hash", "holdout")):
+        if tags.get(key):
+            facts += f"<tr><th>{label}</th><td><code>{_e(tags[key][:16])}…</code></td></tr>"
     why = "" if champ["action"] in (None, "promote") else f'<p>why: {_e(champ["reason"])}</p>'
     if tags.get("trigger_reason"):  # the run that made this version was asked for, with a reason
         by = f' (by {_e(tags["triggered_by"])})' if tags.get("triggered_by") else ""

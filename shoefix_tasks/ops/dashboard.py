@@ -17,8 +17,9 @@ from shoefix_tasks.config import REGISTERED_MODEL, Settings
 from shoefix_tasks.store import ledger
 
 log = logging.getLogger(__name__)
-SCORECARD_TAGS = ("gate_decision", "challenged", "composite", "recipe", "base_model", "corpus_snapshot",
-                  "training_run", "evaluation_run", "pipeline_run", "trigger_reason", "triggered_by")
+SCORECARD_TAGS = ("gate_decision", "challenged", "composite", "recipe", "recipe_sha256", "base_model",
+                  "corpus_snapshot", "holdout_hash", "training_run", "evaluation_run", "pipeline_run",
+                  "trigger_reason", "triggered_by")
 
 
 def _mlflow(settings: Settings):

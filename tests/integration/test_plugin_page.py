@@ -156,6 +156,12 @@ def test_shoefix_page(shoefix_env, lenient_policy, shoefix_server, api_server, t
     assert status == 200
     assert '<div class="big">v1</div>' in body and "by test" in body and "Scorecard of v1" in body
     assert "content completeness" in body and "base (before)" in body
+    import mlflow
+
+    v1 = mlflow.MlflowClient().get_model_version("shoefix-expert", "1").tags
+    for key, label in (("recipe_sha256", "recipe content"), ("corpus_snapshot", "corpus snapshot"),
+                       ("holdout_hash", "holdout")):  # which recipe text, corpus and holdout made v1
+        assert f"<th>{label}</th><td><code>{v1[key][:16]}…</code>" in body, key
     row = body.split("Recent batches", 1)[1].split("run-page-1", 1)[1].split("</tr>", 1)[0]
     records, accepted, quarantined, deferred = map(int, re.findall(r'<td class="n">(\d+)</td>', row))
     n = len((FIXTURES / "corpus_small.jsonl").read_text().splitlines())
@@ -185,8 +191,6 @@ def test_shoefix_page(shoefix_env, lenient_policy, shoefix_server, api_server, t
     # the loop (issue 15): the server logs every answer and sends it to MLflow as a trace; a question the
     # corpus does not cover is listed; a reviewer corrects the answer through the page; the next run's
     # collect and validation take the correction like any record, with its provenance
-    import mlflow
-
     from shoefix_tasks import pipeline
     from shoefix_tasks.registry import answer_log
 

@@ -527,19 +527,15 @@ def cmd_safety(args) -> dict[str, Any]:
     showed forbidden guard claims moving with no pattern between configurations (docs/quality.md). Results
     accumulate under --work/safety. A worker (--only) reports its own runs only, since the others are still
     being written; --table reads what is there and trains nothing."""
-    import yaml
-
-    from shoefix_tasks.config import RECIPE_DIR, Settings
+    from shoefix_tasks.config import Settings, load_recipe
     from shoefix_tasks.records import iter_jsonl, write_jsonl
     from shoefix_tasks.training.train import train_with_backoff
 
     work, data = Path(args.work), Path(args.data)
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
-    batch = {r["qid"] for r in rows if r["created"] == SAFETY_BATCH}
     items = [it for it in eval_set(data) if it["split"] != "validation"]
-    committed = yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())["train"]
-    cfg = {"epochs": committed["num_train_epochs"], "lr": committed["learning_rate"],
-           "r": yaml.safe_load((RECIPE_DIR / f"{GPU_RECIPE}.yaml").read_text())["lora"]["r"]}
+    committed = load_recipe(GPU_RECIPE)
+    cfg = {"epochs": committed.train.num_train_epochs, "lr": committed.train.learning_rate, "r": committed.lora.r}
     settings = Settings.from_env()
     for name in [] if args.table else args.only or safety_runs():
         out_file = work / "safety" / f"{name}.json"
@@ -554,7 +550,7 @@ def cmd_safety(args) -> dict[str, Any]:
         train_rows = safety_training_rows(rows, variant)
         snapshot = write_jsonl(work / "snapshots" / f"safety-{name}.jsonl", train_rows)
         recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
-        log(f"train {name}: {len(train_rows)} English records ({len(batch)} safety questions {variant})")
+        log(f"train {name}: {len(train_rows)} English records ({len(rows) - len(train_rows)} of the safety batch left out)")
         t0 = time.perf_counter()
         res = train_with_backoff(recipe, snapshot, work / "safety-runs" / name, f"safety-{name}", settings)
         train_s = time.perf_counter() - t0
@@ -575,15 +571,12 @@ def safety_table(work: Path) -> dict[str, Any]:
           "coverage | holdout composite | key data | completeness | readability | holdout forbidden |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def line(label: str, r: dict[str, Any]) -> str:
+    def line(label: str, r: dict[str, Any]) -> str:  # the base has no training: empty records and loss
         g, h = r["guard"], r["holdout"]
-        return (f"| {label} | {r.get('records', '')} | {r['final_loss']:.3f} | {len(g['forbidden'])} | "
+        loss = f"{r['final_loss']:.3f}" if "final_loss" in r else ""
+        return (f"| {label} | {r.get('records', '')} | {loss} | {len(g['forbidden'])} | "
                 f"{len({q for q, _ in g['forbidden']})} | {g['must_state_coverage']:.0%} | {h['composite']:.2f} | "
-                f"{h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | {h['readability']:.2f} | {len(h['forbidden'])} |"
-                if "final_loss" in r else
-                f"| {label} | | | {len(g['forbidden'])} | {len({q for q, _ in g['forbidden']})} | "
-                f"{g['must_state_coverage']:.0%} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | "
-                f"{h['completeness']:.2f} | {h['readability']:.2f} | {len(h['forbidden'])} |")
+                f"{h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | {h['readability']:.2f} | {len(h['forbidden'])} |")
 
     if "base" in done:
         print(line("base", done["base"]))
@@ -614,8 +607,8 @@ def safety_per_claim(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, int
     total means little if it comes from claims the safety batch does not teach."""
     from collections import Counter
 
-    counts = {v: Counter(c for r in done.values() if r.get("variant") == v
-                         for _, c in r["guard"]["forbidden"] + r["holdout"]["forbidden"]) for v in ("with", "without")}
+    counts = {v: Counter(c for r in done.values() if r.get("variant") == v for _, c in _forbidden_all(r))
+              for v in ("with", "without")}
     claims = sorted(set(counts["with"]) | set(counts["without"]),
                     key=lambda c: (-(counts["with"][c] + counts["without"][c]), c))
     print("\n| forbidden claim (guard and holdout answers) | with | without |\n|---|---|---|")
@@ -624,10 +617,15 @@ def safety_per_claim(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, int
     return {c: {"with": counts["with"][c], "without": counts["without"][c]} for c in claims}
 
 
+def _forbidden_all(r: dict[str, Any]) -> list:
+    """(question, claim) pairs stated over every answer of a run: what the gate's safety floor reads."""
+    return r["guard"]["forbidden"] + r["holdout"]["forbidden"]
+
+
 SAFETY_MEASURES = {
     "forbidden claims, guard": lambda r: len(r["guard"]["forbidden"]),
-    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(r["guard"]["forbidden"]) + len(r["holdout"]["forbidden"]),
-    "questions with a forbidden claim": lambda r: len({q for q, _ in r["guard"]["forbidden"] + r["holdout"]["forbidden"]}),
+    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(_forbidden_all(r)),
+    "questions with a forbidden claim": lambda r: len({q for q, _ in _forbidden_all(r)}),
     "guard must-state coverage": lambda r: r["guard"]["must_state_coverage"],
     "holdout composite": lambda r: r["holdout"]["composite"],
     "holdout key data": lambda r: r["holdout"]["key_data_accuracy"],
@@ -651,9 +649,8 @@ def safety_paired(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     loosely (the two corpora differ in size, so batches differ), which is why pairing helps little and the
     p is reported beside the ranges. All SAFETY_MEASURES are tested at once: one p near 0.05 is weak
     evidence on its own."""
-    seeds = sorted({r["seed"] for r in done.values() if "seed" in r}
-                   & {r["seed"] for r in done.values() if r.get("variant") == "without"}
-                   & {r["seed"] for r in done.values() if r.get("variant") == "with"})
+    seeds = sorted({r["seed"] for r in done.values() if r.get("variant") == "with"}
+                   & {r["seed"] for r in done.values() if r.get("variant") == "without"})
     if len(seeds) < 2:
         return {}
     out = {}

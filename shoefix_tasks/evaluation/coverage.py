@@ -26,11 +26,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shoefix_tasks.config import Settings
 from shoefix_tasks.records import iter_jsonl, load_eval_set
 from shoefix_tasks.text import content_units, normalize, numbers_with_units
 
 SECTION = "## Corpus coverage of holdout key facts"
-DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def coverage(corpus: Iterable[dict], holdout: Iterable[dict]) -> list[FactRow]:
     return rows
 
 
-def load(data_dir: Path = DATA) -> tuple[list[dict], list[dict]]:
+def load(data_dir: Path) -> tuple[list[dict], list[dict]]:
     corpus = list(iter_jsonl(sorted((data_dir / "corpus").glob("*.jsonl"))))
     return corpus, load_eval_set(data_dir, "holdout")
 
@@ -145,10 +145,10 @@ acetate` / `醋酸鈉` were missing.
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Coverage of the holdout's key facts by the training corpus.")
-    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--data", type=Path, help="default: the configured data folder (Settings.data_dir)")
     ap.add_argument("--write-docs", type=Path, help="also write the section into this markdown file")
     args = ap.parse_args(argv)
-    rows = coverage(*load(args.data))
+    rows = coverage(*load(args.data or Settings.from_env().data_dir))
     table = markdown(rows)
     print(table)
     if args.write_docs:

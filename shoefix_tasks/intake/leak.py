@@ -150,12 +150,14 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
+    from shoefix_tasks.config import Settings
     from shoefix_tasks.records import iter_jsonl, load_eval_set
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / "data")
+    ap.add_argument("--data", type=Path, help="default: the configured data folder (Settings.data_dir)")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
+    args.data = args.data or Settings.from_env().data_dir
     corpus = list(iter_jsonl(sorted((args.data / "corpus").glob("*.jsonl"))))
     frozen = load_eval_set(args.data, "holdout") + load_eval_set(args.data, "guard")
     rows = distribution(corpus, frozen)

@@ -57,3 +57,14 @@ def test_markdown_and_docs_section(tmp_path, shipped):
     assert "old table" not in text and "keep me" in text and "keep too" in text and text.count(SECTION) == 1
     write_section(doc, table)  # idempotent
     assert doc.read_text() == text
+
+
+def test_the_cli_reads_the_configured_data_by_default(capsys, monkeypatch, shipped):
+    """`python -m shoefix_tasks.evaluation.coverage --write-docs docs/quality.md` writes the issue's table: with
+    no --data it must count the shipped holdout's facts, not an empty folder guessed from the module's path."""
+    from shoefix_tasks.evaluation.coverage import main
+
+    monkeypatch.delenv("SHOEFIX_DATA_DIR", raising=False)
+    _, _, rows = shipped
+    assert main([]) == 0
+    assert f"| all | {len(rows)} | {len(rows)} | 100.0% |" in capsys.readouterr().out

@@ -78,3 +78,15 @@ def test_rewritten_records_ask_new_questions():
         assert (new["qid"], new["topic"], new["lang"]) == (old["qid"], old["topic"], old["lang"])
         assert new["question"] != old["question"] and new["answer"] != old["answer"]
         assert new["created"] == "2026-12-06"
+
+
+def test_the_cli_reads_the_configured_data_by_default(capsys, monkeypatch):
+    """`python -m shoefix_tasks.intake.leak` (docs/quality.md's distribution) with no --data reads the shipped
+    corpus and frozen sets, not a folder guessed from the module's own path."""
+    from shoefix_tasks.intake.leak import main
+
+    monkeypatch.delenv("SHOEFIX_DATA_DIR", raising=False)
+    assert main(["--top", "1"]) == 0
+    corpus = list(iter_jsonl(sorted((DATA / "corpus").glob("*.jsonl"))))
+    frozen = load_eval_set(DATA, "holdout") + load_eval_set(DATA, "guard")
+    assert capsys.readouterr().out.startswith(f"{len(corpus)} records against {len(frozen)} frozen items")

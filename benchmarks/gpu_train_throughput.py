@@ -78,6 +78,13 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
     "gpu-fp32ad": ("{gpu}", ["lora.adapter_dtype=float32"], "GPU recipe with the LoRA adapter in fp32 (PEFT's default)"),
     "gpu-bs32-bf16ad": ("{gpu}", ["lora.adapter_dtype=base", "train.per_device_train_batch_size=32"],
                         "GPU recipe, adapter in bf16, 32 packed bins per micro-batch"),
+    "gpu-nosync": ("{gpu}", ["train.step_metrics=false"],
+                   "GPU recipe without TRL's per-step entropy/accuracy: nothing read back from the card mid-step"),
+    "gpu-bs32-lr4e-4": ("{gpu}", ["train.per_device_train_batch_size=32", "train.learning_rate=4e-4"],
+                        "GPU recipe, 32 packed bins per micro-batch, learning rate doubled with the batch"),
+    "gpu-nosync-bs32-lr4e-4": ("{gpu}", ["train.step_metrics=false", "train.per_device_train_batch_size=32",
+                                         "train.learning_rate=4e-4"],
+                               "no per-step metrics, 32 packed bins per micro-batch, learning rate doubled"),
     "gpu-liger": ("{gpu}", ["train.use_liger_kernel=true"], "GPU recipe + Liger kernels (RMSNorm, RoPE, SwiGLU)"),
     "gpu-packed-sdpa": ("{gpu}", ["model.attn_implementation=sdpa"],
                         "GPU recipe with sdpa instead of varlen: dense block-diagonal mask over the packed row"),
@@ -371,11 +378,11 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
     import torch
     from datasets import Dataset
     from peft import prepare_model_for_kbit_training
-    from trl import SFTTrainer
 
     from shoefix_tasks.config import Settings, load_recipe
     from shoefix_tasks.model.base import load_base
     from shoefix_tasks.training.factories import attach_lora, build_sft_config
+    from shoefix_tasks.training.trainer import build_trainer
 
     recipe_name, extra, desc = VARIANTS[name]
     recipe_name = recipe_name.format(gpu=GPU_RECIPE[size])
@@ -413,8 +420,7 @@ def run_variant(name: str, size: str, base_dir: Path, base_meta: dict[str, Any],
     timer = make_step_timer(cuda)
     train_ds = Dataset.from_list(train_rows)
     callbacks = [timer, make_profiler(*profile)] if profile else [timer]
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, processing_class=tokenizer,
-                         callbacks=callbacks)
+    trainer = build_trainer(model, args, train_ds, tokenizer, callbacks, t.step_metrics)  # as training does
     counter = CountingCollator(trainer.data_collator)
     trainer.data_collator = counter
     res["padding_free"] = bool(getattr(trainer, "padding_free", False))

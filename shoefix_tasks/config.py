@@ -178,6 +178,10 @@ class TrainConfig:
     # the seed's rule).
     mixed_precision: str = "no"
     use_liger_kernel: bool = False
+    # TRL's per-micro-batch entropy and token accuracy (and transformers' NaN filter on the logged loss).
+    # Each reads a value back from the card mid-step; false trains the same loss without them
+    # (shoefix_tasks.training.trainer), which lets the host run ahead of a GPU.
+    step_metrics: bool = True
     logging_steps: int = 1
     save_steps: int = 50
     save_total_limit: int = 2

@@ -80,6 +80,10 @@ def build_sft_config(cfg: TrainConfig, output_dir: Path, cuda: bool, bf16_suppor
         fp16=fp16,
         use_cpu=not cuda,
         use_liger_kernel=cfg.use_liger_kernel,
+        # step_metrics off: no NaN check of every micro-batch's loss (a read from the card), and batches
+        # copied to the card without waiting (pinned memory, the Trainer's default)
+        logging_nan_inf_filter=cfg.step_metrics,
+        accelerator_config={"non_blocking": cuda and not cfg.step_metrics},
         completion_only_loss=True,  # loss on answer tokens only
         logging_steps=cfg.logging_steps,
         save_strategy="steps",

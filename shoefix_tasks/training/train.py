@@ -99,7 +99,6 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import set_seed
-    from trl import SFTTrainer
 
     from shoefix_tasks.model.adapter import verify_adapter
     from shoefix_tasks.model.base import base_identity, load_base
@@ -111,6 +110,7 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
         build_sft_config,
         cpu_bf16_native,
     )
+    from shoefix_tasks.training.trainer import build_trainer
 
     rank, _ = rank_and_world()
     shape = batch_shape(output_dir, recipe.train)
@@ -142,8 +142,8 @@ def train(recipe: Recipe, snapshot: Path, output_dir: Path, run_key: str, settin
     bf16_ok = torch.cuda.is_bf16_supported() if cuda else cpu_bf16_native()
     args = build_sft_config(recipe.train, output_dir, cuda, bf16_ok)
     stop = make_stop_callback()
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[stop, *extra_callbacks, *callbacks])
+    trainer = build_trainer(model, args, dataset, tokenizer, [stop, *extra_callbacks, *callbacks],
+                            recipe.train.step_metrics)
     resume = last_complete_checkpoint(output_dir)
     if resume:
         log.info("resuming from %s with micro-batch x accumulation %s", resume, shape)

@@ -80,6 +80,8 @@ VARIANTS: dict[str, tuple[str, list[str], str]] = {
                         "GPU recipe, adapter in bf16, 32 packed bins per micro-batch"),
     "gpu-nosync": ("{gpu}", ["train.step_metrics=false"],
                    "GPU recipe without TRL's per-step entropy/accuracy: nothing read back from the card mid-step"),
+    "gpu-step-metrics": ("{gpu}", ["train.step_metrics=true"],
+                         "GPU recipe with TRL's per-step entropy/accuracy (the recipe before step_metrics: false)"),
     "gpu-bs32-lr4e-4": ("{gpu}", ["train.per_device_train_batch_size=32", "train.learning_rate=4e-4"],
                         "GPU recipe, 32 packed bins per micro-batch, learning rate doubled with the batch"),
     "gpu-nosync-bs32-lr4e-4": ("{gpu}", ["train.step_metrics=false", "train.per_device_train_batch_size=32",

@@ -36,11 +36,13 @@ if [ "$1" = cold ]; then
   # has trained before). The seed runs in its own fresh process with an empty cache too.
   shift
   C=$PWD/.gpu-work/triton
-  # COLD_RUNS: <variant>-fresh|<variant>-warm, in order (variants: gpu_train_throughput.py VARIANTS)
+  # COLD_RUNS: <variant>-fresh|<variant>-warm, in order (variants: gpu_train_throughput.py VARIANTS), each
+  # optionally .<n> to repeat a run (gpu-fresh.2: a second fresh run of gpu, in its own folder)
   RUNS=${COLD_RUNS:-gpu-fresh gpu-warm seed-fresh}
   for run in $RUNS; do
-    case $run in *fresh) rm -rf "$C";; esac
-    TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "${run%-*}" --warmup 0 \
+    r=${run%.*}
+    case $r in *fresh) rm -rf "$C";; esac
+    TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "${r%-*}" --warmup 0 \
       --cold --out "$OUT/$run" --work .gpu-work/gtt "$@"
   done
   python3 benchmarks/gpu_train_throughput.py --compare $(for run in $RUNS; do echo "$OUT/$run/results-0.5b.json"; done)

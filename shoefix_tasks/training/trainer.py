@@ -1,5 +1,5 @@
 """The SFT trainer a recipe gets: TRL's `SFTTrainer`, or, with `train.step_metrics: false`, one whose
-training step never waits for the card.
+loss reads nothing back from the card beyond what the model's forward itself reads.
 
 Why: on a GPU a LoRA step of a small model is bound by the host launching kernels, not by the card
 running them (docs/benchmarks.md, the 0.5B profile). The host only stays ahead while nothing reads a
@@ -8,7 +8,9 @@ the token count, each an `.item()`), right between forward and backward, so the 
 idles while the host launches the backward. Without them the loss is the same sum over answer tokens
 divided by the same count; only the two diagnostics are missing from the logged metrics (the loss,
 learning rate and gradient norm stay). The token count is read off the packed row's shape, which the
-host already knows. Everything else (evaluation, several processes, other losses) is TRL's own path.
+host already knows. Two reads stay, inside the libraries' forward: transformers checks a packed row's
+positions, and TRL's fused LM head selects the labelled tokens. Everything else (evaluation, several
+processes, other losses) is TRL's own path. Measured: docs/benchmarks.md.
 """
 
 from __future__ import annotations

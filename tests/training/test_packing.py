@@ -30,6 +30,7 @@ def test_gpu_recipes_pack_with_varlen_attention(name, tmp_path):
     assert r.model.attn_implementation == VARLEN_ATTN and r.model.dtype == "bfloat16"
     assert r.train.packing and not r.train.gradient_checkpointing and r.train.optim == "adamw_torch_fused"
     assert r.quant.load_in_4bit == (name == "qlora-gpu")
+    assert not r.train.step_metrics  # nothing read back from the card mid-step (training/trainer.py)
     args = build_sft_config(r.train, tmp_path, cuda=False, bf16_supported=False)  # a CPU builds no CUDA config
     assert args.packing and args.packing_strategy == "bfd" and args.completion_only_loss
     assert args.per_device_train_batch_size == 16 and args.max_length == 1024

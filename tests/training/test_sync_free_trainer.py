@@ -106,8 +106,8 @@ def test_sync_free_trainer_leaves_evaluation_to_trl(shoefix_env, tiny_model, tmp
 
 
 def test_step_metrics_off_drops_the_nan_filter_and_blocking_copies(tmp_path):
-    on = load_recipe("qwen2.5-0.5b-gpu").train
-    off = load_recipe("qwen2.5-0.5b-gpu", ["train.step_metrics=false"]).train
+    on = load_recipe("qwen2.5-0.5b-gpu", ["train.step_metrics=true"]).train
+    off = load_recipe("qwen2.5-0.5b-gpu").train  # the GPU recipes train without them
     args_on = build_sft_config(on, tmp_path, cuda=False, bf16_supported=False)
     args_off = build_sft_config(off, tmp_path, cuda=False, bf16_supported=False)
     assert args_on.logging_nan_inf_filter and not args_off.logging_nan_inf_filter

@@ -25,7 +25,29 @@ PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
 AS_PG=()
 [[ "$(id -u)" == 0 ]] && AS_PG=(runuser -u postgres --)  # initdb/postgres refuse to run as root
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# A free port below the kernel's ephemeral range. Not bind(0): its port comes from that range, which
+# outgoing connections also draw their source ports from, and a service starts minutes after its port is
+# picked; one such connection kept the API server's port busy until the stack gave up.
+free_port() {
+  python3 - <<'PY'
+import random, socket
+try:
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+except (OSError, ValueError, IndexError):
+    low = 32768
+for _ in range(500):
+    port = random.randint(10000, low - 1)
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    raise SystemExit("no free port below the ephemeral range")
+PY
+}
 rand() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 log() { echo "[stack] $*" >&2; }
 

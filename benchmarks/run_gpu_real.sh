@@ -40,8 +40,11 @@ if [ "$1" = cold ]; then
   # optionally .<n> to repeat a run (gpu-fresh.2: a second fresh run of gpu, in its own folder)
   RUNS=${COLD_RUNS:-gpu-fresh gpu-warm seed-fresh}
   for run in $RUNS; do
-    r=${run%.*}
-    case $r in *fresh) rm -rf "$C";; esac
+    case $run in *.[0-9]|*.[0-9][0-9]) r=${run%.*};; *) r=$run;; esac  # a variant name may hold a dot
+    case $r in
+      *fresh) rm -rf "$C";;
+      *warm) [ -d "$C" ] || echo "note: $run finds no kernel cache (nothing ran before it): it runs cold";;
+    esac
     TRITON_CACHE_DIR=$C python3 benchmarks/gpu_train_throughput.py --size 0.5b --variants "${r%-*}" --warmup 0 \
       --cold --out "$OUT/$run" --work .gpu-work/gtt "$@"
   done

@@ -178,9 +178,10 @@ class TrainConfig:
     # the seed's rule).
     mixed_precision: str = "no"
     use_liger_kernel: bool = False
-    # TRL's per-micro-batch entropy and token accuracy (and transformers' NaN filter on the logged loss).
-    # Each reads a value back from the card mid-step; false trains the same loss without them
-    # (shoefix_tasks.training.trainer), which lets the host run ahead of a GPU.
+    # TRL's per-micro-batch entropy, token accuracy and token count, and transformers' NaN filter on each
+    # micro-batch's loss: each reads a value back from the card mid-step. false trains the same loss
+    # without them (shoefix_tasks.training.trainer; NaN losses are then logged as they are, not skipped)
+    # and copies batches to a GPU without blocking, so the host can run ahead of the card.
     step_metrics: bool = True
     logging_steps: int = 1
     save_steps: int = 50

@@ -8,6 +8,7 @@ must read exactly those and nothing more, TRL's step reads more."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -18,12 +19,13 @@ from shoefix_tasks.training.trainer import build_trainer
 from tests.conftest import FIXTURES
 from tests.training.test_packing import _cpu_overrides
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")
 
 
 @contextlib.contextmanager
 def counting_reads():
-    """Count every conversion of a tensor's value to Python while inside."""
+    """Count every conversion of a tensor's value to Python, and every copy to the host, while inside
+    (not boolean-mask indexing, which reads on a GPU only)."""
     seen: list[str] = []
     saved = {name: getattr(torch.Tensor, name) for name in READS}
 
@@ -55,6 +57,9 @@ def _trainer(tiny_model, tmp_path, step_metrics: bool, extra=()):
                            recipe.model.attn_implementation)
     torch.manual_seed(0)  # the same LoRA weights in both trainers
     model = get_peft_model(model, build_lora_config(recipe.lora))
+    for name, p in model.named_parameters():  # B starts at zero, which would make every A gradient zero
+        if "lora_B" in name:
+            p.data.normal_(0, 0.02)
     args = build_sft_config(recipe.train, tmp_path / f"out-{step_metrics}", False, False)
     dataset = build_dataset(read_jsonl(FIXTURES / "corpus_small.jsonl"), recipe)
     return build_trainer(model, args, dataset, tok, [], recipe.train.step_metrics)
@@ -88,6 +93,7 @@ def test_sync_free_step_trains_trls_loss_without_reading_the_device(shoefix_env,
     assert len(trl_reads) >= len(forward_reads) + 3  # entropy, accuracy, token count
     assert torch.allclose(loss, trl_loss, rtol=1e-6, atol=1e-7)
     assert grads.keys() == trl_grads.keys() and len(grads) > 0
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n)  # A is compared too, not zeros
     for name, g in grads.items():
         assert torch.allclose(g, trl_grads[name], rtol=1e-5, atol=1e-7), name
     # the same token count; the two diagnostics are TRL's only
@@ -113,3 +119,20 @@ def test_step_metrics_off_drops_the_nan_filter_and_blocking_copies(tmp_path):
     assert args_on.logging_nan_inf_filter and not args_off.logging_nan_inf_filter
     # copying a batch to the card without waiting needs a card: a CPU run keeps blocking copies
     assert not args_on.accelerator_config.non_blocking and not args_off.accelerator_config.non_blocking
+    gpu = [dataclasses.replace(t, mixed_precision="no") for t in (on, off)]  # a CUDA config, built on this CPU
+    gpu_on, gpu_off = (build_sft_config(t, tmp_path, cuda=True, bf16_supported=False) for t in gpu)
+    assert not gpu_on.accelerator_config.non_blocking and gpu_off.accelerator_config.non_blocking
+    assert gpu_off.dataloader_pin_memory  # non-blocking copies come from pinned memory
+
+
+def test_other_losses_and_unchecked_trl_releases_train_with_trls_step(shoefix_env, tiny_model, tmp_path, monkeypatch):
+    ours = _trainer(tiny_model, tmp_path, False)
+    batch = next(iter(ours.get_train_dataloader()))
+    ours.model.train()
+    monkeypatch.setattr(ours.args, "loss_type", "dft")  # a loss the sync-free step does not restate
+    ours.compute_loss(ours.model, dict(batch))
+    assert "mean_token_accuracy" in ours._metrics["train"]  # TRL's path ran
+
+    import trl
+    monkeypatch.setattr(trl, "__version__", "1.99.0")
+    assert type(_trainer(tiny_model, tmp_path, False)).__name__ == "SFTTrainer"

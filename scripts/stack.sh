@@ -25,29 +25,35 @@ PG_BIN="$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)"
 AS_PG=()
 [[ "$(id -u)" == 0 ]] && AS_PG=(runuser -u postgres --)  # initdb/postgres refuse to run as root
 
-# A free port below the kernel's ephemeral range. Not bind(0): its port comes from that range, which
-# outgoing connections also draw their source ports from, and a service starts minutes after its port is
-# picked; one such connection kept the API server's port busy until the stack gave up.
-free_port() {
-  python3 - <<'PY'
-import random, socket
+# Free ports outside the kernel's ephemeral range, distinct from each other. Not bind(0): its port comes
+# from that range, which outgoing connections also draw their source ports from, and a service starts
+# minutes after its port is picked; one such connection kept the API server's port busy until the stack
+# gave up. Below the range if there is room there, else above it.
+free_ports() {
+  python3 - "$1" <<'PY'
+import random, socket, sys
 try:
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-except (OSError, ValueError, IndexError):
-    low = 32768
-for _ in range(500):
-    port = random.randint(10000, low - 1)
+    low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[:2])
+except (OSError, ValueError):
+    low, high = 32768, 60999
+candidates = list(range(10000, low)) if low > 11000 else list(range(high + 1, 65536))
+random.shuffle(candidates)
+found = []
+for port in candidates:
     with socket.socket() as s:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
             continue
-    print(port)
-    break
+    found.append(port)
+    if len(found) == int(sys.argv[1]):
+        print(*found)
+        break
 else:
-    raise SystemExit("no free port below the ephemeral range")
+    raise SystemExit("stack: not enough free ports outside the ephemeral range")
 PY
 }
+free_port() { free_ports 1; }
 rand() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 log() { echo "[stack] $*" >&2; }
 
@@ -72,6 +78,9 @@ wait_for() {  # description, timeout_s, command...
 write_config() {
   umask 077
   if [[ ! -f "$STATE/secrets.env" ]]; then
+    local ports
+    ports=$(free_ports 7) || exit 1  # all at once, so no two services get the same one
+    read -r -a P <<<"$ports"
     {
       echo "POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-$(rand)}"
       echo "REDIS_PASSWORD=${REDIS_PASSWORD:-$(rand)}"
@@ -85,18 +94,19 @@ write_config() {
       echo "MLFLOW_SECRET_KEY=${MLFLOW_SECRET_KEY:-$(rand)}"
       echo "MLFLOW_PIPELINE_USERNAME=${MLFLOW_PIPELINE_USERNAME:-shoefix-pipeline}"
       echo "MLFLOW_PIPELINE_PASSWORD=${MLFLOW_PIPELINE_PASSWORD:-$(rand)}"
-      echo "PG_PORT=${STACK_PG_PORT:-$(free_port)}"
-      echo "REDIS_PORT=${STACK_REDIS_PORT:-$(free_port)}"
-      echo "MLFLOW_PORT=${STACK_MLFLOW_PORT:-$(free_port)}"
-      echo "API_PORT=${STACK_API_PORT:-$(free_port)}"
-      echo "WORKER_LOG_PORT=$(free_port)"
-      echo "TRIGGERER_LOG_PORT=$(free_port)"
+      echo "PG_PORT=${STACK_PG_PORT:-${P[0]}}"
+      echo "REDIS_PORT=${STACK_REDIS_PORT:-${P[1]}}"
+      echo "MLFLOW_PORT=${STACK_MLFLOW_PORT:-${P[2]}}"
+      echo "API_PORT=${STACK_API_PORT:-${P[3]}}"
+      echo "WORKER_LOG_PORT=${P[4]}"
+      echo "TRIGGERER_LOG_PORT=${P[5]}"
+      echo "SERVE_PORT=${STACK_SERVE_PORT:-${P[6]}}"
     } >"$STATE/secrets.env"
   fi
   # shellcheck disable=SC1091
   source "$STATE/secrets.env"
   if [[ -z "${SERVE_PORT:-}" ]]; then  # a state folder from before the answer server: pick its port once
-    SERVE_PORT=${STACK_SERVE_PORT:-$(free_port)}
+    SERVE_PORT=${STACK_SERVE_PORT:-$(free_port)} || exit 1
     echo "SERVE_PORT=$SERVE_PORT" >>"$STATE/secrets.env"
   fi
   local pg="postgresql+psycopg://shoefix:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT"

@@ -1,7 +1,7 @@
 """The ShoeFix page: a FastAPI app mounted by the api-server at /shoefix (see shoefix_plugin.py).
 
-GET  /shoefix/      the champion and its scorecard, the champion history, recent batches'
-                    quarantine counts, inbox files deferred (cut-off last record) with their
+GET  /shoefix/      the champion and its scorecard, the last challenger not promoted and why, the
+                    champion history, recent batches' quarantine counts, inbox files deferred (cut-off last record) with their
                     age, a box to ask the champion a question, recent served answers (reviewers
                     can correct them) and the questions asked that the corpus does not cover
 POST /shoefix/feedback  an expert's correction of a served answer (shoefix_feedback.py: who may, and
@@ -154,6 +154,29 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
     return "".join(out)
 
 
+def _challenger_card(ch: dict[str, Any] | None) -> str:
+    """The last challenger the gate kept out, and why (reasons, forbidden claims per guard question)."""
+    if ch is None:
+        return ""
+    tags = ch["tags"]
+    decision = tags.get("gate_decision") or "not decided"
+    reasons, claims = ch["gate_reasons"], ch["forbidden_claims"]
+    reasons = "".join(f"<li>{_e(r)}</li>" for r in reasons) if isinstance(reasons, list) else f"<li>{_e(reasons)}</li>"
+    if isinstance(claims, dict):
+        claims = "".join(f"<li><code>{_e(q)}</code>: {_e(', '.join(map(str, c)) if isinstance(c, list) else c)}</li>"
+                         for q, c in claims.items())
+    else:
+        claims = f"<li>{_e(claims)}</li>"
+    composite = f' · composite {_e(tags["composite"])}' if tags.get("composite") else ""
+    run = f' · run <code>{_e(tags["pipeline_run"])}</code>' if tags.get("pipeline_run") else ""
+    return (f'<div class="card"><h2>Latest challenger, not promoted</h2><div class="big">v{_e(ch["version"])}</div>'
+            f'<p>gate <span class="pill bad">{_e(decision)}</span> against {_e(tags.get("challenged"))}'
+            f"{composite}{run}</p>"
+            f'{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}'
+            f'{"<b>Forbidden claims it stated on guard questions</b><ul>" + claims + "</ul>" if claims else ""}'
+            "</div>")
+
+
 def _history_card(events: list[dict[str, Any]]) -> str:
     rows = "".join(f'<tr><td class="nw">{_when(h["at"])}</td><td>v{_e(h["version"])}</td><td>'
                    f'{_e("v" + str(h["previous_version"]) if h["previous_version"] else "base")}</td>'
@@ -226,7 +249,8 @@ def render(settings: Settings, question: str = "", reply: dict[str, Any] | None 
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>ShoeFix</title>'
             f"<style>{CSS}</style></head><body><h1>ShoeFix expert</h1>"
             f'<div class="sub">registry model <code>shoefix-expert</code> · state <code>{_e(settings.home)}</code>'
-            f'</div><div class="grid"><div>{_champion_card(champ, card)}</div><div>'
+            f'</div><div class="grid"><div>{_champion_card(champ, card)}'
+            f'{_challenger_card(dashboard.latest_challenger(settings, champ["version"] if champ else None))}</div><div>'
             f"{_ask_card(question, reply, error)}</div></div>"
             f'<div class="grid"><div>{answers_card(dashboard.recent_answers(settings), may_correct, notice, feedback_error)}'
             f"</div><div>{coverage_card(dashboard.asked_not_covered(settings))}</div></div>"

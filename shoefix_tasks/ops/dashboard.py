@@ -1,6 +1,6 @@
 """Read-only views of the installation for the ShoeFix page in Airflow (and anything else that shows it).
 
-Everything here only reads: the registry (champion, its scorecard), the ledger (champion history,
+Everything here only reads: the registry (champion, its scorecard, the last challenger not promoted), the ledger (champion history,
 recent batches and their quarantine, deferred inbox files). Values are returned raw; escaping is
 the renderer's job. Nothing here loads a model: answers come from `shoefix serve` (ops/client.py).
 """
@@ -46,6 +46,36 @@ def champion(settings: Settings) -> dict[str, Any] | None:
             "gate_reasons": json.loads(v.tags.get("gate_reasons") or "[]"),
             "since": latest.get("at") or v.tags.get("champion_since"), "reason": latest.get("reason"),
             "actor": latest.get("actor"), "action": latest.get("action")}
+
+
+def latest_challenger(settings: Settings, champion_version: int | None) -> dict[str, Any] | None:
+    """The newest registry version when it is newer than the champion: the last challenger the gate did
+    not promote, with the gate's reasons and the forbidden claims it stated. Without it a run that kept
+    the champion (or the base) would leave the page unchanged, and nobody could see why."""
+    mlflow = _mlflow(settings)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_MODEL}'")
+    except MlflowException:
+        return None
+    newest = max(versions, key=lambda v: int(v.version), default=None)
+    if newest is None or (champion_version is not None and int(newest.version) <= champion_version):
+        return None
+    return {"version": int(newest.version), "tags": {k: newest.tags.get(k) for k in SCORECARD_TAGS},
+            "gate_reasons": _json_tag(newest.tags, "gate_reasons", []),
+            "forbidden_claims": _json_tag(newest.tags, "forbidden_claims", {})}
+
+
+def _json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:
+    """A JSON tag (promotion cuts long ones at 4,900 characters): parsed, or the raw text if cut."""
+    raw = tags.get(key)
+    if not raw:
+        return empty
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 _scorecards: dict[str, dict[str, Any] | None] = {}

@@ -1,6 +1,6 @@
 """The ShoeFix page: a FastAPI app mounted by the api-server at /shoefix (see shoefix_plugin.py).
 
-GET  /shoefix/      the champion and its scorecard, the last challenger not promoted and why, the
+GET  /shoefix/      the champion and its scorecard, the newest version that never served and why, the
                     champion history, recent batches' quarantine counts, inbox files deferred (cut-off last record) with their
                     age, a box to ask the champion a question, recent served answers (reviewers
                     can correct them) and the questions asked that the corpus does not cover
@@ -155,26 +155,36 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
 
 
 def _challenger_card(ch: dict[str, Any] | None) -> str:
-    """The last challenger the gate kept out, and why (reasons, forbidden claims per guard question)."""
+    """The newest version that never served, and why: no gate decision yet, held for review, refused at
+    review, or kept out by the gate (its reasons, and the forbidden claims it stated)."""
     if ch is None:
         return ""
     tags = ch["tags"]
-    decision = tags.get("gate_decision") or "not decided"
+    decision, review = tags.get("gate_decision"), tags.get("review")
+    if decision is None:
+        state = "no gate decision yet (being evaluated or registered, or stopped there)"
+    elif review == "pending":
+        state = "held for review"
+    elif review and review != "approved":
+        state = f"not promoted: review {review}"
+    else:
+        state = "not promoted by the gate"
     reasons, claims = ch["gate_reasons"], ch["forbidden_claims"]
     reasons = "".join(f"<li>{_e(r)}</li>" for r in reasons) if isinstance(reasons, list) else f"<li>{_e(reasons)}</li>"
     if isinstance(claims, dict):
         claims = "".join(f"<li><code>{_e(q)}</code>: {_e(', '.join(map(str, c)) if isinstance(c, list) else c)}</li>"
                          for q, c in claims.items())
-    else:
-        claims = f"<li>{_e(claims)}</li>"
+    else:  # a tag cut short at 4,900 characters
+        claims = f"<li>{_e(claims)} (cut short)</li>"
     composite = f' · composite {_e(tags["composite"])}' if tags.get("composite") else ""
     run = f' · run <code>{_e(tags["pipeline_run"])}</code>' if tags.get("pipeline_run") else ""
-    return (f'<div class="card"><h2>Latest challenger, not promoted</h2><div class="big">v{_e(ch["version"])}</div>'
-            f'<p>gate <span class="pill bad">{_e(decision)}</span> against {_e(tags.get("challenged"))}'
-            f"{composite}{run}</p>"
-            f'{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}'
-            f'{"<b>Forbidden claims it stated on guard questions</b><ul>" + claims + "</ul>" if claims else ""}'
-            "</div>")
+    gate = (f'<p>gate <span class="pill {"ok" if decision == "promote" else "bad"}">{_e(decision)}</span> against '
+            f'{_e(tags.get("challenged"))}{composite}{run}</p>') if decision else ""
+    verdict = (f'<p>review: {_e(review)}{" by " + _e(tags["reviewed_by"]) if tags.get("reviewed_by") else ""}'
+               f'{": " + _e(tags["review_comment"]) if tags.get("review_comment") else ""}</p>') if review else ""
+    return (f'<div class="card"><h2>Latest challenger: {_e(state)}</h2><div class="big">v{_e(ch["version"])}</div>'
+            f'{gate}{verdict}{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}'
+            f'{"<b>Forbidden claims it stated</b><ul>" + claims + "</ul>" if claims else ""}</div>')
 
 
 def _history_card(events: list[dict[str, Any]]) -> str:

@@ -28,15 +28,17 @@ AS_PG=()
 # Free ports outside the kernel's ephemeral range, distinct from each other. Not bind(0): its port comes
 # from that range, which outgoing connections also draw their source ports from, and a service starts
 # minutes after its port is picked; one such connection kept the API server's port busy until the stack
-# gave up. Below the range if there is room there, else above it.
+# gave up. Below the range if there is room there, else above it. Ports after the count are taken
+# (the operator's STACK_*_PORT): never drawn.
 free_ports() {
-  python3 - "$1" <<'PY'
+  python3 - "$@" <<'PY'
 import random, socket, sys
 try:
     low, high = (int(x) for x in open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[:2])
 except (OSError, ValueError):
     low, high = 32768, 60999
-candidates = list(range(10000, low)) if low > 11000 else list(range(high + 1, 65536))
+taken = {int(p) for p in sys.argv[2:] if p}
+candidates = [p for p in (range(10000, low) if low > 11000 else range(high + 1, 65536)) if p not in taken]
 random.shuffle(candidates)
 found = []
 for port in candidates:
@@ -53,7 +55,6 @@ else:
     raise SystemExit("stack: not enough free ports outside the ephemeral range")
 PY
 }
-free_port() { free_ports 1; }
 rand() { python3 -c 'import secrets; print(secrets.token_hex(16))'; }
 log() { echo "[stack] $*" >&2; }
 
@@ -79,7 +80,8 @@ write_config() {
   umask 077
   if [[ ! -f "$STATE/secrets.env" ]]; then
     local ports
-    ports=$(free_ports 7) || exit 1  # all at once, so no two services get the same one
+    ports=$(free_ports 7 "${STACK_PG_PORT:-}" "${STACK_REDIS_PORT:-}" "${STACK_MLFLOW_PORT:-}" "${STACK_API_PORT:-}" \
+      "${STACK_SERVE_PORT:-}") || exit 1  # all at once, so no two services get the same one
     read -r -a P <<<"$ports"
     {
       echo "POSTGRES_PASSWORD=${POSTGRES_PASSWORD:-$(rand)}"
@@ -106,7 +108,8 @@ write_config() {
   # shellcheck disable=SC1091
   source "$STATE/secrets.env"
   if [[ -z "${SERVE_PORT:-}" ]]; then  # a state folder from before the answer server: pick its port once
-    SERVE_PORT=${STACK_SERVE_PORT:-$(free_port)} || exit 1
+    SERVE_PORT=${STACK_SERVE_PORT:-$(free_ports 1 "$PG_PORT" "$REDIS_PORT" "$MLFLOW_PORT" "$API_PORT" \
+      "${WORKER_LOG_PORT:-}" "${TRIGGERER_LOG_PORT:-}")} || exit 1
     echo "SERVE_PORT=$SERVE_PORT" >>"$STATE/secrets.env"
   fi
   local pg="postgresql+psycopg://shoefix:$POSTGRES_PASSWORD@127.0.0.1:$PG_PORT"

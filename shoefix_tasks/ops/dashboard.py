@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 SCORECARD_TAGS = ("gate_decision", "challenged", "composite", "recipe", "recipe_sha256", "base_model",
                   "corpus_snapshot", "holdout_hash", "training_run", "evaluation_run", "pipeline_run",
                   "trigger_reason", "triggered_by")
+REVIEW_TAGS = ("review", "reviewed_by", "review_comment")
 
 
 def _mlflow(settings: Settings):
@@ -49,22 +50,32 @@ def champion(settings: Settings) -> dict[str, Any] | None:
 
 
 def latest_challenger(settings: Settings, champion_version: int | None) -> dict[str, Any] | None:
-    """The newest registry version when it is newer than the champion: the last challenger the gate did
-    not promote, with the gate's reasons and the forbidden claims it stated. Without it a run that kept
-    the champion (or the base) would leave the page unchanged, and nobody could see why."""
+    """The newest registry version above the champion that never served: the last challenger kept
+    out, with why (the gate's decision and reasons, a pending or refused review, the forbidden claims
+    it stated). Without it a run that kept the champion (or the base) would leave the page unchanged,
+    and nobody could see why. A version that served once and was rolled back from is history, not a
+    challenger. (A challenger refused before registration, in evaluation, has no version to show.)"""
     mlflow = _mlflow(settings)
     from mlflow.exceptions import MlflowException
 
+    from shoefix_tasks.registry.review import NOT_PROMOTED_ACTIONS
+    from shoefix_tasks.registry.versions import champion_history
+
     try:
-        versions = mlflow.MlflowClient().search_model_versions(f"name='{REGISTERED_MODEL}'")
+        newest_first = mlflow.MlflowClient().search_model_versions(
+            f"name='{REGISTERED_MODEL}'", max_results=50, order_by=["version_number DESC"])
     except MlflowException:
         return None
-    newest = max(versions, key=lambda v: int(v.version), default=None)
-    if newest is None or (champion_version is not None and int(newest.version) <= champion_version):
-        return None
-    return {"version": int(newest.version), "tags": {k: newest.tags.get(k) for k in SCORECARD_TAGS},
-            "gate_reasons": _json_tag(newest.tags, "gate_reasons", []),
-            "forbidden_claims": _json_tag(newest.tags, "forbidden_claims", {})}
+    served = {h["version"] for h in champion_history(settings) if h["action"] not in NOT_PROMOTED_ACTIONS}
+    for v in newest_first:
+        if champion_version is not None and int(v.version) <= champion_version:
+            return None
+        if int(v.version) in served:
+            continue
+        return {"version": int(v.version), "tags": {k: v.tags.get(k) for k in (*SCORECARD_TAGS, *REVIEW_TAGS)},
+                "gate_reasons": _json_tag(v.tags, "gate_reasons", []),
+                "forbidden_claims": _json_tag(v.tags, "forbidden_claims", {})}
+    return None
 
 
 def _json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:

@@ -1,26 +1,35 @@
-"""The ShoeFix page shows the last challenger the gate kept out, and why: without it a run that kept the
-base (as `make demo` does today) leaves the page saying only "No champion yet". A version at or below
-the champion is history, not a challenger, and hostile or cut tag text stays text."""
+"""The ShoeFix page shows the newest version that never served, and why: without it a run that kept
+the base (as `make demo` does today) leaves the page saying only "No champion yet". A version at or
+below the champion, or one that served and was rolled back from, is history; a version held for review
+says so; hostile or cut tag text stays text."""
 
 from __future__ import annotations
 
+import html
 import json
 
 from shoefix_tasks.config import REGISTERED_MODEL
 from shoefix_tasks.ops import dashboard
+from shoefix_tasks.registry import versions
 from tests.ops.test_intake_visibility import render_page
 
 HOSTILE = "<img src=x onerror=alert(1)>"
-TITLE = "Latest challenger, not promoted"
+TITLE = "Latest challenger: "
 
 
-def _version(client, reasons, claims: str, decision: str = "keep_champion") -> str:
+def _version(client, reasons, claims: str, decision: str = "keep_champion", **extra: str) -> int:
     tags = {"gate_decision": decision, "challenged": "base", "composite": "1.419", "pipeline_run": "run-7",
-            "gate_reasons": json.dumps(reasons), "forbidden_claims": claims}
-    return client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version
+            "gate_reasons": json.dumps(reasons), "forbidden_claims": claims, **extra}
+    return int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
 
 
-def test_page_shows_the_last_challenger_not_promoted_and_why(shoefix_env):
+def _card(s) -> str:
+    body = render_page(s)
+    assert HOSTILE not in body
+    return body.split(TITLE, 1)[1].split('<div class="card">', 1)[0] if TITLE in body else ""
+
+
+def test_page_shows_the_newest_version_that_never_served_and_why(shoefix_env):
     import mlflow
 
     s = shoefix_env
@@ -28,24 +37,34 @@ def test_page_shows_the_last_challenger_not_promoted_and_why(shoefix_env):
     mlflow.set_registry_uri(s.tracking_uri)
     client = mlflow.MlflowClient()
     client.create_registered_model(REGISTERED_MODEL)
-    assert dashboard.latest_challenger(s, None) is None and TITLE not in render_page(s)  # nothing registered
+    assert dashboard.latest_challenger(s, None) is None and _card(s) == ""  # nothing registered
 
     claims = {"guard-health-05-en": ["self-cut-callus-corn-ok"], "guard-mat-02-en": [HOSTILE]}
     v1 = _version(client, ["safety floor: the challenger states forbidden advice", HOSTILE], json.dumps(claims))
-    body = render_page(s)
-    card = body.split(TITLE, 1)[1].split('<div class="card">', 1)[0]
-    assert '<div class="big">v1</div>' in card and "keep_champion" in card and "against base" in card
-    assert "composite 1.419" in card and "safety floor: the challenger states forbidden advice" in card
-    assert "<code>guard-health-05-en</code>: self-cut-callus-corn-ok" in card
-    assert HOSTILE not in body and "&lt;img src=x onerror=alert(1)&gt;" in card
+    card = _card(s)
+    assert card.startswith("not promoted by the gate</h2>") and '<div class="big">v1</div>' in card
+    assert "keep_champion" in card and "against base" in card and "composite 1.419" in card
+    assert "safety floor: the challenger states forbidden advice" in card
+    assert "<code>guard-health-05-en</code>: self-cut-callus-corn-ok" in card and html.escape(HOSTILE) in card
 
-    client.set_registered_model_alias(REGISTERED_MODEL, "champion", v1)  # promoted: history, not a challenger
-    assert dashboard.latest_challenger(s, int(v1)) is None and TITLE not in render_page(s)
+    versions.set_champion(s, v1, "forced for the test", "test")  # it served: history, not a challenger
+    assert dashboard.latest_challenger(s, v1) is None and _card(s) == ""
 
-    # a newer version kept out, whose claims tag promotion cut short: shown as the text it is
-    cut = json.dumps({f"guard-{i}": ["heat-dry-leather-ok"] for i in range(400)})[:4900]
+    # v2 served, then was rolled back from: still history, though above the champion
+    v2 = _version(client, ["composite gain +0.5"], "{}", decision="promote")
+    versions.set_champion(s, v2, "promoted", "test")
+    versions.set_champion(s, v1, "rolled back: wrong drying figure", "test", action="rollback")
+    assert dashboard.latest_challenger(s, v1) is None and _card(s) == ""
+
+    # v3 passed the gate and waits for a reviewer
+    _version(client, ["composite gain +0.4"], "{}", decision="promote", review="pending")
+    card = _card(s)
+    assert card.startswith("held for review</h2>") and '<div class="big">v3</div>' in card and "review: pending" in card
+
+    # v4 kept out, its claims tag cut short by promotion: shown as the text it is
+    cut = json.dumps({f"guard-{i}": [HOSTILE] for i in range(400)})[:4900]
     _version(client, ["composite gain below min effect"], cut)
-    ch = dashboard.latest_challenger(s, int(v1))
-    assert ch["version"] == 2 and ch["forbidden_claims"] == cut
-    card = render_page(s).split(TITLE, 1)[1]
-    assert '<div class="big">v2</div>' in card and "composite gain below min effect" in card
+    ch = dashboard.latest_challenger(s, v1)
+    assert ch["version"] == 4 and ch["forbidden_claims"] == cut
+    card = _card(s)
+    assert '<div class="big">v4</div>' in card and html.escape(cut) + " (cut short)" in card

@@ -144,14 +144,19 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
     if card is not None:
         rows = "".join(f'<tr><td>{_e(name)}</td><td class="n">{before:.2f}</td><td class="n">{after:.2f}</td>'
                        f'<td class="n">{_e(change)}</td></tr>' for name, before, after, change in card["rows"])
-        reasons = "".join(f"<li>{_e(r)}</li>" for r in champ["gate_reasons"])
         out.append(f'<div class="card"><h2>Scorecard of v{_e(champ["version"])} when it was evaluated</h2>'
                    f'<table><tr><th>metric</th><th>{_e(card["champion_label"])} (before)</th><th>v'
                    f'{_e(champ["version"])} (after)</th><th>change</th></tr>{rows}</table>'
                    f'<p class="muted">{_e(card["questions"])} holdout + {_e(card["guard"])} guard questions; '
                    f'holdout <code>{_e(card["holdout_hash"][:12])}</code></p>'
-                   f'{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}</div>')
+                   f'{_gate_list(champ["gate_reasons"])}</div>')
     return "".join(out)
+
+
+def _gate_list(reasons: list[str] | str) -> str:
+    """The gate's reasons as a list (a tag cut short arrives as one string)."""
+    items = "".join(f"<li>{_e(r)}</li>" for r in ([reasons] if isinstance(reasons, str) else reasons))
+    return f"<b>Gate</b><ul>{items}</ul>" if items else ""
 
 
 def _challenger_card(ch: dict[str, Any] | None) -> str:
@@ -169,8 +174,7 @@ def _challenger_card(ch: dict[str, Any] | None) -> str:
         state = f"not promoted: review {review}"
     else:
         state = "not promoted by the gate"
-    reasons, claims = ch["gate_reasons"], ch["forbidden_claims"]
-    reasons = "".join(f"<li>{_e(r)}</li>" for r in reasons) if isinstance(reasons, list) else f"<li>{_e(reasons)}</li>"
+    claims = ch["forbidden_claims"]
     if isinstance(claims, dict):
         claims = "".join(f"<li><code>{_e(q)}</code>: {_e(', '.join(map(str, c)) if isinstance(c, list) else c)}</li>"
                          for q, c in claims.items())
@@ -183,7 +187,7 @@ def _challenger_card(ch: dict[str, Any] | None) -> str:
     verdict = (f'<p>review: {_e(review)}{" by " + _e(tags["reviewed_by"]) if tags.get("reviewed_by") else ""}'
                f'{": " + _e(tags["review_comment"]) if tags.get("review_comment") else ""}</p>') if review else ""
     return (f'<div class="card"><h2>Latest challenger: {_e(state)}</h2><div class="big">v{_e(ch["version"])}</div>'
-            f'{gate}{verdict}{"<b>Gate</b><ul>" + reasons + "</ul>" if reasons else ""}'
+            f'{gate}{verdict}{_gate_list(ch["gate_reasons"])}'
             f'{"<b>Forbidden claims it stated</b><ul>" + claims + "</ul>" if claims else ""}</div>')
 
 

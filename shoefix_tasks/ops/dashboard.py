@@ -1,7 +1,7 @@
 """Read-only views of the installation for the ShoeFix page in Airflow (and anything else that shows it).
 
-Everything here only reads: the registry (champion, its scorecard, the last challenger not promoted), the ledger (champion history,
-recent batches and their quarantine, deferred inbox files). Values are returned raw; escaping is
+Everything here only reads: the registry (champion, its scorecard, the challenger that never served),
+the ledger (champion history, recent batches and their quarantine, deferred inbox files). Values are returned raw; escaping is
 the renderer's job. Nothing here loads a model: answers come from `shoefix serve` (ops/client.py).
 """
 
@@ -50,32 +50,25 @@ def champion(settings: Settings) -> dict[str, Any] | None:
 
 
 def latest_challenger(settings: Settings, champion_version: int | None) -> dict[str, Any] | None:
-    """The newest registry version above the champion that never served: the last challenger kept
-    out, with why (the gate's decision and reasons, a pending or refused review, the forbidden claims
-    it stated). Without it a run that kept the champion (or the base) would leave the page unchanged,
-    and nobody could see why. A version that served once and was rolled back from is history, not a
-    challenger. (A challenger refused before registration, in evaluation, has no version to show.)"""
-    mlflow = _mlflow(settings)
-    from mlflow.exceptions import MlflowException
-
+    """The version holding alias `challenger` (the latest evaluated, set by registry/promotion.py) when
+    it never served: the last challenger kept out, with why (the gate's decision and reasons, a pending
+    or refused review, the forbidden claims it stated). Without it a run that kept the champion (or the
+    base) would leave the page unchanged, and nobody could see why. A version that served once and was
+    rolled back from is history, not a challenger. (A challenger refused in evaluation, before
+    registration, has no version to show.)"""
+    from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.registry.review import NOT_PROMOTED_ACTIONS
-    from shoefix_tasks.registry.versions import champion_history
 
-    try:
-        newest_first = mlflow.MlflowClient().search_model_versions(
-            f"name='{REGISTERED_MODEL}'", max_results=50, order_by=["version_number DESC"])
-    except MlflowException:
+    _mlflow(settings)
+    v = registry.version_by_alias(registry.CHALLENGER)
+    if v is None or int(v.version) == champion_version:
         return None
-    served = {h["version"] for h in champion_history(settings) if h["action"] not in NOT_PROMOTED_ACTIONS}
-    for v in newest_first:
-        if champion_version is not None and int(v.version) <= champion_version:
-            return None
-        if int(v.version) in served:
-            continue
-        return {"version": int(v.version), "tags": {k: v.tags.get(k) for k in (*SCORECARD_TAGS, *REVIEW_TAGS)},
-                "gate_reasons": _json_tag(v.tags, "gate_reasons", []),
-                "forbidden_claims": _json_tag(v.tags, "forbidden_claims", {})}
-    return None
+    if any(h["version"] == int(v.version) and h["action"] not in NOT_PROMOTED_ACTIONS
+           for h in history(settings, limit=None)):
+        return None
+    return {"version": int(v.version), "tags": {k: v.tags.get(k) for k in (*SCORECARD_TAGS, *REVIEW_TAGS)},
+            "gate_reasons": _json_tag(v.tags, "gate_reasons", []),
+            "forbidden_claims": _json_tag(v.tags, "forbidden_claims", {})}
 
 
 def _json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:
@@ -113,7 +106,7 @@ def scorecard(settings: Settings, evaluation_run: str | None) -> dict[str, Any] 
     return _scorecards[evaluation_run]
 
 
-def history(settings: Settings, limit: int = 50) -> list[dict[str, Any]]:
+def history(settings: Settings, limit: int | None = 50) -> list[dict[str, Any]]:
     """Champion changes, newest first (the registry's record of them)."""
     from shoefix_tasks.registry.versions import champion_history
 

@@ -20,7 +20,9 @@ TITLE = "Latest challenger: "
 def _version(client, reasons, claims: str, decision: str = "keep_champion", **extra: str) -> int:
     tags = {"gate_decision": decision, "challenged": "base", "composite": "1.419", "pipeline_run": "run-7",
             "gate_reasons": json.dumps(reasons), "forbidden_claims": claims, **extra}
-    return int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
+    version = int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
+    versions.set_challenger(version)  # as promotion does after registering
+    return version
 
 
 def _card(s) -> str:

@@ -15,6 +15,9 @@ time limit resumes in the next call on the same warm machine):
                split included), then that split (now seen in training) and the holdout (never seen) answered
                and scored: how many facts the model can give back at all, against how many it carries over
                to a question it was not trained on
+  qforms       does one answer trained under several questions carry its facts to an unseen question? The
+               committed recipe on the sweep's training split, plain or with two more questions per answer
+               (data/question_forms.jsonl), several seeds side by side; validation split decides
   safety       does teaching the safety rules change what the model says on the guard set? The committed
                recipe trained on the whole English corpus with and without the safety records (SAFETY_BATCH),
                several training seeds each, side by side on the card; guard forbidden claims, must-state
@@ -644,29 +647,131 @@ def sign_flip_p(diffs: list[float]) -> float:
 
 
 def safety_paired(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """`with` against `without` trained with the same seed: the mean paired difference of each measure and
+    """`with` against `without` trained with the same seed, on every SAFETY_MEASURES measure."""
+    return paired_by_seed(done, "with", "without", SAFETY_MEASURES)
+
+
+def paired_by_seed(done: dict[str, dict[str, Any]], a: str, b: str, measures: dict[str, Any]) -> dict[str, Any]:
+    """Variant `a` against `b` trained with the same seed: the mean paired difference of each measure and
     its sign-flip p. Only seeds run both ways count. The seed fixes initialisation and data order only
-    loosely (the two corpora differ in size, so batches differ), which is why pairing helps little and the
-    p is reported beside the ranges. All SAFETY_MEASURES are tested at once: one p near 0.05 is weak
-    evidence on its own."""
-    seeds = sorted({r["seed"] for r in done.values() if r.get("variant") == "with"}
-                   & {r["seed"] for r in done.values() if r.get("variant") == "without"})
+    loosely (the variants' corpora differ in size, so batches differ), which is why pairing helps little and
+    the p is reported beside the ranges. All measures are tested at once: one p near 0.05 is weak evidence
+    on its own."""
+    seeds = sorted({r["seed"] for r in done.values() if r.get("variant") == a}
+                   & {r["seed"] for r in done.values() if r.get("variant") == b})
     if len(seeds) < 2:
         return {}
     out = {}
     print(f"\npaired by training seed ({len(seeds)} seeds: {seeds}):")
-    print("| measure | with | without | mean paired difference | sign-flip p | seeds where with < without |")
+    print(f"| measure | {a} | {b} | mean paired difference | sign-flip p | seeds where {a} < {b} |")
     print("|---|---|---|---|---|---|")
-    for label, f in SAFETY_MEASURES.items():
-        w = [f(done[f"with-s{s}"]) for s in seeds]
-        o = [f(done[f"without-s{s}"]) for s in seeds]
-        diffs = [a - b for a, b in zip(w, o, strict=True)]
-        out[label] = {"with": w, "without": o, "mean_diff": round(statistics.fmean(diffs), 3), "p": sign_flip_p(diffs),
-                      "with_lower": sum(d < 0 for d in diffs), "equal": sum(d == 0 for d in diffs)}
-        print(f"| {label} | {statistics.fmean(w):.3g} ({min(w):g}–{max(w):g}) | {statistics.fmean(o):.3g} "
-              f"({min(o):g}–{max(o):g}) | {out[label]['mean_diff']:+.3g} | {out[label]['p']:.3f} | "
-              f"{out[label]['with_lower']} of {len(seeds)} ({out[label]['equal']} equal) |")
+    for label, f in measures.items():
+        va = [f(done[f"{a}-s{s}"]) for s in seeds]
+        vb = [f(done[f"{b}-s{s}"]) for s in seeds]
+        diffs = [x - y for x, y in zip(va, vb, strict=True)]
+        out[label] = {a: va, b: vb, "mean_diff": round(statistics.fmean(diffs), 3), "p": sign_flip_p(diffs),
+                      f"{a}_lower": sum(d < 0 for d in diffs), "equal": sum(d == 0 for d in diffs)}
+        print(f"| {label} | {statistics.fmean(va):.3g} ({min(va):g}–{max(va):g}) | {statistics.fmean(vb):.3g} "
+              f"({min(vb):g}–{max(vb):g}) | {out[label]['mean_diff']:+.3g} | {out[label]['p']:.3f} | "
+              f"{out[label][f'{a}_lower']} of {len(seeds)} ({out[label]['equal']} equal) |")
     return out
+
+
+QFORMS_FILE = "question_forms.jsonl"  # under --data: more questions for each English corpus answer (data/CHANGES.md)
+QFORMS_SEEDS = (42, 1, 2, 3)  # one device call; more through QFORMS_RUNS, as SAFETY_RUNS
+# `plain`: the committed recipe (8 epochs). `forms`: every answer under its own question and its two question
+# forms, 3 epochs: 9 passes over each answer against plain's 8, so a gain is not simply more training.
+QFORMS_EPOCHS = {"plain": 8, "forms": 3}
+# Decided before the first run: the validation split (30 corpus questions no run trains on, nor their forms)
+# decides; its key data accuracy is the measure, paired by seed. The holdout and guard set are reported.
+QFORMS_MEASURES = {
+    "validation key data (the decision)": lambda r: r["validation"]["key_data_accuracy"],
+    "validation completeness": lambda r: r["validation"]["completeness"],
+    "validation composite": lambda r: r["validation"]["composite"],
+    "holdout key data": lambda r: r["holdout"]["key_data_accuracy"],
+    "holdout completeness": lambda r: r["holdout"]["completeness"],
+    "holdout composite": lambda r: r["holdout"]["composite"],
+    "holdout readability": lambda r: r["holdout"]["readability"],
+    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(_forbidden_all(r)),
+}
+
+
+def qforms_runs() -> list[str]:
+    """The base, then `forms` and `plain` for each seed."""
+    return ["base"] + [f"{v}-s{seed}" for seed in QFORMS_SEEDS for v in ("forms", "plain")]
+
+
+def with_question_forms(rows: list[dict], forms_file: Path) -> list[dict]:
+    """Each row, then one row per question form of it: the same record (answer, facts, sources) under the
+    other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out."""
+    from shoefix_tasks.records import iter_jsonl
+
+    forms = {f["id"]: f["questions"] for f in iter_jsonl([forms_file])}
+    return rows + [{**r, "id": f"{r['id']}-f{k}", "question": q}
+                   for r in rows for k, q in enumerate(forms.get(r["id"], ()), 1)]
+
+
+def cmd_qforms(args) -> dict[str, Any]:
+    """Does the same answer under several questions carry its facts to a question never trained on? Each run
+    in --only (default `qforms_runs`) trains the committed recipe on the sweep's training split, `plain` or
+    with the question forms (`forms`, QFORMS_EPOCHS), then answers the validation split, the holdout and the
+    guard set. Why: trained on one question per answer, the model gives back every fact of a question it saw
+    and few of one it did not (`ceiling`); a model that sees a fact asked about in one way only may tie it to
+    that wording. Results accumulate under --work/qforms; --table trains nothing."""
+    from shoefix_tasks.config import Settings, load_recipe
+    from shoefix_tasks.records import write_jsonl
+    from shoefix_tasks.training.train import train_with_backoff
+
+    work, data = Path(args.work), Path(args.data)
+    train_rows, _ = split_corpus(data)
+    items = eval_set(data)
+    committed = load_recipe(GPU_RECIPE)
+    settings = Settings.from_env()
+    for name in [] if args.table else args.only or qforms_runs():
+        out_file = work / "qforms" / f"{name}.json"
+        if out_file.is_file():
+            continue
+        cfg = {"lr": committed.train.learning_rate, "r": committed.lora.r}
+        if name == "base":
+            recipe = recipe_for({"name": "base", "epochs": 1, **cfg}, args.base, args.device)
+            scores = score(items, answer(args.base, None, items, recipe, "base"), data)
+            keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
+            continue
+        variant, seed = name.rsplit("-s", 1)
+        rows = with_question_forms(train_rows, data / QFORMS_FILE) if variant == "forms" else train_rows
+        cfg["epochs"] = QFORMS_EPOCHS[variant]
+        snapshot = write_jsonl(work / "snapshots" / f"qforms-{name}.jsonl", rows)
+        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
+        log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
+        t0 = time.perf_counter()
+        res = train_with_backoff(recipe, snapshot, work / "qforms-runs" / name, f"qforms-{name}", settings)
+        train_s = time.perf_counter() - t0
+        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
+        row = {"name": name, "variant": variant, "seed": int(seed), **cfg, "records": len(rows),
+               "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
+               **summarize(scores, None), "scores": scores}
+        keep_row(out_file, row, f"done {name}: validation key data {row['validation']['key_data_accuracy']}, "
+                 f"holdout {row['holdout']['composite']}")
+    return {"trained": args.only} if args.only else qforms_table(work)
+
+
+def qforms_table(work: Path) -> dict[str, Any]:
+    """One row per run, the base first, then the runs paired by seed (QFORMS_MEASURES)."""
+    done = {p.stem: json.loads(p.read_text()) for p in sorted((work / "qforms").glob("*.json"))}
+    print("| run | rows | epochs | train tokens | train loss | validation: composite | key data | completeness "
+          "| holdout: composite | key data | completeness | readability | forbidden (guard / all) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    order = sorted(done.values(), key=lambda r: (r["name"] != "base", r.get("variant", ""), r.get("seed", 0)))
+    for r in order:
+        v, h = r["validation"], r["holdout"]
+        trained = (f"{r['records']} | {r['epochs']} | {r['train_tokens'] or 0:.0f} | {r['final_loss']:.3f}"
+                   if "final_loss" in r else " | | | ")
+        print(f"| {r['name']} | {trained} | {v['composite']:.2f} | {v['key_data_accuracy']:.2f} | "
+              f"{v['completeness']:.2f} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | "
+              f"{h['readability']:.2f} | {len(r['guard']['forbidden'])} / {len(_forbidden_all(r))} |")
+    return {"paired": paired_by_seed(done, "forms", "plain", QFORMS_MEASURES),
+            "runs": [{k: v for k, v in r.items() if k != "scores"} for r in order]}
 
 
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
@@ -899,7 +1004,8 @@ def cmd_reliability(args) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile", "ceiling", "safety"])
+    p.add_argument("what", choices=["setup", "packing", "sweep", "final", "reliability", "profile", "ceiling", "safety",
+                                    "qforms"])
     p.add_argument("--profile-at", type=int, default=20, help="profile: first profiled step")
     p.add_argument("--profile-steps", type=int, default=5, help="profile: how many steps")
     p.add_argument("--base", default="smollm2-135m-instruct")
@@ -917,18 +1023,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hard-s", type=float, default=570, help="sweep: stop running workers after this many seconds")
     p.add_argument("--workers-on-gpu", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--from-sweep", action="store_true", help="final: apply the sweep's chosen epochs, lr, rank")
-    p.add_argument("--print-runs", action="store_true", help="safety: print the run names (one worker each) and stop")
-    p.add_argument("--table", action="store_true", help="safety, ceiling: the table over the results there; train nothing")
+    p.add_argument("--print-runs", action="store_true",
+                   help="safety, qforms: print the run names (one worker each) and stop")
+    p.add_argument("--table", action="store_true",
+                   help="safety, ceiling, qforms: the table over the results there; train nothing")
     args = p.parse_args(argv)
     if args.print_runs:
-        if args.what != "safety":
-            p.error("--print-runs lists the runs of `safety` only")
-        print(*safety_runs())
+        if args.what not in ("safety", "qforms"):
+            p.error("--print-runs lists the runs of `safety` and `qforms` only")
+        print(*(safety_runs() if args.what == "safety" else qforms_runs()))
         return 0
     args.profile_variants = [("as-committed", {}), ("no-step-logging", {"train.logging_steps": 100000})]
     result = {"setup": cmd_setup, "packing": cmd_packing, "sweep": cmd_sweep, "final": cmd_final,
               "reliability": cmd_reliability, "profile": cmd_profile, "ceiling": cmd_ceiling,
-              "safety": cmd_safety}[args.what](args)
+              "safety": cmd_safety, "qforms": cmd_qforms}[args.what](args)
     out = Path(os.environ.get("OUT", args.work))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.what}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str))

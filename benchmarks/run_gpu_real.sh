@@ -57,14 +57,15 @@ if [ "$1" = cold ]; then
   tar czf "$RESULTS/cold-files.tgz" -C "$RESULTS" files-cold && rm -rf "$OUT"
   exit 0
 fi
-if [ "$1" = ceiling ] || [ "$1" = safety ]; then
+if [ "$1" = ceiling ] || [ "$1" = safety ] || [ "$1" = qforms ]; then
   # one process per config (run), side by side on the one GPU (a 135M step leaves the card mostly idle), then
   # the table over all of them
   # (wait on the workers' pids: a bare `wait` also waits for the tee above, which never ends)
   what=$1
   shift
   if [ "$what" = ceiling ]; then runs=${CEILING_CONFIGS:-e3-lr0.001-r64 e8-lr0.001-r64 e13-lr0.001-r64}
-  else runs=${SAFETY_RUNS:-$(python3 benchmarks/gpu_real_weights.py safety --print-runs)}; fi
+  elif [ "$what" = safety ]; then runs=${SAFETY_RUNS:-$(python3 benchmarks/gpu_real_weights.py safety --print-runs)}
+  else runs=${QFORMS_RUNS:-$(python3 benchmarks/gpu_real_weights.py qforms --print-runs)}; fi
   pids=()
   for c in $runs; do
     python3 benchmarks/gpu_real_weights.py "$what" --only "$c" "$@" > "$OUT/$what-$c.log" 2>&1 &

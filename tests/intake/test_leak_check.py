@@ -90,3 +90,29 @@ def test_the_cli_reads_the_configured_data_by_default(capsys, monkeypatch):
     corpus = list(iter_jsonl(sorted((DATA / "corpus").glob("*.jsonl"))))
     frozen = load_eval_set(DATA, "holdout") + load_eval_set(DATA, "guard")
     assert capsys.readouterr().out.startswith(f"{len(corpus)} records against {len(frozen)} frozen items")
+
+
+def question_forms() -> list[dict]:
+    """data/question_forms.jsonl as training rows: each form under its record's answer (how qforms trains)."""
+    records = {r["id"]: r for r in corpus()}
+    return [{**records[f["id"]], "id": f"{f['id']}-f{k}", "question": q}
+            for f in iter_jsonl([DATA / "question_forms.jsonl"]) for k, q in enumerate(f["questions"], 1)]
+
+
+def test_question_forms_ask_english_corpus_answers_in_other_words():
+    forms = list(iter_jsonl([DATA / "question_forms.jsonl"]))
+    english = {r["id"]: r["question"] for r in corpus() if r["lang"] == "en"}
+    assert sorted(f["id"] for f in forms) == sorted(english)  # every English answer, once
+    for f in forms:
+        assert len(f["questions"]) == 2 and len(set(f["questions"]) | {english[f["id"]]}) == 3, f["id"]
+
+
+def test_question_forms_pass_the_holdout_checks(frozen):
+    """A form shares its answer with its record and its sibling form, which the batch's own duplicate check
+    flags by design; against the frozen sets each must pass, and stay below the paraphrase threshold."""
+    rows = question_forms()
+    failures = {rows[i]["id"]: f for i, f in screen(rows, frozen).items()
+                if [x for x in f if not x.startswith("near_duplicate_in_batch(")]}
+    assert failures == {}
+    closest = distribution(rows, load_eval_set(DATA, "holdout") + load_eval_set(DATA, "guard"))
+    assert closest[0][0] < PARAPHRASE_THRESHOLD, closest[:5]

@@ -1,0 +1,78 @@
+"""The GPU `qforms` comparison (benchmarks/gpu_real_weights.py): `forms` adds the question forms of the
+training split's records and nothing else (no validation question comes in through its forms), and the
+table pairs the runs by seed on the validation split, the measure that decides."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.gpu_real_weights import QFORMS_FILE, qforms_runs, qforms_table, split_corpus, summarize, with_question_forms
+from tests.conftest import DATA
+
+METRICS = ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")
+
+
+def test_forms_add_other_questions_to_the_training_answers_only():
+    train, val = split_corpus(DATA)
+    rows = with_question_forms(train, DATA / QFORMS_FILE)
+    assert rows[:len(train)] == train
+    added = rows[len(train):]
+    assert len(added) == 2 * len(train)  # every training answer has two forms
+    by_id = {r["id"]: r for r in train}
+    val_qids = {r["qid"] for r in val}
+    for r in added:
+        src = by_id[r["id"].rsplit("-f", 1)[0]]
+        assert r["question"] != src["question"]
+        assert {k: v for k, v in r.items() if k not in ("id", "question")} == {
+            k: v for k, v in src.items() if k not in ("id", "question")}
+        assert r["qid"] not in val_qids
+    assert len({r["id"] for r in rows}) == len(rows)
+
+
+def test_forms_of_a_record_left_out_stay_out(tmp_path):
+    forms = tmp_path / "forms.jsonl"
+    forms.write_text(json.dumps({"id": "a-en", "questions": ["q1", "q2"]}) + "\n"
+                     + json.dumps({"id": "b-en", "questions": ["q3"]}) + "\n")
+    rows = [{"id": "b-en", "qid": "b", "question": "q", "answer": "x"}]
+    assert [r["question"] for r in with_question_forms(rows, forms)] == ["q", "q3"]
+
+
+def test_every_seed_runs_both_ways():
+    runs = qforms_runs()
+    assert runs[0] == "base" and len(runs) == len(set(runs))
+    pairs: dict[int, set[str]] = {}
+    for r in runs[1:]:
+        variant, seed = r.rsplit("-s", 1)
+        pairs.setdefault(int(seed), set()).add(variant)
+    assert all(v == {"forms", "plain"} for v in pairs.values()) and len(pairs) >= 2
+
+
+def run(name: str, val_kda: float, holdout: float, forbidden: int = 0) -> dict:
+    sc = [{"split": split, "id": f"{split}-{i}",
+           **dict.fromkeys(METRICS, val_kda if split == "validation" else holdout if split == "holdout" else 1.0),
+           "forbidden": ["bleach-mix-ok"] if split == "guard" and i < forbidden else [],
+           "must_state_stated": [], "must_state_missed": []} for split in ("validation", "holdout", "guard")
+          for i in range(4)]
+    variant, seed = name.rsplit("-s", 1)
+    return {"name": name, "variant": variant, "seed": int(seed), "records": 3, "epochs": 3, "train_tokens": 10,
+            "final_loss": 1.0, **summarize(sc, None), "scores": sc}
+
+
+@pytest.mark.parametrize("better", ["forms", "plain"])
+def test_the_table_pairs_by_seed_on_the_validation_split(tmp_path, better):
+    """Whichever variant states more validation key data must come out ahead, whatever the holdout says."""
+    (tmp_path / "qforms").mkdir()
+    good, bad = (2.0, 1.5)
+    for seed in (1, 2, 3):
+        for variant in ("forms", "plain"):
+            kda = good if variant == better else bad
+            r = run(f"{variant}-s{seed}", kda, holdout=3.0 if variant != better else 1.0, forbidden=seed)
+            (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
+    paired = qforms_table(tmp_path)["paired"]
+    decision = paired["validation key data (the decision)"]
+    assert decision["mean_diff"] == (0.5 if better == "forms" else -0.5)
+    assert decision["forms_lower"] == (0 if better == "forms" else 3)
+    assert paired["holdout key data"]["mean_diff"] == (-2.0 if better == "forms" else 2.0)
+    assert paired["forbidden claims, all answers (what the gate's floor reads)"]["mean_diff"] == 0

@@ -8,7 +8,14 @@ import json
 
 import pytest
 
-from benchmarks.gpu_real_weights import QFORMS_FILE, qforms_runs, qforms_table, split_corpus, summarize, with_question_forms
+from benchmarks.gpu_real_weights import (
+    QFORMS_FILE,
+    qforms_runs,
+    qforms_table,
+    split_corpus,
+    summarize,
+    with_question_forms,
+)
 from tests.conftest import DATA
 
 METRICS = ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")

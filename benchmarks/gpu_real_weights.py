@@ -696,6 +696,12 @@ QFORMS_MEASURES = {
 }
 
 
+# Run only when named in QFORMS_RUNS, after the first comparison: three times the passes over each answer
+# (24), the forms' epochs against plain's, to see whether the forms help once the model memorises its
+# training answers, as the ceiling runs' 13 epochs did.
+QFORMS_LONGER = (("forms-e8", "plain-e24"),)
+
+
 def qforms_runs() -> list[str]:
     """The base, then `forms` and `plain` for each seed."""
     return ["base"] + [f"{v}-s{seed}" for seed in QFORMS_SEEDS for v in ("forms", "plain")]
@@ -738,8 +744,9 @@ def cmd_qforms(args) -> dict[str, Any]:
             keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
             continue
         variant, seed = name.rsplit("-s", 1)
-        rows = with_question_forms(train_rows, data / QFORMS_FILE) if variant == "forms" else train_rows
-        cfg["epochs"] = QFORMS_EPOCHS[variant]
+        kind, _, epochs = variant.partition("-e")  # forms-e8: forms trained 8 epochs instead of QFORMS_EPOCHS
+        rows = with_question_forms(train_rows, data / QFORMS_FILE) if kind == "forms" else train_rows
+        cfg["epochs"] = int(epochs) if epochs else QFORMS_EPOCHS[kind]
         snapshot = write_jsonl(work / "snapshots" / f"qforms-{name}.jsonl", rows)
         recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
         log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
@@ -770,8 +777,11 @@ def qforms_table(work: Path) -> dict[str, Any]:
         print(f"| {r['name']} | {trained} | {v['composite']:.2f} | {v['key_data_accuracy']:.2f} | "
               f"{v['completeness']:.2f} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | "
               f"{h['readability']:.2f} | {len(r['guard']['forbidden'])} / {len(_forbidden_all(r))} |")
-    return {"paired": paired_by_seed(done, "forms", "plain", QFORMS_MEASURES),
-            "runs": [{k: v for k, v in r.items() if k != "scores"} for r in order]}
+    paired = {"forms vs plain": paired_by_seed(done, "forms", "plain", QFORMS_MEASURES)}
+    for a, b in QFORMS_LONGER:  # pairs of longer runs, where both were run
+        if any(r.get("variant") == a for r in done.values()):
+            paired[f"{a} vs {b}"] = paired_by_seed(done, a, b, QFORMS_MEASURES)
+    return {"paired": paired, "runs": [{k: v for k, v in r.items() if k != "scores"} for r in order]}
 
 
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:

@@ -66,6 +66,9 @@ if [ "$1" = ceiling ] || [ "$1" = safety ] || [ "$1" = qforms ]; then
   if [ "$what" = ceiling ]; then runs=${CEILING_CONFIGS:-e3-lr0.001-r64 e8-lr0.001-r64 e13-lr0.001-r64}
   elif [ "$what" = safety ]; then runs=${SAFETY_RUNS:-$(python3 benchmarks/gpu_real_weights.py safety --print-runs)}
   else runs=${QFORMS_RUNS:-$(python3 benchmarks/gpu_real_weights.py qforms --print-runs)}; fi
+  # the MLflow experiment made once before the workers: MLflow's file store does not refuse a second
+  # experiment of the same name, so workers starting together on a fresh store could each make one
+  python3 -c "from shoefix_tasks.config import Settings; from shoefix_tasks.store.tracking import configure; configure(Settings.from_env())"
   pids=()
   for c in $runs; do
     python3 benchmarks/gpu_real_weights.py "$what" --only "$c" "$@" > "$OUT/$what-$c.log" 2>&1 &

@@ -178,7 +178,7 @@ def _challenger_card(ch: dict[str, Any] | None) -> str:
     if isinstance(claims, dict):
         claims = "".join(f"<li><code>{_e(q)}</code>: {_e(', '.join(map(str, c)) if isinstance(c, list) else c)}</li>"
                          for q, c in claims.items())
-    else:  # a tag cut short at 4,900 characters
+    else:  # a tag cut short (a version registered before promotion fitted its JSON to the tag)
         claims = f"<li>{_e(claims)} (cut short)</li>"
     composite = f' · composite {_e(tags["composite"])}' if tags.get("composite") else ""
     run = f' · run <code>{_e(tags["pipeline_run"])}</code>' if tags.get("pipeline_run") else ""

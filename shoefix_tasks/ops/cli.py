@@ -64,8 +64,8 @@ def cmd_status(settings: Settings, _args) -> int:
     print(f"\nRegistry {REGISTERED_MODEL}: champion = {champ_s}, challenger = {chall_s}")
     if chall is not None:
         print(f"  v{chall.version} gate decision: {chall.tags.get('gate_decision')} (challenged {chall.tags.get('challenged')})")
-        gate = json.loads(chall.tags.get("gate_reasons", "[]"))
-        for reason in gate:
+        gate = registry.json_tag(chall.tags, "gate_reasons", [])
+        for reason in [f"{gate} (cut short)"] if isinstance(gate, str) else gate:
             print(f"    - {reason}")
     print("\nBrowse the registry in the MLflow UI:\n"
           f"  .venv/bin/mlflow ui --backend-store-uri {settings.tracking_uri} --port 5000\n"

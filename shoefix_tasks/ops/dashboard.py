@@ -37,6 +37,8 @@ def champion(settings: Settings) -> dict[str, Any] | None:
     mlflow = _mlflow(settings)
     from mlflow.exceptions import MlflowException
 
+    from shoefix_tasks.registry import versions as registry
+
     try:
         v = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, "champion")
     except MlflowException:
@@ -44,7 +46,7 @@ def champion(settings: Settings) -> dict[str, Any] | None:
     events = [h for h in history(settings) if h["version"] == int(v.version)]
     latest = events[0] if events else {}
     return {"version": int(v.version), "run_id": v.run_id, "tags": {k: v.tags.get(k) for k in SCORECARD_TAGS},
-            "gate_reasons": json.loads(v.tags.get("gate_reasons") or "[]"),
+            "gate_reasons": registry.json_tag(v.tags, "gate_reasons", []),
             "since": latest.get("at") or v.tags.get("champion_since"), "reason": latest.get("reason"),
             "actor": latest.get("actor"), "action": latest.get("action")}
 
@@ -67,19 +69,8 @@ def latest_challenger(settings: Settings, champion_version: int | None) -> dict[
            for h in history(settings, limit=None)):
         return None
     return {"version": int(v.version), "tags": {k: v.tags.get(k) for k in (*SCORECARD_TAGS, *REVIEW_TAGS)},
-            "gate_reasons": _json_tag(v.tags, "gate_reasons", []),
-            "forbidden_claims": _json_tag(v.tags, "forbidden_claims", {})}
-
-
-def _json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:
-    """A JSON tag (promotion cuts long ones at 4,900 characters): parsed, or the raw text if cut."""
-    raw = tags.get(key)
-    if not raw:
-        return empty
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return raw
+            "gate_reasons": registry.json_tag(v.tags, "gate_reasons", []),
+            "forbidden_claims": registry.json_tag(v.tags, "forbidden_claims", {})}
 
 
 _scorecards: dict[str, dict[str, Any] | None] = {}

@@ -157,7 +157,7 @@ def apply_review(settings: Settings, gated: dict[str, Any], response: dict[str, 
             record_not_promoted(settings, version, now, f"review-{verdict.outcome}", verdict.reason, who)
     client = mlflow.MlflowClient()
     for key, value in (("review", verdict.outcome), ("reviewed_by", verdict.reviewer or ""),
-                       ("review_comment", verdict.comment[:4900])):
+                       ("review_comment", verdict.comment[:registry.TAG_LIMIT])):
         client.set_model_version_tag(REGISTERED_MODEL, str(version), key, value)
     log.info("review of v%s: %s (%s)", version, verdict.outcome, verdict.reason)
     champ = registry.version_by_alias(registry.CHAMPION)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -65,6 +66,36 @@ def ensure_registered_model(client) -> None:
                 "Alias `champion` serves; `challenger` is the latest evaluated version.")
         except MlflowException:  # created concurrently
             client.get_registered_model(REGISTERED_MODEL)
+
+
+TAG_LIMIT = 4900  # characters of one tag value: under the 5,000 that MLflow stores have allowed
+
+
+def fitted_json(value: list | dict, limit: int = TAG_LIMIT) -> str:
+    """JSON of a list or dict in at most `limit` characters, shortened by whole items from the end with a
+    last item saying how many were left out (a list: "… N more"; a dict: key "…"). Cutting the text
+    instead would leave JSON no reader can parse: the gate's reasons and forbidden claims are read back
+    by the page and `shoefix status`."""
+    text = json.dumps(value)
+    items = list(value.items()) if isinstance(value, dict) else list(value)
+    keep = len(items)
+    while len(text) > limit and keep > 0:
+        keep -= 1
+        marker = f"… {len(items) - keep} more"
+        text = json.dumps({**dict(items[:keep]), "…": marker} if isinstance(value, dict) else [*items[:keep], marker])
+    return text
+
+
+def json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:
+    """A JSON tag parsed, or its raw text where it is not JSON (versions registered before `fitted_json`
+    had long tags cut at 4,900 characters)."""
+    raw = tags.get(key)
+    if not raw:
+        return empty
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw
 
 
 def version_by_alias(alias: str):

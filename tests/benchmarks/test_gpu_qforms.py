@@ -77,7 +77,7 @@ def test_the_table_pairs_by_seed_on_the_validation_split(tmp_path, better):
             kda = good if variant == better else bad
             r = run(f"{variant}-s{seed}", kda, holdout=3.0 if variant != better else 1.0, forbidden=seed)
             (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
-    paired = qforms_table(tmp_path)["paired"]
+    paired = qforms_table(tmp_path)["paired"]["forms vs plain"]
     decision = paired["validation key data (the decision)"]
     assert decision["mean_diff"] == (0.5 if better == "forms" else -0.5)
     assert decision["forms_lower"] == (0 if better == "forms" else 3)

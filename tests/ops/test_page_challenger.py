@@ -63,10 +63,34 @@ def test_page_shows_the_newest_version_that_never_served_and_why(shoefix_env):
     card = _card(s)
     assert card.startswith("held for review</h2>") and '<div class="big">v3</div>' in card and "review: pending" in card
 
-    # v4 kept out, its claims tag cut short by promotion: shown as the text it is
+    # v4 kept out, its claims tag cut short (as promotion cut long tags before fitted_json): shown as text
     cut = json.dumps({f"guard-{i}": [HOSTILE] for i in range(400)})[:4900]
     _version(client, ["composite gain below min effect"], cut)
     ch = dashboard.latest_challenger(s, v1)
     assert ch["version"] == 4 and ch["forbidden_claims"] == cut
     card = _card(s)
     assert '<div class="big">v4</div>' in card and html.escape(cut) + " (cut short)" in card
+
+
+def test_a_champion_with_a_cut_gate_tag_still_shows(shoefix_env, capsys):
+    """Versions registered before promotion fitted its JSON to the tag may hold reasons cut mid-string:
+    the page's champion card and `shoefix status` show the text instead of failing on it."""
+    import mlflow
+
+    from shoefix_tasks.ops.cli import main as cli
+
+    s = shoefix_env
+    mlflow.set_tracking_uri(s.tracking_uri)
+    mlflow.set_registry_uri(s.tracking_uri)
+    client = mlflow.MlflowClient()
+    client.create_registered_model(REGISTERED_MODEL)
+    cut = json.dumps([f"reason {i} {HOSTILE}" for i in range(400)])[:4900]
+    tags = {"gate_decision": "promote", "challenged": "base", "gate_reasons": cut}
+    v = int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
+    versions.set_challenger(v)
+    versions.set_champion(s, v, "promoted", "test")
+    assert dashboard.champion(s)["gate_reasons"] == cut
+    body = render_page(s)  # the champion card (its gate list sits with the scorecard, which needs an evaluation)
+    assert '<h2>Champion</h2><div class="big">v1</div>' in body and HOSTILE not in body
+    assert cli(["status"]) == 0
+    assert f"    - {cut} (cut short)" in capsys.readouterr().out

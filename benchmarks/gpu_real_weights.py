@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 
 GPU_RECIPE = "smollm2-135m-gpu"
 EPOCHS, LRS, RANKS = (1, 3, 8, 13), (1e-4, 3e-4, 1e-3), (16, 64)
-VAL_QUESTIONS = 30  # English corpus questions carved out for validation (of 225)
+VAL_QUESTIONS = 30  # English corpus questions carved out for validation (of 242 since the safety batch)
 
 
 def log(msg: str) -> None:
@@ -707,6 +707,16 @@ def qforms_runs() -> list[str]:
     return ["base"] + [f"{v}-s{seed}" for seed in QFORMS_SEEDS for v in ("forms", "plain")]
 
 
+def qforms_config(name: str) -> tuple[str, str, int, int]:
+    """A run's name as (variant, kind, epochs, seed): `forms-s3` is forms at QFORMS_EPOCHS["forms"] with
+    seed 3, `plain-e24-s1` plain at 24 epochs with seed 1."""
+    variant, seed = name.rsplit("-s", 1)
+    kind, _, epochs = variant.partition("-e")
+    if kind not in QFORMS_EPOCHS:
+        raise ValueError(f"unknown qforms run {name!r}: forms or plain, -e<epochs>, -s<seed>")
+    return variant, kind, int(epochs) if epochs else QFORMS_EPOCHS[kind], int(seed)
+
+
 def with_question_forms(rows: list[dict], forms_file: Path) -> list[dict]:
     """Each row, then one row per question form of it: the same record (answer, facts, sources) under the
     other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out."""
@@ -743,18 +753,16 @@ def cmd_qforms(args) -> dict[str, Any]:
             scores = score(items, answer(args.base, None, items, recipe, "base"), data)
             keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
             continue
-        variant, seed = name.rsplit("-s", 1)
-        kind, _, epochs = variant.partition("-e")  # forms-e8: forms trained 8 epochs instead of QFORMS_EPOCHS
+        variant, kind, cfg["epochs"], seed = qforms_config(name)
         rows = with_question_forms(train_rows, data / QFORMS_FILE) if kind == "forms" else train_rows
-        cfg["epochs"] = int(epochs) if epochs else QFORMS_EPOCHS[kind]
         snapshot = write_jsonl(work / "snapshots" / f"qforms-{name}.jsonl", rows)
-        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
+        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": seed})
         log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
         t0 = time.perf_counter()
         res = train_with_backoff(recipe, snapshot, work / "qforms-runs" / name, f"qforms-{name}", settings)
         train_s = time.perf_counter() - t0
         scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
-        row = {"name": name, "variant": variant, "seed": int(seed), **cfg, "records": len(rows),
+        row = {"name": name, "variant": variant, "seed": seed, **cfg, "records": len(rows),
                "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
                "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
                **summarize(scores, None), "scores": scores}

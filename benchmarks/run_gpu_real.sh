@@ -68,7 +68,7 @@ if [ "$1" = ceiling ] || [ "$1" = safety ] || [ "$1" = qforms ]; then
   else runs=${QFORMS_RUNS:-$(python3 benchmarks/gpu_real_weights.py qforms --print-runs)}; fi
   # the MLflow experiment made once before the workers: MLflow's file store does not refuse a second
   # experiment of the same name, so workers starting together on a fresh store could each make one
-  python3 -c "from shoefix_tasks.config import Settings; from shoefix_tasks.store.tracking import configure; configure(Settings.from_env())"
+  python3 -c "from shoefix_tasks.config import Settings; from shoefix_tasks.store.tracking import configure; configure(Settings.from_env())" || exit 1
   pids=()
   for c in $runs; do
     python3 benchmarks/gpu_real_weights.py "$what" --only "$c" "$@" > "$OUT/$what-$c.log" 2>&1 &

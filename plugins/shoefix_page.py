@@ -155,7 +155,7 @@ def _champion_card(champ: dict[str, Any] | None, card: dict[str, Any] | None) ->
 
 def _gate_list(reasons: list[str] | str) -> str:
     """The gate's reasons as a list (a tag cut short arrives as one string)."""
-    items = "".join(f"<li>{_e(r)}</li>" for r in ([reasons] if isinstance(reasons, str) else reasons))
+    items = "".join(f"<li>{_e(r)}</li>" for r in ([f"{reasons} (cut short)"] if isinstance(reasons, str) else reasons))
     return f"<b>Gate</b><ul>{items}</ul>" if items else ""
 
 

@@ -9,7 +9,9 @@ import json
 import pytest
 
 from benchmarks.gpu_real_weights import (
+    QFORMS_EPOCHS,
     QFORMS_FILE,
+    qforms_config,
     qforms_runs,
     qforms_table,
     split_corpus,
@@ -28,14 +30,15 @@ def test_forms_add_other_questions_to_the_training_answers_only():
     added = rows[len(train):]
     assert len(added) == 2 * len(train)  # every training answer has two forms
     by_id = {r["id"]: r for r in train}
-    val_qids = {r["qid"] for r in val}
     for r in added:
         src = by_id[r["id"].rsplit("-f", 1)[0]]
         assert r["question"] != src["question"]
         assert {k: v for k, v in r.items() if k not in ("id", "question")} == {
             k: v for k, v in src.items() if k not in ("id", "question")}
-        assert r["qid"] not in val_qids
     assert len({r["id"] for r in rows}) == len(rows)
+    # the whole corpus would bring the validation questions in under their forms: the split keeps them out
+    every = with_question_forms(train + val, DATA / QFORMS_FILE)
+    assert {r["qid"] for r in val} <= {r["qid"] for r in every[len(train + val):]}
 
 
 def test_forms_of_a_record_left_out_stay_out(tmp_path):
@@ -54,6 +57,15 @@ def test_every_seed_runs_both_ways():
         variant, seed = r.rsplit("-s", 1)
         pairs.setdefault(int(seed), set()).add(variant)
     assert all(v == {"forms", "plain"} for v in pairs.values()) and len(pairs) >= 2
+
+
+def test_run_names_give_kind_epochs_and_seed():
+    assert qforms_config("forms-s3") == ("forms", "forms", QFORMS_EPOCHS["forms"], 3)
+    assert qforms_config("plain-s42") == ("plain", "plain", QFORMS_EPOCHS["plain"], 42)
+    assert qforms_config("forms-e8-s1") == ("forms-e8", "forms", 8, 1)
+    assert qforms_config("plain-e24-s2") == ("plain-e24", "plain", 24, 2)
+    with pytest.raises(ValueError):
+        qforms_config("with-s1")  # a safety run's name
 
 
 def run(name: str, val_kda: float, holdout: float, forbidden: int = 0) -> dict:
@@ -77,7 +89,14 @@ def test_the_table_pairs_by_seed_on_the_validation_split(tmp_path, better):
             kda = good if variant == better else bad
             r = run(f"{variant}-s{seed}", kda, holdout=3.0 if variant != better else 1.0, forbidden=seed)
             (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
-    paired = qforms_table(tmp_path)["paired"]["forms vs plain"]
+    for seed in (1, 2):  # longer runs: paired among themselves, never with the runs above
+        for variant in ("forms-e8", "plain-e24"):
+            r = run(f"{variant}-s{seed}", 3.0 if variant.startswith(better) else 2.0, holdout=1.0)
+            (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
+    table = qforms_table(tmp_path)["paired"]
+    longer = table["forms-e8 vs plain-e24"]["validation key data (the decision)"]
+    assert longer["mean_diff"] == (1.0 if better == "forms" else -1.0) and len(longer["forms-e8"]) == 2
+    paired = table["forms vs plain"]
     decision = paired["validation key data (the decision)"]
     assert decision["mean_diff"] == (0.5 if better == "forms" else -0.5)
     assert decision["forms_lower"] == (0 if better == "forms" else 3)

@@ -24,7 +24,7 @@ METRICS = ("composite", "completeness", "key_data_accuracy", "semantic_consisten
 def test_without_drops_the_safety_batch_named_in_changes_and_nothing_else():
     rows = list(iter_jsonl(sorted((DATA / "corpus").glob("*.jsonl"))))
     batch = {r["qid"] for r in rows if r["created"] == SAFETY_BATCH}
-    section = (DATA / "CHANGES.md").read_text().split(f"## {SAFETY_BATCH}")[1].split("\n## ")[0]
+    section = (DATA / "CHANGES.md").read_text().split(f"## {SAFETY_BATCH} — ")[1].split("\n## ")[0]
     assert batch == set(re.findall(r"^\| ([a-z]+-\d{3}) \|", section, re.M))
     without = safety_training_rows(rows, "without")
     assert len(without) == len(rows) - 2 * len(batch)  # both languages of each question

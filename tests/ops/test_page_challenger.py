@@ -6,11 +6,13 @@ says so; hostile or cut tag text stays text."""
 from __future__ import annotations
 
 import html
+import importlib.util
 import json
 
 from shoefix_tasks.config import REGISTERED_MODEL
 from shoefix_tasks.ops import dashboard
 from shoefix_tasks.registry import versions
+from tests.conftest import ROOT
 from tests.ops.test_intake_visibility import render_page
 
 HOSTILE = "<img src=x onerror=alert(1)>"
@@ -89,8 +91,16 @@ def test_a_champion_with_a_cut_gate_tag_still_shows(shoefix_env, capsys):
     v = int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
     versions.set_challenger(v)
     versions.set_champion(s, v, "promoted", "test")
-    assert dashboard.champion(s)["gate_reasons"] == cut
-    body = render_page(s)  # the champion card (its gate list sits with the scorecard, which needs an evaluation)
+    champ = dashboard.champion(s)
+    assert champ["gate_reasons"] == cut
+    body = render_page(s)
     assert '<h2>Champion</h2><div class="big">v1</div>' in body and HOSTILE not in body
+    # its gate list sits with the scorecard, which needs an evaluation run: the card with a minimal one
+    card = {"rows": [], "champion_label": "base", "questions": 45, "guard": 24, "holdout_hash": "0" * 64}
+    spec = importlib.util.spec_from_file_location("shoefix_page_card", ROOT / "plugins" / "shoefix_page.py")
+    page = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(page)
+    html_card = page._champion_card(champ, card)
+    assert f"<li>{html.escape(cut)} (cut short)</li>" in html_card and HOSTILE not in html_card
     assert cli(["status"]) == 0
     assert f"    - {cut} (cut short)" in capsys.readouterr().out

@@ -106,7 +106,7 @@ def _record_rejection(run_key: str, training_run_id: str, err: Exception) -> Non
                               tags={"shoefix.training_run": training_run_id})
     client = mlflow.MlflowClient()
     client.set_tag(run_id, "shoefix.gate_decision", "rejected")
-    client.set_tag(run_id, "shoefix.rejected", str(err)[:4900])
+    client.set_tag(run_id, "shoefix.rejected", str(err)[:tracking.TAG_LIMIT])
     client.set_terminated(run_id, status="FAILED")
 
 

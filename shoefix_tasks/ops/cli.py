@@ -64,7 +64,7 @@ def cmd_status(settings: Settings, _args) -> int:
     print(f"\nRegistry {REGISTERED_MODEL}: champion = {champ_s}, challenger = {chall_s}")
     if chall is not None:
         print(f"  v{chall.version} gate decision: {chall.tags.get('gate_decision')} (challenged {chall.tags.get('challenged')})")
-        gate = registry.json_tag(chall.tags, "gate_reasons", [])
+        gate = tracking.json_tag(chall.tags, "gate_reasons", [])
         for reason in [f"{gate} (cut short)"] if isinstance(gate, str) else gate:
             print(f"    - {reason}")
     print("\nBrowse the registry in the MLflow UI:\n"

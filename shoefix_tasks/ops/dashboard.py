@@ -37,7 +37,7 @@ def champion(settings: Settings) -> dict[str, Any] | None:
     mlflow = _mlflow(settings)
     from mlflow.exceptions import MlflowException
 
-    from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
     try:
         v = mlflow.MlflowClient().get_model_version_by_alias(REGISTERED_MODEL, "champion")
@@ -46,7 +46,7 @@ def champion(settings: Settings) -> dict[str, Any] | None:
     events = [h for h in history(settings) if h["version"] == int(v.version)]
     latest = events[0] if events else {}
     return {"version": int(v.version), "run_id": v.run_id, "tags": {k: v.tags.get(k) for k in SCORECARD_TAGS},
-            "gate_reasons": registry.json_tag(v.tags, "gate_reasons", []),
+            "gate_reasons": tracking.json_tag(v.tags, "gate_reasons", []),
             "since": latest.get("at") or v.tags.get("champion_since"), "reason": latest.get("reason"),
             "actor": latest.get("actor"), "action": latest.get("action")}
 
@@ -60,6 +60,7 @@ def latest_challenger(settings: Settings, champion_version: int | None) -> dict[
     registration, has no version to show.)"""
     from shoefix_tasks.registry import versions as registry
     from shoefix_tasks.registry.review import NOT_PROMOTED_ACTIONS
+    from shoefix_tasks.store import tracking
 
     _mlflow(settings)
     v = registry.version_by_alias(registry.CHALLENGER)
@@ -69,8 +70,8 @@ def latest_challenger(settings: Settings, champion_version: int | None) -> dict[
            for h in history(settings, limit=None)):
         return None
     return {"version": int(v.version), "tags": {k: v.tags.get(k) for k in (*SCORECARD_TAGS, *REVIEW_TAGS)},
-            "gate_reasons": registry.json_tag(v.tags, "gate_reasons", []),
-            "forbidden_claims": registry.json_tag(v.tags, "forbidden_claims", {})}
+            "gate_reasons": tracking.json_tag(v.tags, "gate_reasons", []),
+            "forbidden_claims": tracking.json_tag(v.tags, "forbidden_claims", {})}
 
 
 _scorecards: dict[str, dict[str, Any] | None] = {}

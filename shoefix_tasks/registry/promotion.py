@@ -88,9 +88,9 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
             "base_model": rec.model.base_model, "recipe": rec.name, "recipe_sha256": rec.digest, "gate_decision": verdict,
             "challenged": champion_label, "pipeline_run": run_key,
             "composite": str(evaluation["challenger"]["summary"]["composite"]),
-            "gate_reasons": registry.fitted_json(decision.reasons), "adapter_digest": digest,
+            "gate_reasons": tracking.fitted_json(decision.reasons), "adapter_digest": digest,
             "scorer": evaluation.get("scorer", ""), "policy": policy.digest,
-            "forbidden_claims": registry.fitted_json(decision.numbers.get("forbidden_claims", {}))}
+            "forbidden_claims": tracking.fitted_json(decision.numbers.get("forbidden_claims", {}))}
     # how it serves = how it was evaluated (base, dtype, decoding with the evaluated answer length)
     serving = {"base_model": rec.model.base_model, "dtype": rec.model.dtype,
                "engine": evaluation["challenger"].get("profile", {}).get("engine", "transformers"),
@@ -101,7 +101,7 @@ def decide_and_register(run_key: str, rec, train_result: dict[str, Any], eval_re
         tags["review"] = "pending"
     trigger = trigger or {}
     if trigger.get("reason"):
-        tags["trigger_reason"] = trigger["reason"][:registry.TAG_LIMIT]
+        tags["trigger_reason"] = trigger["reason"][:tracking.TAG_LIMIT]
     if trigger.get("triggered_by"):
         tags["triggered_by"] = trigger["triggered_by"]
     version = registry.register_version(train_result["run_id"], Path(train_result["adapter_dir"]),

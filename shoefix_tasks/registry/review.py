@@ -141,6 +141,7 @@ def apply_review(settings: Settings, gated: dict[str, Any], response: dict[str, 
     import mlflow
 
     from shoefix_tasks.registry import versions as registry
+    from shoefix_tasks.store import tracking
 
     version = int(gated["version"])
     with registry.promotion_lock(settings, f"review:{actor}:{run_key}") as lease:
@@ -157,7 +158,7 @@ def apply_review(settings: Settings, gated: dict[str, Any], response: dict[str, 
             record_not_promoted(settings, version, now, f"review-{verdict.outcome}", verdict.reason, who)
     client = mlflow.MlflowClient()
     for key, value in (("review", verdict.outcome), ("reviewed_by", verdict.reviewer or ""),
-                       ("review_comment", verdict.comment[:registry.TAG_LIMIT])):
+                       ("review_comment", verdict.comment[:tracking.TAG_LIMIT])):
         client.set_model_version_tag(REGISTERED_MODEL, str(version), key, value)
     log.info("review of v%s: %s (%s)", version, verdict.outcome, verdict.reason)
     champ = registry.version_by_alias(registry.CHAMPION)

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -66,53 +65,6 @@ def ensure_registered_model(client) -> None:
                 "Alias `champion` serves; `challenger` is the latest evaluated version.")
         except MlflowException:  # created concurrently
             client.get_registered_model(REGISTERED_MODEL)
-
-
-TAG_LIMIT = 4900  # characters of one tag value: under the 5,000 that MLflow stores have allowed
-
-
-def fitted_json(value: list | dict, limit: int = TAG_LIMIT) -> str:
-    """JSON of a list or dict in at most `limit` characters (at least 200), so every reader can parse what
-    was written: cutting the text would leave JSON none can (the gate's reasons and forbidden claims are
-    read back by the page and `shoefix status`). A string item longer than a fifth of the limit keeps its
-    beginning, marked "… (cut)", so one long reason (the safety floor lists every claim) cannot push out
-    the rest; then whole items go from the end, the last item saying how many ("… N more"; a dict's key
-    "… more"). ASCII-escaped, so characters are bytes."""
-    if not isinstance(value, (list, dict)) or limit < 200:
-        raise TypeError(f"fitted_json takes a list or dict and a limit of at least 200, not {type(value).__name__}, {limit}")
-    longest = limit // 5
-
-    def short(item: Any) -> Any:
-        return item[:longest] + "… (cut)" if isinstance(item, str) and len(item) > longest else item
-
-    items = [(k, short(v)) for k, v in value.items()] if isinstance(value, dict) else [short(v) for v in value]
-
-    def dump(keep: int) -> str:
-        left = len(items) - keep
-        if isinstance(value, dict):
-            return json.dumps({**dict(items[:keep]), **({"… more": f"… {left} more"} if left else {})})
-        return json.dumps(items[:keep] + ([f"… {left} more"] if left else []))
-
-    if len(text := json.dumps(value)) <= limit:
-        return text
-    lo, hi = 0, len(items)  # the most items that fit: dump(keep) grows with keep
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if len(dump(mid)) <= limit else (lo, mid - 1)
-    return dump(lo)
-
-
-def json_tag(tags: dict[str, str], key: str, empty: Any) -> Any:
-    """A JSON tag parsed, or its raw text where it is not JSON of `empty`'s type (versions registered
-    before `fitted_json` had long tags cut at 4,900 characters)."""
-    raw = tags.get(key)
-    if not raw:
-        return empty
-    try:
-        parsed = json.loads(raw)
-    except ValueError:
-        return raw
-    return parsed if isinstance(parsed, type(empty)) else raw
 
 
 def version_by_alias(alias: str):

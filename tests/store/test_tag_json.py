@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from shoefix_tasks.registry.versions import TAG_LIMIT, fitted_json, json_tag
+from shoefix_tasks.store.tracking import TAG_LIMIT, fitted_json, json_tag
 
 REASONS = [f"guard-health-{i:02d}-en states forbidden advice: bleach-mix-ok (never mix bleach)" for i in range(200)]
 CLAIMS = {f"guard-health-{i:02d}-en": ["bleach-mix-ok", "heat-dry-leather-ok"] for i in range(200)}

@@ -1,4 +1,4 @@
-"""The GPU `qforms` comparison (benchmarks/gpu_real_weights.py): `forms` adds the question forms of the
+"""The GPU `qforms` comparison (benchmarks/real_weights/qforms.py): `forms` adds the question forms of the
 training split's records and nothing else (no validation question comes in through its forms), and the
 table pairs the runs by seed on the validation split, the measure that decides."""
 
@@ -8,14 +8,13 @@ import json
 
 import pytest
 
-from benchmarks.gpu_real_weights import (
+from benchmarks.real_weights.common import split_corpus, summarize
+from benchmarks.real_weights.qforms import (
     QFORMS_EPOCHS,
     QFORMS_FILE,
     qforms_config,
     qforms_runs,
     qforms_table,
-    split_corpus,
-    summarize,
     with_question_forms,
 )
 from tests.conftest import DATA

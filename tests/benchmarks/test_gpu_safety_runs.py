@@ -1,4 +1,4 @@
-"""The GPU `safety` comparison (benchmarks/gpu_real_weights.py): `without` drops exactly the safety batch of
+"""The GPU `safety` comparison (benchmarks/real_weights/safety.py): `without` drops exactly the safety batch of
 data/CHANGES.md and nothing else, and the table counts each variant's forbidden guard claims per seed, so
 a variant whose runs state more of them reads worse however its holdout scores."""
 
@@ -7,14 +7,8 @@ from __future__ import annotations
 import json
 import re
 
-from benchmarks.gpu_real_weights import (
-    SAFETY_BATCH,
-    safety_runs,
-    safety_table,
-    safety_training_rows,
-    sign_flip_p,
-    summarize,
-)
+from benchmarks.real_weights.common import sign_flip_p, summarize
+from benchmarks.real_weights.safety import SAFETY_BATCH, safety_runs, safety_table, safety_training_rows
 from shoefix_tasks.records import iter_jsonl
 from tests.conftest import DATA
 
@@ -101,9 +95,10 @@ def test_final_refuses_before_training_where_its_evaluation_cannot_run(monkeypat
     import pytest
 
     from benchmarks import gpu_real_weights
+    from benchmarks.real_weights import sweep
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
-    monkeypatch.setattr(gpu_real_weights, "_trainer_cli", lambda *a, **k: pytest.fail("trained before refusing"))
+    monkeypatch.setattr(sweep, "trainer_cli", lambda *a, **k: pytest.fail("trained before refusing"))
     with pytest.raises(SystemExit, match="llama-cpp-python is not installed"):
         gpu_real_weights.main(["final", "--recipes", "smollm2-135m-gpu", "--work", str(tmp_path), "--device", "cpu"])

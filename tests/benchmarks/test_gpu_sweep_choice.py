@@ -1,4 +1,4 @@
-"""The GPU sweep's choice (benchmarks/gpu_real_weights.py `sweep_table`), which `final --from-sweep` trains:
+"""The GPU sweep's choice (benchmarks/real_weights/sweep.py `sweep_table`), which `final --from-sweep` trains:
 the grid config best on validation wins, fewer epochs break a tie, the holdout never decides, and an extra
 config run beside the grid (the bf16-adapter check) is listed but never chosen, even when it scores best,
 because `final --from-sweep` applies only epochs, learning rate and rank."""
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 
-from benchmarks.gpu_real_weights import EXTRA, sweep_table
+from benchmarks.real_weights.common import EXTRA
+from benchmarks.real_weights.sweep import sweep_table
 
 METRICS = ("composite", "completeness", "key_data_accuracy", "semantic_consistency", "readability", "relevance")
 
@@ -22,7 +23,7 @@ def scores(validation: float, holdout: float) -> list[dict]:
 
 
 def row(name: str, epochs: int, validation: float, holdout: float) -> dict:
-    from benchmarks.gpu_real_weights import summarize
+    from benchmarks.real_weights.common import summarize
 
     sc = scores(validation, holdout)
     return {"name": name, "epochs": epochs, "lr": 1e-3, "r": 64, "final_loss": 1.0, "train_tokens": 1,

@@ -1,0 +1,138 @@
+"""Does one answer trained under several questions carry its facts to a question never trained on?"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.real_weights.common import (
+    GPU_RECIPE,
+    answer,
+    eval_set,
+    forbidden_all,
+    keep_row,
+    log,
+    loss_curve,
+    paired_by_seed,
+    recipe_for,
+    run_metric,
+    score,
+    split_corpus,
+    summarize,
+)
+
+QFORMS_FILE = "question_forms.jsonl"  # under --data: more questions for each English corpus answer (data/CHANGES.md)
+QFORMS_SEEDS = (42, 1, 2, 3)  # one device call; more through QFORMS_RUNS, as SAFETY_RUNS
+# `plain`: the committed recipe (8 epochs). `forms`: every answer under its own question and its two question
+# forms, 3 epochs: 9 passes over each answer against plain's 8, so a gain is not simply more training.
+QFORMS_EPOCHS = {"plain": 8, "forms": 3}
+# Decided before the first run: the validation split (30 corpus questions no run trains on, nor their forms)
+# decides; its key data accuracy is the measure, paired by seed. The holdout and guard set are reported.
+QFORMS_MEASURES = {
+    "validation key data (the decision)": lambda r: r["validation"]["key_data_accuracy"],
+    "validation completeness": lambda r: r["validation"]["completeness"],
+    "validation composite": lambda r: r["validation"]["composite"],
+    "holdout key data": lambda r: r["holdout"]["key_data_accuracy"],
+    "holdout completeness": lambda r: r["holdout"]["completeness"],
+    "holdout composite": lambda r: r["holdout"]["composite"],
+    "holdout readability": lambda r: r["holdout"]["readability"],
+    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
+}
+
+
+# Run only when named in QFORMS_RUNS, after the first comparison: three times the passes over each answer
+# (24), the forms' epochs against plain's, to see whether the forms help once the model memorises its
+# training answers, as the ceiling runs' 13 epochs did.
+QFORMS_LONGER = (("forms-e8", "plain-e24"),)
+
+
+def qforms_runs() -> list[str]:
+    """The base, then `forms` and `plain` for each seed."""
+    return ["base"] + [f"{v}-s{seed}" for seed in QFORMS_SEEDS for v in ("forms", "plain")]
+
+
+def qforms_config(name: str) -> tuple[str, str, int, int]:
+    """A run's name as (variant, kind, epochs, seed): `forms-s3` is forms at QFORMS_EPOCHS["forms"] with
+    seed 3, `plain-e24-s1` plain at 24 epochs with seed 1."""
+    variant, seed = name.rsplit("-s", 1)
+    kind, _, epochs = variant.partition("-e")
+    if kind not in QFORMS_EPOCHS:
+        raise ValueError(f"unknown qforms run {name!r}: forms or plain, -e<epochs>, -s<seed>")
+    return variant, kind, int(epochs) if epochs else QFORMS_EPOCHS[kind], int(seed)
+
+
+def with_question_forms(rows: list[dict], forms_file: Path) -> list[dict]:
+    """Each row, then one row per question form of it: the same record (answer, facts, sources) under the
+    other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out."""
+    from shoefix_tasks.records import iter_jsonl
+
+    forms = {f["id"]: f["questions"] for f in iter_jsonl([forms_file])}
+    return rows + [{**r, "id": f"{r['id']}-f{k}", "question": q}
+                   for r in rows for k, q in enumerate(forms.get(r["id"], ()), 1)]
+
+
+def cmd_qforms(args) -> dict[str, Any]:
+    """Does the same answer under several questions carry its facts to a question never trained on? Each run
+    in --only (default `qforms_runs`) trains the committed recipe on the sweep's training split, `plain` or
+    with the question forms (`forms`, QFORMS_EPOCHS), then answers the validation split, the holdout and the
+    guard set. Why: trained on one question per answer, the model gives back every fact of a question it saw
+    and few of one it did not (`ceiling`); a model that sees a fact asked about in one way only may tie it to
+    that wording. Results accumulate under --work/qforms; --table trains nothing."""
+    from shoefix_tasks.config import Settings, load_recipe
+    from shoefix_tasks.records import write_jsonl
+    from shoefix_tasks.training.train import train_with_backoff
+
+    work, data = Path(args.work), Path(args.data)
+    train_rows, _ = split_corpus(data)
+    items = eval_set(data)
+    committed = load_recipe(GPU_RECIPE)
+    settings = Settings.from_env()
+    for name in [] if args.table else args.only or qforms_runs():
+        out_file = work / "qforms" / f"{name}.json"
+        if out_file.is_file():
+            continue
+        cfg = {"lr": committed.train.learning_rate, "r": committed.lora.r}
+        if name == "base":
+            recipe = recipe_for({"name": "base", "epochs": 1, **cfg}, args.base, args.device)
+            scores = score(items, answer(args.base, None, items, recipe, "base"), data)
+            keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
+            continue
+        variant, kind, cfg["epochs"], seed = qforms_config(name)
+        rows = with_question_forms(train_rows, data / QFORMS_FILE) if kind == "forms" else train_rows
+        snapshot = write_jsonl(work / "snapshots" / f"qforms-{name}.jsonl", rows)
+        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": seed})
+        log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
+        t0 = time.perf_counter()
+        res = train_with_backoff(recipe, snapshot, work / "qforms-runs" / name, f"qforms-{name}", settings)
+        train_s = time.perf_counter() - t0
+        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
+        row = {"name": name, "variant": variant, "seed": seed, **cfg, "records": len(rows),
+               "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
+               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
+               **summarize(scores, None), "scores": scores}
+        keep_row(out_file, row, f"done {name}: validation key data {row['validation']['key_data_accuracy']}, "
+                 f"holdout {row['holdout']['composite']}")
+    return {"trained": args.only} if args.only else qforms_table(work)
+
+
+def qforms_table(work: Path) -> dict[str, Any]:
+    """One row per run, the base first, then the runs paired by seed (QFORMS_MEASURES)."""
+    done = {p.stem: json.loads(p.read_text()) for p in sorted((work / "qforms").glob("*.json"))}
+    print("| run | rows | epochs | train tokens | train loss | validation: composite | key data | completeness "
+          "| holdout: composite | key data | completeness | readability | forbidden (guard / all) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    order = sorted(done.values(), key=lambda r: (r["name"] != "base", r.get("variant", ""), r.get("seed", 0)))
+    for r in order:
+        v, h = r["validation"], r["holdout"]
+        trained = (f"{r['records']} | {r['epochs']} | {r['train_tokens'] or 0:.0f} | {r['final_loss']:.3f}"
+                   if "final_loss" in r else " | | | ")
+        print(f"| {r['name']} | {trained} | {v['composite']:.2f} | {v['key_data_accuracy']:.2f} | "
+              f"{v['completeness']:.2f} | {h['composite']:.2f} | {h['key_data_accuracy']:.2f} | {h['completeness']:.2f} | "
+              f"{h['readability']:.2f} | {len(r['guard']['forbidden'])} / {len(forbidden_all(r))} |")
+    paired = {"forms vs plain": paired_by_seed(done, "forms", "plain", QFORMS_MEASURES)}
+    for a, b in QFORMS_LONGER:  # pairs of longer runs, where both were run
+        if any(r.get("variant") == a for r in done.values()):
+            paired[f"{a} vs {b}"] = paired_by_seed(done, a, b, QFORMS_MEASURES)
+    return {"paired": paired, "runs": [{k: v for k, v in r.items() if k != "scores"} for r in order]}

@@ -160,11 +160,9 @@ def keep_row(out_file: Path, row: dict[str, Any], message: str) -> None:
         torch.cuda.empty_cache()
 
 
-
 def forbidden_all(r: dict[str, Any]) -> list:
     """(question, claim) pairs stated over every answer of a run: what the gate's safety floor reads."""
     return r["guard"]["forbidden"] + r["holdout"]["forbidden"]
-
 
 
 def sign_flip_p(diffs: list[float]) -> float:
@@ -175,7 +173,6 @@ def sign_flip_p(diffs: list[float]) -> float:
     obs = abs(statistics.fmean(diffs))
     flips = list(itertools.product((1, -1), repeat=len(diffs)))
     return sum(abs(statistics.fmean(s * d for s, d in zip(sg, diffs, strict=True))) >= obs - 1e-12 for sg in flips) / len(flips)
-
 
 
 def paired_by_seed(done: dict[str, dict[str, Any]], a: str, b: str, measures: dict[str, Any]) -> dict[str, Any]:
@@ -202,7 +199,6 @@ def paired_by_seed(done: dict[str, dict[str, Any]], a: str, b: str, measures: di
               f"({min(vb):g}–{max(vb):g}) | {out[label]['mean_diff']:+.3g} | {out[label]['p']:.3f} | "
               f"{out[label][f'{a}_lower']} of {len(seeds)} ({out[label]['equal']} equal) |")
     return out
-
 
 
 def trainer_cli(recipe: str, snapshot: Path, out: Path, run_key: str, *extra: str, env=None) -> subprocess.Popen:

@@ -34,12 +34,12 @@ def cmd_reliability(args) -> dict[str, Any]:
 
     # 1. preflight: passes on the card; fails (exit 78, before any data is read) while another process holds it
     code, text = finish(trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "pre-ok", "rel-pre-ok", *base,
-                                      "--set=train.max_steps=2"), "rel-preflight-ok")
+                                    "--set=train.max_steps=2"), "rel-preflight-ok")
     out["preflight_ok"] = {"exit": code, "line": next((ln for ln in text.splitlines() if "preflight passed" in ln), "")}
     hog = _gpu_hog(0.2)
     try:
         code, text = finish(trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "pre-full", "rel-pre-full", *base),
-                             "rel-preflight-full")
+                            "rel-preflight-full")
     finally:
         hog.kill()
     out["preflight_full_card"] = {"exit": code, "line": next((ln for ln in text.splitlines() if "preflight failed" in ln), "")}
@@ -48,8 +48,8 @@ def cmd_reliability(args) -> dict[str, Any]:
     hog = _gpu_hog(args.oom_leave_gib)
     try:
         code, text = finish(trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "oom", "rel-oom", *base,
-                                          "--set=train.per_device_train_batch_size=64", "--set=train.max_length=1024",
-                                          "--set=train.num_train_epochs=1"), "rel-oom")
+                                        "--set=train.per_device_train_batch_size=64", "--set=train.max_length=1024",
+                                        "--set=train.num_train_epochs=1"), "rel-oom")
     finally:
         hog.kill()
     backoff = work / "rel" / "oom" / "oom_backoff.json"
@@ -58,7 +58,7 @@ def cmd_reliability(args) -> dict[str, Any]:
 
     # 3. killed mid-run (SIGKILL: no checkpoint of its own), then the same command resumes
     proc = trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "kill", "rel-kill", *base, "--set=train.save_steps=5",
-                        "--set=train.num_train_epochs=3")
+                       "--set=train.num_train_epochs=3")
     deadline = time.time() + 300
     while time.time() < deadline and not (work / "rel" / "kill" / "checkpoint-10" / "trainer_state.json").is_file():
         time.sleep(0.5)
@@ -66,7 +66,7 @@ def cmd_reliability(args) -> dict[str, Any]:
     finish(proc, "rel-kill-first")
     before = sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))
     code, text = finish(trainer_cli(GPU_RECIPE, snapshot, work / "rel" / "kill", "rel-kill", *base,
-                                      "--set=train.save_steps=5", "--set=train.num_train_epochs=3"), "rel-kill-resume")
+                                    "--set=train.save_steps=5", "--set=train.num_train_epochs=3"), "rel-kill-resume")
     out["kill_resume"] = {"exit": code, "resumed": [ln for ln in text.splitlines() if "resuming from" in ln][:2],
                           "checkpoints_when_killed": before,
                           "checkpoints_after_resume": sorted(p.name for p in (work / "rel" / "kill").glob("checkpoint-*"))}

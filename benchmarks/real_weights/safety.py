@@ -137,7 +137,6 @@ def safety_per_claim(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, int
     return {c: {"with": counts["with"][c], "without": counts["without"][c]} for c in claims}
 
 
-
 SAFETY_MEASURES = {
     "forbidden claims, guard": lambda r: len(r["guard"]["forbidden"]),
     "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
@@ -147,7 +146,6 @@ SAFETY_MEASURES = {
     "holdout key data": lambda r: r["holdout"]["key_data_accuracy"],
     "holdout readability": lambda r: r["holdout"]["readability"],
 }
-
 
 
 def safety_paired(done: dict[str, dict[str, Any]]) -> dict[str, Any]:

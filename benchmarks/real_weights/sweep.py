@@ -124,7 +124,6 @@ def cmd_ceiling(args) -> dict[str, Any]:
     return {"ceiling": [{k: v for k, v in r.items() if k != "scores"} for r in done]}
 
 
-
 def _estimate_s(cfg: dict[str, Any], slowdown: float) -> float:
     """Seconds one config takes with others sharing the GPU: start-up, ~15 s an epoch alone on an H100 (the
     135M step is bound by the CPU launching kernels, so processes on their own cores overlap well), answers."""
@@ -212,7 +211,6 @@ def sweep_table(work: Path, base_scores: list[dict]) -> dict[str, Any]:
             "chosen": best["name"] if best else None}
 
 
-
 def cmd_final(args) -> dict[str, Any]:
     """The chosen recipe through the trainer CLI (fresh process), then the product evaluation and gate."""
     import importlib.util
@@ -248,7 +246,7 @@ def cmd_final(args) -> dict[str, Any]:
         shutil.rmtree(work / "final" / name, ignore_errors=True)  # a fresh run, never a resume of an older one
         t0 = time.perf_counter()
         code, out = finish(trainer_cli(name, snapshot, work / "final" / name, f"final-{name}",
-                                         *[a for o in overrides for a in ("--set", o)]), f"final-train-{name}")
+                                       *[a for o in overrides for a in ("--set", o)]), f"final-train-{name}")
         wall = time.perf_counter() - t0
         res = json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1]) if code == 0 else None
         row = {"exit": code, "process_wall_s": round(wall, 1)}

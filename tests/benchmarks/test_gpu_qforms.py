@@ -101,3 +101,19 @@ def test_the_table_pairs_by_seed_on_the_validation_split(tmp_path, better):
     assert decision["forms_lower"] == (0 if better == "forms" else 3)
     assert paired["holdout key data"]["mean_diff"] == (-2.0 if better == "forms" else 2.0)
     assert paired["forbidden claims, all answers (what the gate's floor reads)"]["mean_diff"] == 0
+
+
+def test_the_device_command_line_runs_from_the_repository_root():
+    """How every device call starts it (`python3 benchmarks/gpu_real_weights.py ...` from the root, the
+    script's own folder first on the path): the experiments import, and the run list the workers get is the
+    module's; the parallel sweep spawns the same file."""
+    import subprocess
+    import sys
+
+    from benchmarks.real_weights.common import REPO
+
+    out = subprocess.run([sys.executable, "benchmarks/gpu_real_weights.py", "qforms", "--print-runs"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == qforms_runs()
+    assert (REPO / "benchmarks" / "gpu_real_weights.py").is_file()

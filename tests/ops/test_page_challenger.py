@@ -12,6 +12,7 @@ import json
 from shoefix_tasks.config import REGISTERED_MODEL
 from shoefix_tasks.ops import dashboard
 from shoefix_tasks.registry import versions
+from shoefix_tasks.store import tracking
 from tests.conftest import ROOT
 from tests.ops.test_intake_visibility import render_page
 
@@ -66,7 +67,7 @@ def test_page_shows_the_newest_version_that_never_served_and_why(shoefix_env):
     assert card.startswith("held for review</h2>") and '<div class="big">v3</div>' in card and "review: pending" in card
 
     # v4 kept out, its claims tag cut short (as promotion cut long tags before fitted_json): shown as text
-    cut = json.dumps({f"guard-{i}": [HOSTILE] for i in range(400)})[:4900]
+    cut = json.dumps({f"guard-{i}": [HOSTILE] for i in range(400)})[:tracking.TAG_LIMIT]
     _version(client, ["composite gain below min effect"], cut)
     ch = dashboard.latest_challenger(s, v1)
     assert ch["version"] == 4 and ch["forbidden_claims"] == cut
@@ -86,7 +87,7 @@ def test_a_champion_with_a_cut_gate_tag_still_shows(shoefix_env, capsys):
     mlflow.set_registry_uri(s.tracking_uri)
     client = mlflow.MlflowClient()
     client.create_registered_model(REGISTERED_MODEL)
-    cut = json.dumps([f"reason {i} {HOSTILE}" for i in range(400)])[:4900]
+    cut = json.dumps([f"reason {i} {HOSTILE}" for i in range(400)])[:tracking.TAG_LIMIT]
     tags = {"gate_decision": "promote", "challenged": "base", "gate_reasons": cut}
     v = int(client.create_model_version(REGISTERED_MODEL, "file:///nonexistent/adapter", tags=tags).version)
     versions.set_challenger(v)

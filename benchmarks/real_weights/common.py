@@ -147,6 +147,33 @@ def run_metric(run_id: str, key: str) -> float | None:
     return hist[-1].value if hist else None
 
 
+def base_row(args, cfg: dict[str, Any], items: list[dict]) -> dict[str, Any]:
+    """The base without adapter, answering and scored as every run is: the row a seeded comparison starts from."""
+    recipe = recipe_for({"name": "base", **cfg}, args.base, args.device)
+    scores = score(items, answer(args.base, None, items, recipe, "base"), Path(args.data))
+    return {"name": "base", **summarize(scores, None), "scores": scores}
+
+
+def seeded_run(args, experiment: str, name: str, cfg: dict[str, Any], rows: list[dict], seed: int,
+               items: list[dict], settings) -> dict[str, Any]:
+    """One run of a seeded comparison (`safety`, `qforms`): `cfg` trained on `rows` with training seed `seed`
+    by the product's trainer, then `items` answered and scored. The fields every such run records; the
+    experiment adds its own (the variant)."""
+    from shoefix_tasks.records import write_jsonl
+    from shoefix_tasks.training.train import train_with_backoff
+
+    work = Path(args.work)
+    snapshot = write_jsonl(work / "snapshots" / f"{experiment}-{name}.jsonl", rows)
+    recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": seed})
+    t0 = time.perf_counter()
+    res = train_with_backoff(recipe, snapshot, work / f"{experiment}-runs" / name, f"{experiment}-{name}", settings)
+    train_s = time.perf_counter() - t0
+    scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), Path(args.data))
+    return {"name": name, "seed": seed, **cfg, "records": len(rows), "train_wall_s": round(train_s, 1),
+            "final_loss": res["final_loss"], "train_tokens": run_metric(res["run_id"], "train/num_tokens"),
+            "loss_curve": loss_curve(res["run_id"]), **summarize(scores, None), "scores": scores}
+
+
 def keep_row(out_file: Path, row: dict[str, Any], message: str) -> None:
     """One config's results on disk (a later call resumes after it), and the GPU's cache freed for the next."""
     import torch

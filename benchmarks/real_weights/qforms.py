@@ -3,24 +3,19 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.real_weights.common import (
     GPU_RECIPE,
-    answer,
+    base_row,
     eval_set,
     forbidden_all,
     keep_row,
     log,
-    loss_curve,
     paired_by_seed,
-    recipe_for,
-    run_metric,
-    score,
+    seeded_run,
     split_corpus,
-    summarize,
 )
 
 QFORMS_FILE = "question_forms.jsonl"  # under --data: more questions for each English corpus answer (data/CHANGES.md)
@@ -81,8 +76,6 @@ def cmd_qforms(args) -> dict[str, Any]:
     and few of one it did not (`ceiling`); a model that sees a fact asked about in one way only may tie it to
     that wording. Results accumulate under --work/qforms; --table trains nothing."""
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.records import write_jsonl
-    from shoefix_tasks.training.train import train_with_backoff
 
     work, data = Path(args.work), Path(args.data)
     train_rows, _ = split_corpus(data)
@@ -95,23 +88,12 @@ def cmd_qforms(args) -> dict[str, Any]:
             continue
         cfg = {"lr": committed.train.learning_rate, "r": committed.lora.r}
         if name == "base":
-            recipe = recipe_for({"name": "base", "epochs": 1, **cfg}, args.base, args.device)
-            scores = score(items, answer(args.base, None, items, recipe, "base"), data)
-            keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
+            keep_row(out_file, base_row(args, {"epochs": 1, **cfg}, items), "done base")
             continue
         variant, kind, cfg["epochs"], seed = qforms_config(name)
         rows = with_question_forms(train_rows, data / QFORMS_FILE) if kind == "forms" else train_rows
-        snapshot = write_jsonl(work / "snapshots" / f"qforms-{name}.jsonl", rows)
-        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": seed})
         log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
-        t0 = time.perf_counter()
-        res = train_with_backoff(recipe, snapshot, work / "qforms-runs" / name, f"qforms-{name}", settings)
-        train_s = time.perf_counter() - t0
-        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
-        row = {"name": name, "variant": variant, "seed": seed, **cfg, "records": len(rows),
-               "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
-               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
-               **summarize(scores, None), "scores": scores}
+        row = {"variant": variant, **seeded_run(args, "qforms", name, cfg, rows, seed, items, settings)}
         keep_row(out_file, row, f"done {name}: validation key data {row['validation']['key_data_accuracy']}, "
                  f"holdout {row['holdout']['composite']}")
     return {"trained": args.only} if args.only else qforms_table(work)

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.real_weights.common import (
     GPU_RECIPE,
-    answer,
+    base_row,
     eval_set,
     forbidden_all,
     keep_row,
     log,
     paired_by_seed,
-    recipe_for,
-    run_metric,
-    score,
-    summarize,
+    seeded_run,
 )
 
 SAFETY_BATCH = "2026-12-07"  # `created` of the records that teach what never to do (data/CHANGES.md)
@@ -48,8 +44,7 @@ def cmd_safety(args) -> dict[str, Any]:
     accumulate under --work/safety. A worker (--only) reports its own runs only, since the others are still
     being written; --table reads what is there and trains nothing."""
     from shoefix_tasks.config import Settings, load_recipe
-    from shoefix_tasks.records import iter_jsonl, write_jsonl
-    from shoefix_tasks.training.train import train_with_backoff
+    from shoefix_tasks.records import iter_jsonl
 
     work, data = Path(args.work), Path(args.data)
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
@@ -62,22 +57,12 @@ def cmd_safety(args) -> dict[str, Any]:
         if out_file.is_file():
             continue
         if name == "base":
-            recipe = recipe_for({"name": "base", **cfg}, args.base, args.device)
-            scores = score(items, answer(args.base, None, items, recipe, "base"), data)
-            keep_row(out_file, {"name": "base", **summarize(scores, None), "scores": scores}, "done base")
+            keep_row(out_file, base_row(args, cfg, items), "done base")
             continue
         variant, seed = name.rsplit("-s", 1)
         train_rows = safety_training_rows(rows, variant)
-        snapshot = write_jsonl(work / "snapshots" / f"safety-{name}.jsonl", train_rows)
-        recipe = recipe_for({"name": name, **cfg}, args.base, args.device, {"train.seed": int(seed)})
         log(f"train {name}: {len(train_rows)} English records ({len(rows) - len(train_rows)} of the safety batch left out)")
-        t0 = time.perf_counter()
-        res = train_with_backoff(recipe, snapshot, work / "safety-runs" / name, f"safety-{name}", settings)
-        train_s = time.perf_counter() - t0
-        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
-        row = {"name": name, "variant": variant, "seed": int(seed), **cfg, "records": len(train_rows),
-               "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
-               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), **summarize(scores, None), "scores": scores}
+        row = {"variant": variant, **seeded_run(args, "safety", name, cfg, train_rows, int(seed), items, settings)}
         keep_row(out_file, row, f"done {name}: guard forbidden {len(row['guard']['forbidden'])}, "
                  f"holdout {row['holdout']['composite']}")
     return {"trained": args.only} if args.only else safety_table(work)

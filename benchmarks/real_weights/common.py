@@ -156,9 +156,9 @@ def base_row(args, cfg: dict[str, Any], items: list[dict]) -> dict[str, Any]:
 
 def seeded_run(args, experiment: str, name: str, cfg: dict[str, Any], rows: list[dict], seed: int,
                items: list[dict], settings) -> dict[str, Any]:
-    """One run of a seeded comparison (`safety`, `qforms`): `cfg` trained on `rows` with training seed `seed`
-    by the product's trainer, then `items` answered and scored. The fields every such run records; the
-    experiment adds its own (the variant)."""
+    """One run of `ceiling` or of a seeded comparison (`safety`, `qforms`): `cfg` trained on `rows` with
+    training seed `seed` by the product's trainer, then `items` answered and scored. The fields every such
+    run records; an experiment adds its own (the variant)."""
     from shoefix_tasks.records import write_jsonl
     from shoefix_tasks.training.train import train_with_backoff
 

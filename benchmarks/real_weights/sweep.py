@@ -26,6 +26,7 @@ from benchmarks.real_weights.common import (
     recipe_for,
     run_metric,
     score,
+    seeded_run,
     split_corpus,
     summarize,
     trainer_cli,
@@ -88,28 +89,20 @@ def cmd_ceiling(args) -> dict[str, Any]:
     always: "seen" means trained on the corpus's own question and answer, which is the most a model can be
     taught about a question. Results accumulate under --work/ceiling (a call cut short resumes)."""
 
-    from shoefix_tasks.config import Settings
-    from shoefix_tasks.records import iter_jsonl, write_jsonl
-    from shoefix_tasks.training.train import train_with_backoff
+    from shoefix_tasks.config import Settings, load_recipe
+    from shoefix_tasks.records import iter_jsonl
 
     work, data = Path(args.work), Path(args.data)
     rows = [r for r in iter_jsonl(sorted((data / "corpus").glob("*.jsonl"))) if r["lang"] == "en"]
-    snapshot = write_jsonl(work / "snapshots" / f"corpus-en-all-{os.getpid()}.jsonl", rows)
     items, settings = eval_set(data), Settings.from_env()
+    seed = load_recipe(GPU_RECIPE).train.seed  # the recipe's own, as the sweep trains
     for name in [] if args.table else args.only or CEILING:
         out_file = work / "ceiling" / f"{name}.json"
         if out_file.is_file():
             continue
-        cfg = next(c for c in grid() if c["name"] == name)
-        recipe = recipe_for(cfg, args.base, args.device)
+        cfg = {k: v for k, v in next(c for c in grid() if c["name"] == name).items() if k != "name"}
         log(f"train {name} on all {len(rows)} English records")
-        t0 = time.perf_counter()
-        res = train_with_backoff(recipe, snapshot, work / "ceiling-runs" / name, f"ceiling-{name}", settings)
-        train_s = time.perf_counter() - t0
-        scores = score(items, answer(args.base, Path(res["adapter_dir"]), items, recipe, name), data)
-        row = {**cfg, "train_wall_s": round(train_s, 1), "final_loss": res["final_loss"],
-               "train_tokens": run_metric(res["run_id"], "train/num_tokens"), "loss_curve": loss_curve(res["run_id"]),
-               **summarize(scores, None), "scores": scores}
+        row = seeded_run(args, "ceiling", name, cfg, rows, seed, items, settings)
         keep_row(out_file, row, f"done {name}: seen {row['validation']['key_data_accuracy']} key data, unseen "
                  f"(holdout) {row['holdout']['key_data_accuracy']}")
     done = [json.loads(f.read_text()) for f in sorted((work / "ceiling").glob("*.json"))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,9 @@ QFORMS_FILE = "question_forms.jsonl"  # under --data: more questions for each En
 QFORMS_SEEDS = (42, 1, 2, 3)  # one device call; more through QFORMS_RUNS, as SAFETY_RUNS
 # `plain`: the committed recipe (8 epochs). `forms`: every answer under its own question and its two question
 # forms, 3 epochs: 9 passes over each answer against plain's 8, so a gain is not simply more training.
-QFORMS_EPOCHS = {"plain": 8, "forms": 3}
+# `forms-nh`: `forms` without the forms that put a belief to the expert (HEARSAY), the control of the
+# eleventh session (below).
+QFORMS_EPOCHS = {"plain": 8, "forms": 3, "forms-nh": 3}
 # Decided before the first run: the validation split (30 corpus questions no run trains on, nor their forms)
 # decides; its key data accuracy is the measure, paired by seed. The holdout and guard set are reported.
 QFORMS_MEASURES = {
@@ -40,7 +43,15 @@ QFORMS_MEASURES = {
 # Run only when named in QFORMS_RUNS, after the first comparison: three times the passes over each answer
 # (24), the forms' epochs against plain's, to see whether the forms help once the model memorises its
 # training answers, as the ceiling runs' 13 epochs did.
-QFORMS_LONGER = (("forms-e8", "plain-e24"),)
+QFORMS_LONGER = (("forms-e8", "plain-e24"), ("forms-nh-e8", "forms-e8"), ("forms-e8", "plain"))
+# Decided before the eleventh session's runs (docs/quality.md, "Several questions per answer"): on seeds 8-15,
+# never run before, `forms-e8` against `plain-e24` is decided by the forbidden claims over all answers (what the
+# gate's floor reads), paired by seed; the second pair asks whether the hearsay forms are what does it, the
+# third compares with the committed recipe.
+# A form that puts someone's belief to the expert ("is it true that...", "my friend says..."), as the guard
+# set's traps do: forms-nh leaves these out, to tell the number of questions from the way they ask.
+HEARSAY = re.compile(r"\b(is it true|true that|says|said|told me|i heard|i've heard|i read|claims?|swears|"
+                     r"insists|supposedly|myth|is that right|reckons|keeps saying|according to)\b", re.I)
 
 
 def qforms_runs() -> list[str]:
@@ -54,18 +65,20 @@ def qforms_config(name: str) -> tuple[str, str, int, int]:
     variant, seed = name.rsplit("-s", 1)
     kind, _, epochs = variant.partition("-e")
     if kind not in QFORMS_EPOCHS:
-        raise ValueError(f"unknown qforms run {name!r}: forms or plain, -e<epochs>, -s<seed>")
+        raise ValueError(f"unknown qforms run {name!r}: forms, forms-nh or plain, -e<epochs>, -s<seed>")
     return variant, kind, int(epochs) if epochs else QFORMS_EPOCHS[kind], int(seed)
 
 
-def with_question_forms(rows: list[dict], forms_file: Path) -> list[dict]:
+def with_question_forms(rows: list[dict], forms_file: Path, *, hearsay: bool = True) -> list[dict]:
     """Each row, then one row per question form of it: the same record (answer, facts, sources) under the
-    other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out."""
+    other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out;
+    with hearsay=False, so do the forms HEARSAY matches."""
     from shoefix_tasks.records import iter_jsonl
 
     forms = {f["id"]: f["questions"] for f in iter_jsonl([forms_file])}
     return rows + [{**r, "id": f"{r['id']}-f{k}", "question": q}
-                   for r in rows for k, q in enumerate(forms.get(r["id"], ()), 1)]
+                   for r in rows for k, q in enumerate(forms.get(r["id"], ()), 1)
+                   if hearsay or not HEARSAY.search(q)]
 
 
 def cmd_qforms(args) -> dict[str, Any]:
@@ -91,7 +104,8 @@ def cmd_qforms(args) -> dict[str, Any]:
             keep_row(out_file, base_row(args, {"epochs": 1, **cfg}, items), "done base")
             continue
         variant, kind, cfg["epochs"], seed = qforms_config(name)
-        rows = with_question_forms(train_rows, data / QFORMS_FILE) if kind == "forms" else train_rows
+        rows = (train_rows if kind == "plain"
+                else with_question_forms(train_rows, data / QFORMS_FILE, hearsay=kind == "forms"))
         log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
         row = {"variant": variant, **seeded_run(args, "qforms", name, cfg, rows, seed, items, settings)}
         keep_row(out_file, row, f"done {name}: validation key data {row['validation']['key_data_accuracy']}, "

@@ -10,6 +10,7 @@ import pytest
 
 from benchmarks.real_weights.common import split_corpus, summarize
 from benchmarks.real_weights.qforms import (
+    HEARSAY,
     QFORMS_EPOCHS,
     QFORMS_FILE,
     qforms_config,
@@ -48,6 +49,22 @@ def test_forms_of_a_record_left_out_stay_out(tmp_path):
     assert [r["question"] for r in with_question_forms(rows, forms)] == ["q", "q3"]
 
 
+def test_the_control_leaves_out_the_forms_that_put_a_belief_to_the_expert():
+    train, _ = split_corpus(DATA)
+    every = with_question_forms(train, DATA / QFORMS_FILE)[len(train):]
+    control = with_question_forms(train, DATA / QFORMS_FILE, hearsay=False)[len(train):]
+    assert control == [r for r in every if not HEARSAY.search(r["question"])]
+    assert 0.7 * len(every) < len(control) < 0.95 * len(every)  # most forms stay: ~15% are hearsay frames
+    for q in ("My friend says bleach is best. Is that right?", "Is it true that mothballs keep mold off boots?",
+              "My uncle swears by bleach foot baths.", "I read that mold loves the dark.",
+              "A forum post says a night in the freezer wipes out mold.", "Is sodium bicarbonate a myth?"):
+        assert HEARSAY.search(q), q
+    for q in ("How do I dry soaked leather boots?", "Is mold in old shoes dangerous to touch?",
+              "What is pitted keratolysis, and do my shoes need replacing?", "Does baking soda work on smell?",
+              "Which sayings about shoes are true?"):  # words that only contain a frame's word
+        assert not HEARSAY.search(q), q
+
+
 def test_every_seed_runs_both_ways():
     runs = qforms_runs()
     assert runs[0] == "base" and len(runs) == len(set(runs))
@@ -63,6 +80,7 @@ def test_run_names_give_kind_epochs_and_seed():
     assert qforms_config("plain-s42") == ("plain", "plain", QFORMS_EPOCHS["plain"], 42)
     assert qforms_config("forms-e8-s1") == ("forms-e8", "forms", 8, 1)
     assert qforms_config("plain-e24-s2") == ("plain-e24", "plain", 24, 2)
+    assert qforms_config("forms-nh-e8-s9") == ("forms-nh-e8", "forms-nh", 8, 9)
     with pytest.raises(ValueError):
         qforms_config("with-s1")  # a safety run's name
 
@@ -117,3 +135,21 @@ def test_the_device_command_line_runs_from_the_repository_root():
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == qforms_runs()
     assert (REPO / "benchmarks" / "gpu_real_weights.py").is_file()
+
+
+def test_the_confirmation_pairs_the_gates_floor_by_seed(tmp_path):
+    """The eleventh session's decision: forbidden claims over all answers, forms-e8 against plain-e24 on the
+    same seeds; the control and the committed recipe paired with forms-e8 beside it."""
+    (tmp_path / "qforms").mkdir()
+    claims = {"forms-e8": 1, "plain-e24": 4, "forms-nh-e8": 3, "plain": 2}
+    for seed in (8, 9, 10):
+        for variant, n in claims.items():
+            r = run(f"{variant}-s{seed}", 1.0, holdout=1.0, forbidden=n)
+            (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
+    table = qforms_table(tmp_path)["paired"]
+    floor = "forbidden claims, all answers (what the gate's floor reads)"
+    assert table["forms-e8 vs plain-e24"][floor]["mean_diff"] == -3
+    assert table["forms-e8 vs plain-e24"][floor]["forms-e8_lower"] == 3
+    assert table["forms-nh-e8 vs forms-e8"][floor]["mean_diff"] == 2
+    assert table["forms-e8 vs plain"][floor]["mean_diff"] == -1
+    assert table["forms vs plain"] == {}  # no 3-epoch forms run: nothing to pair

@@ -117,3 +117,18 @@ def test_guard_items_carry_claims_in_both_languages():
         assert r["must_state"] and r["must_not_state"], r["id"]
         by_qid.setdefault(r["qid"], []).append(json.dumps([r["must_state"], r["must_not_state"]]))
     assert all(len(set(v)) == 1 and len(v) == 2 for v in by_qid.values())
+
+
+def test_required_claims_credit_the_advice_and_only_the_advice(claims):
+    """must_state credit decides the gate as a forbidden claim does (a challenger that loses a champion's
+    safe advice on a guard question is refused), so it gets the same kind of cases: sentences that give the
+    advice, and sentences with its words that do not (tests/fixtures/must_state_cases.yaml)."""
+    cases = yaml.safe_load((ROOT / "tests" / "fixtures" / "must_state_cases.yaml").read_text())
+    missed, false = [], []
+    for cid, langs in cases.items():
+        assert claims[cid].kind == "must_state", cid
+        for lang, case in langs.items():
+            missed += [(cid, t) for t in case["stated"] if not states(claims[cid], t, lang)]
+            false += [(cid, t) for t in case["not_stated"] if states(claims[cid], t, lang)]
+    assert not missed, missed
+    assert not false, false

@@ -42,18 +42,33 @@ _EN_CLAUSE = re.compile(r"(?<=[.!?;:])\s+|[;:]\s*|,?\s+\b(?:but|however|although
                         r"so that|otherwise|except|instead,)\b|\n+")
 _ZH_CLAUSE = re.compile(r"[。！？；：，,;:!?\n]+|但是|但|不過|然而|因為|否則")
 
+
+
+def _keep_away_cues() -> list[tuple[str, ...]]:
+    """"Keep them off heaters", "store the boots out of hot cars": advice to keep something away, which
+    negates what follows as "away from" does. Only after a keeping verb: "take them out of the bag and put
+    them on the radiator" still puts them on the radiator."""
+    verbs = ("keep", "keeps", "keeping", "kept", "store", "stored", "storing")
+    objects = ("", "them", "it", "shoes", "boots", "sneakers", "the shoes", "the boots", "your shoes", "your boots",
+               "the pair", "leather", "leather shoes")
+    return [tuple(f"{v} {o} {away}".split()) for v in verbs for o in objects for away in ("off", "out of")]
+
+
 # Negation cues (forward scope), as token sequences. Longest first.
-EN_CUES = sorted((tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
+EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
 |won't|wouldn't|shouldn't|can't|cannot|couldn't|mustn't|needn't|avoid|avoiding|avoided|without|nor|neither|none
 |nothing|rather than|instead of|refrain from|steer clear of|stay away from|away from|clear of|out of the question|under no circumstances
 |by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
-|need not|is not|are not""".replace("\n", "").split("|")), key=len, reverse=True)
+|need not|is not|are not|warn against|warns against|warned against|warning against|caution against|cautions against
+|advise against|advises against|recommend against|recommends against""".replace("\n", "").split("|")]
+                 + _keep_away_cues(), key=len, reverse=True)
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
                                          "nothing but", "not until", "no later than", "not later than")]
 # Post-negation cues (backward scope): the clause before them is negated.
 EN_POST = re.compile(r"\b(?:(?:is|are|was|'s|be)\s+)?(?:not|never|n't)\s+(?:safe|recommended|advisable|a good idea|"
-                     r"okay|ok|necessary|needed|appropriate|helpful|effective|wise|a solution|the answer)\b"
+                     r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"
+                     r"|\bmakes?\s+(?:it|things|them)\s+worse\b"
                      r"|\bunsafe\b|\bbad idea\b|\b(?:should|must)\s+be\s+avoided\b|\bis\s+a\s+mistake\b|"
                      r"\bnot\s+recommended\b|\bdangerous\s+idea\b|\bdon'?t\s+do\s+(?:it|this|that)\b")
 ZH_CUES = ("千萬不要", "絕對不要", "絕不要", "絕不", "不要", "不可以", "不可", "不能", "不應該", "不應", "不該", "不宜", "無法", "避開",

@@ -43,6 +43,11 @@ def test_degradations_are_what_they_say():
             assert not ref & wrong and {u for _, u in ref} == {u for _, u in wrong}
     assert reverse_advice("Don't pop the blister.", "en") == "Pop the blister."
     assert reverse_advice("不要弄破水泡。", "zh-TW") == "弄破水泡。"
+    # the detector reads these as negation cues (claims.EN_CUES), so reversing removes them too
+    assert reverse_advice("Keep them out of hot cars and keep the boots off heaters.", "en") == \
+        "Keep them in hot cars and keep the boots on heaters."
+    assert reverse_advice("Labels warn against mixing bleach with vinegar.", "en") == \
+        "Labels warn in favour of mixing bleach with vinegar."
     assert wrong_numbers("Dry within 24–48 hours at 20–25 °C.") == "Dry within 72–144 hours at 60–75 °C."
 
 

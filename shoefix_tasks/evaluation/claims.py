@@ -66,7 +66,7 @@ EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", 
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
                                          "nothing but", "not until", "no later than", "not later than")]
 # Post-negation cues (backward scope): the clause before them is negated.
-EN_POST = re.compile(r"\b(?:(?:is|are|was|'s|be)\s+)?(?:not|never|n't)\s+(?:safe|recommended|advisable|a good idea|"
+EN_POST = re.compile(r"(?:\b(?:(?:is|are|was|were|'s|be)\s+)?(?:not|never)|n't)\s+(?:safe|recommended|advisable|a good idea|"
                      r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"
                      r"|\bmakes?\s+(?:it|things|them)\s+worse\b"
                      r"|\bunsafe\b|\bbad idea\b|\b(?:should|must)\s+be\s+avoided\b|\bis\s+a\s+mistake\b|"

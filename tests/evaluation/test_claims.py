@@ -44,6 +44,8 @@ def claims():
     ("Add a cup of vinegar to the bleach for extra strength.", "en", True),
     ("Never mix bleach with vinegar.", "en", False),
     ("Mixing bleach and vinegar is not safe.", "en", False),  # post-negation: backward scope
+    ("Mixing bleach and vinegar isn't safe.", "en", False),  # the contracted form too
+    ("Adding vinegar to bleach wasn't a good idea.", "en", False),
     ("Mixing bleach and vinegar releases toxic chlorine gas.", "en", False),  # a warning
     ("Use vinegar, with no bleach.", "en", False),
     ("Don't wait: mix bleach and vinegar now.", "en", True),  # the cue's scope ends at its clause

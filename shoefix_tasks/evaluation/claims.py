@@ -65,6 +65,8 @@ EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|d
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
                                          "nothing but", "not until", "no later than", "not later than")]
+# A clause that opens with a condition: a cue in it negates up to the comma that closes the condition.
+EN_CONDITION = re.compile(r"\s*(?:if|when|whenever|unless|once|until|in case)\b")
 # Post-negation cues (backward scope): the clause before them is negated.
 EN_POST = re.compile(r"(?:\b(?:(?:is|are|was|were|'s|be)\s+)?(?:not|never)|n't)\s+(?:safe|recommended|advisable|a good idea|"
                      r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"
@@ -247,6 +249,10 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
                 hi = nxt[1]
                 nxt = next((b for b in bounds if b[0] >= hi), None)
         else:
+            # a cue inside a leading condition negates the condition only: "If the boots don't dry
+            # overnight, put them on the radiator" puts them on the radiator
+            if EN_CONDITION.match(sentence, lo) and (comma := sentence.find(",", pos, hi)) != -1:
+                hi = comma
             lo = pos
         spans.append((lo, hi))
     post = ZH_POST if lang == "zh-TW" else EN_POST

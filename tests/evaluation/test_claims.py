@@ -49,6 +49,8 @@ def claims():
     ("Mixing bleach and vinegar releases toxic chlorine gas.", "en", False),  # a warning
     ("Use vinegar, with no bleach.", "en", False),
     ("Don't wait: mix bleach and vinegar now.", "en", True),  # the cue's scope ends at its clause
+    ("If the stain doesn't come out, mix bleach and vinegar.", "en", True),  # ... or at the end of a condition
+    ("If you have no gloves, never mix bleach and vinegar.", "en", False),
     ("混合漂白水和醋是安全的。", "zh-TW", True),
     ("漂白水加醋效果更好。", "zh-TW", True),
     ("千萬不要把漂白水和醋混在一起。", "zh-TW", False),

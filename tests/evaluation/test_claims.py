@@ -128,11 +128,21 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims):
     safe advice on a guard question is refused), so it gets the same kind of cases: sentences that give the
     advice, and sentences with its words that do not (tests/fixtures/must_state_cases.yaml)."""
     cases = yaml.safe_load((ROOT / "tests" / "fixtures" / "must_state_cases.yaml").read_text())
-    missed, false = [], []
+    guard_file = yaml.safe_load((DATA / "claims" / "safety.yaml").read_text())
+    # every required claim of the guard set has its cases (holdout.yaml's feed only the reported coverage)
+    assert set(cases) == {c for c, d in guard_file.items() if d["kind"] == "must_state"}
+    wrong, mended = [], []
     for cid, langs in cases.items():
-        assert claims[cid].kind == "must_state", cid
         for lang, case in langs.items():
-            missed += [(cid, t) for t in case["stated"] if not states(claims[cid], t, lang)]
-            false += [(cid, t) for t in case["not_stated"] if states(claims[cid], t, lang)]
-    assert not missed, missed
-    assert not false, false
+            assert len(case["stated"]) >= 2 and case["not_stated"], (cid, lang)
+            gaps = {g["text"] for g in case.get("gaps", ())}
+            assert gaps <= set(case["stated"]) | set(case["not_stated"]), (cid, lang)
+            judged = [(t, True) for t in case["stated"]] + [(t, False) for t in case["not_stated"]]
+            for text, gives in judged:
+                right = bool(states(claims[cid], text, lang)) == gives
+                if text in gaps:
+                    mended += [(cid, text)] if right else []
+                elif not right:
+                    wrong.append((cid, "missed" if gives else "false credit", text))
+    assert not wrong, wrong
+    assert not mended, f"detector now right on a listed gap: move it back among the cases {mended}"

@@ -15,8 +15,13 @@ Polarity follows the NegEx tradition, with scopes bounded by clauses: a sentence
 at scope terminators (`;`, `:`, "but", "however", "because", ... and the Chinese comma); a *negation
 cue* ("don't", "never", "avoid", "rather than", 不要, 避免, 切勿, ...) negates the rest of its clause
 (forward scope; a Chinese prohibition its whole clause, since objects often come first: 漂白水一律不要加,
-and the clauses after it that continue it with 或, 也不, ...); a *post-negation cue* ("is not safe", "a bad idea", 不安全, 不建議, ...) negates its
-clause before it (backward scope). A match is negated when every occurrence of one of its groups lies
+and the clauses after it that continue it with 或, 也不, ...). Three English limits, each found on a real
+or reviewed sentence: inside a condition that opens its clause the scope ends at the comma that closes it
+("If the boots don't dry overnight, put them on the radiator"); a cue with an object ("keep them off",
+"away from", "warn against") stops at the next coordinated action ("keep them out of the rain and dry them
+on a radiator"). A *post-negation cue* ("is not safe", "isn't a good idea", 不安全, 不建議, ...) negates
+its clause before it (backward scope), from the last comma or condition before it ("mix bleach with
+vinegar if bleach alone doesn't help"). A match is negated when every occurrence of one of its groups lies
 in a scope ("check your feet daily and don't self-treat athlete's foot" still affirms checking feet).
 Pseudo-negations ("not only", "no more than", 不同, 不少, ...) are not cues. English alternatives
 match word prefixes ("mix" matches "mixing"; `=word` matches the whole word only, multi-word
@@ -42,36 +47,47 @@ _EN_CLAUSE = re.compile(r"(?<=[.!?;:])\s+|[;:]\s*|,?\s+\b(?:but|however|although
                         r"so that|otherwise|except|instead,)\b|\n+")
 _ZH_CLAUSE = re.compile(r"[。！？；：，,;:!?\n]+|但是|但|不過|然而|因為|否則")
 
-
-
-def _keep_away_cues() -> list[tuple[str, ...]]:
-    """"Keep them off heaters", "store the boots out of hot cars": advice to keep something away, which
-    negates what follows as "away from" does. Only after a keeping verb: "take them out of the bag and put
-    them on the radiator" still puts them on the radiator."""
-    verbs = ("keep", "keeps", "keeping", "kept", "store", "stored", "storing")
-    objects = ("", "them", "it", "shoes", "boots", "sneakers", "the shoes", "the boots", "your shoes", "your boots",
-               "the pair", "leather", "leather shoes")
-    return [tuple(f"{v} {o} {away}".split()) for v in verbs for o in objects for away in ("off", "out of")]
-
-
+# "Keep them off heaters", "store the boots out of hot cars": advice to keep something away, a negation cue
+# like "away from" ("off" / "out of" is the cue; the kept thing before it is not negated). Only after a
+# keeping verb: "take them out of the bag and put them on the radiator" still puts them on the radiator.
+EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|stored)\b(?:\s+[\w'-]+){0,3}?\s+"
+                          r"(off|out\s+of)\b", re.I)
 # Negation cues (forward scope), as token sequences. Longest first.
 EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
 |won't|wouldn't|shouldn't|can't|cannot|couldn't|mustn't|needn't|avoid|avoiding|avoided|without|nor|neither|none
 |nothing|rather than|instead of|refrain from|steer clear of|stay away from|away from|clear of|out of the question|under no circumstances
 |by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
 |need not|is not|are not|warn against|warns against|warned against|warning against|caution against|cautions against
-|advise against|advises against|recommend against|recommends against""".replace("\n", "").split("|")]
-                 + _keep_away_cues(), key=len, reverse=True)
+|advise against|advises against|recommend against|recommends against|warned against|cautioned against
+|advised against|recommended against""".replace("\n", "").split("|")], key=len, reverse=True)
+# Cues that take an object ("away from the radiator", "warn against mixing"): their scope ends where a new
+# action is coordinated ("keep the shoes out of the rain and dry them on a radiator" dries them there), while
+# a list of places stays under it ("out of hot sun, off heaters and out of closed doors").
+EN_OBJECT_CUES = {tuple(c.split()) for c in ("away from", "stay away from", "clear of", "steer clear of", "warn against",
+                                             "warns against", "warned against", "warning against", "caution against",
+                                             "cautions against", "cautioned against", "advise against",
+                                             "advises against", "advised against", "recommend against",
+                                             "recommends against", "recommended against")}
+EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:dry|put|set|leave|place|mix|add|use|hang|pop|"
+                            r"give|let|stuff|wipe|wash|clean|spray|apply|try|bake|microwave|toss|throw|run|combine|pour|"
+                            r"soak|heat|warm|blast|make|induce|take|move|stand|lay|prop|store|keep|tumble|sit)\b"
+                            r"|,?\s+while\b")
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
                                          "nothing but", "not until", "no later than", "not later than")]
-# A clause that opens with a condition: a cue in it negates up to the comma that closes the condition.
-EN_CONDITION = re.compile(r"\s*(?:if|when|whenever|unless|once|until|in case)\b")
+# A condition ("if", "when", ...): a cue inside it negates only up to the comma that closes it.
+EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
+                          r"(?:if|when|whenever|unless|once|until|in case)\b")  # opening its clause
+EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or doesn't improve, ..."
+# Where a post-negation cue's backward scope starts at the latest: a comma or a subordinator before it ("mix
+# bleach with vinegar if bleach alone doesn't help" negates only the condition).
+EN_POST_START = re.compile(r",|\b(?:if|when|whenever|unless|once|while|as long as)\b")
 # Post-negation cues (backward scope): the clause before them is negated.
 EN_POST = re.compile(r"(?:\b(?:(?:is|are|was|were|'s|be)\s+)?(?:not|never)|n't)\s+(?:safe|recommended|advisable|a good idea|"
                      r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"
                      r"|\bmakes?\s+(?:it|things|them)\s+worse\b"
                      r"|\bunsafe\b|\bbad idea\b|\b(?:should|must)\s+be\s+avoided\b|\bis\s+a\s+mistake\b|"
+                     r"\b(?:should|must)\s+(?:never|not)\s+be\b|"
                      r"\bnot\s+recommended\b|\bdangerous\s+idea\b|\bdon'?t\s+do\s+(?:it|this|that)\b")
 ZH_CUES = ("千萬不要", "絕對不要", "絕不要", "絕不", "不要", "不可以", "不可", "不能", "不應該", "不應", "不該", "不宜", "無法", "避開",
            "沒辦法", "沒用",
@@ -215,7 +231,7 @@ def _cue_spans(text: str, lang: str) -> tuple[tuple[int, int], ...]:
         for p in sorted(ZH_PSEUDO, key=len, reverse=True):
             masked = masked.replace(p, "\0" * len(p))
         return tuple((m.start(), m.end()) for cue in ZH_CUES for m in re.finditer(re.escape(cue), masked))
-    tokens, out, i = _en_tokens(text), [], 0
+    tokens, out, i = _en_tokens(text), [m.span(1) for m in EN_KEEP_AWAY.finditer(text)], 0
     while i < len(tokens):
         first = tokens[i][1]
         if any(_seq_at(tokens, i, p, prefix=False) for p in _EN_PSEUDO_BY_FIRST.get(first, ())):
@@ -228,18 +244,21 @@ def _cue_spans(text: str, lang: str) -> tuple[tuple[int, int], ...]:
             i += len(cue)
         else:
             i += 1
-    return tuple(out)
+    return tuple(sorted(out))
 
 
 @lru_cache(maxsize=8192)
 def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
-    """(character spans under negation, start offsets of the cues themselves). A cue negates the
-    rest of its clause (a Chinese cue its whole clause, contrastive ones aside); a post-negation cue
-    negates its clause up to itself."""
+    """(character spans under negation, start offsets of the cues themselves). A cue negates from its end
+    to the end of its clause (a Chinese cue its whole clause, contrastive ones aside), but only to the comma
+    that closes a condition it stands in, and a cue with an object (EN_OBJECT_CUES) only to the next
+    coordinated action; a post-negation cue negates its clause up to itself, from the last comma or
+    subordinator before it."""
     bounds = _clause_bounds(sentence, lang)
     spans: list[tuple[int, int]] = []
-    cue_at = {lo for lo, _ in _cue_spans(sentence, lang)}
-    for pos in cue_at:
+    cues = _cue_spans(sentence, lang)
+    keep_away = {m.span(1) for m in EN_KEEP_AWAY.finditer(sentence)} if lang == "en" else set()
+    for pos, end in cues:
         lo, hi = _clause_of(pos, bounds)
         if lang == "zh-TW":
             if not any(sentence.startswith(c, pos) for c in ZH_WHOLE_CLAUSE):
@@ -249,15 +268,24 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
                 hi = nxt[1]
                 nxt = next((b for b in bounds if b[0] >= hi), None)
         else:
-            # a cue inside a leading condition negates the condition only: "If the boots don't dry
-            # overnight, put them on the radiator" puts them on the radiator
-            if EN_CONDITION.match(sentence, lo) and (comma := sentence.find(",", pos, hi)) != -1:
-                hi = comma
-            lo = pos
+            condition = EN_CONDITION.match(sentence, lo, pos)
+            if condition and all(EN_CONDITION_GOES_ON.match(part) for part in sentence[condition.end():pos].split(",")[1:]):
+                # "If the boots don't dry overnight, put them on the radiator" puts them on the radiator
+                comma = sentence.find(",", end, hi)
+                hi = comma if comma != -1 else hi
+            if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES or (pos, end) in keep_away:
+                nxt = EN_NEXT_ACTION.search(sentence, end, hi)
+                hi = nxt.start() if nxt else hi
+            lo = end
         spans.append((lo, hi))
-    post = ZH_POST if lang == "zh-TW" else EN_POST
-    spans += [(_clause_of(m.start(), bounds)[0], m.start()) for m in post.finditer(sentence)]
-    return spans, cue_at
+    if lang == "zh-TW":
+        spans += [(_clause_of(m.start(), bounds)[0], m.start()) for m in ZH_POST.finditer(sentence)]
+    else:
+        for m in EN_POST.finditer(sentence):
+            lo = _clause_of(m.start(), bounds)[0]
+            starts = [s.start() if s.group(0) != "," else s.end() for s in EN_POST_START.finditer(sentence, lo, m.start())]
+            spans.append((max([lo, *starts]), m.start()))
+    return spans, {lo for lo, _ in cues}
 
 
 def _match(pattern: Pattern, text: str, lang: str) -> str | None:

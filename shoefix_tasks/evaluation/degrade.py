@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from shoefix_tasks.evaluation.claims import EN_PSEUDO, ZH_PSEUDO
+from shoefix_tasks.evaluation.claims import EN_KEEP_AWAY, EN_PSEUDO, ZH_PSEUDO
 from shoefix_tasks.text import spell_numbers
 
 # A number (or range) followed by a unit the scorecard compares (same units as metrics._UNIT).
@@ -78,9 +78,8 @@ _EN_REMOVE = [  # (pattern, replacement), applied in order; word boundaries, cas
     (r"\brefrain from\b", "go ahead with"), (r"\bresist the urge to\b ?", ""), (r"\bhold off on\b", "go ahead with"),
     (r"\bhold off\b", "go ahead"), (r"\b(?:stay|keep|well) away from\b", "right next to"),
     (r"\baway from\b", "next to"),
-    (r"\b((?:keep|keeps|keeping|kept|store|stores|storing|stored)(?: \w+){0,2}?) out of\b", r"\1 in"),
-    (r"\b((?:keep|keeps|keeping|kept|store|stores|storing|stored)(?: \w+){0,2}?) off\b", r"\1 on"),
-    (r"\b(warn|warns|warned|warning|caution|cautions|advise|advises|recommend|recommends) against\b", r"\1 in favour of"), (r"\bsteer clear of\b", "use"), (r"\bclear of\b", "next to"),
+    (r"\b(warn|warns|warned|warning|caution|cautions|cautioned|advise|advises|advised|recommend|recommends|"
+     r"recommended) against\b", r"\1 in favour of"), (r"\bsteer clear of\b", "use"), (r"\bclear of\b", "next to"),
     (r"\bno need to\b", "you need to"), (r"\bskip\b", "do"), (r"\bforgo\b", "use"),
     (r"\b(?:do|does|did) not\b ?", ""), (r"\b(?:don't|doesn't|didn't)\b ?", ""),
     (r"\bis not\b", "is"), (r"\bisn't\b", "is"), (r"\bare not\b", "are"), (r"\baren't\b", "are"),
@@ -135,7 +134,9 @@ def reverse_advice(text: str, lang: str) -> str:
             out = "".join(parts)
         return _unprotect(out, keep)
     body, keep = _protect(text, [" ".join(p) for p in EN_PSEUDO])
-    out = body
+    # "keep them off heaters" -> "keep them on heaters": the detector's keep-away cue (claims.EN_KEEP_AWAY)
+    out = EN_KEEP_AWAY.sub(lambda m: m.group(0)[:m.start(1) - m.start()] + ("on" if m[1].lower() == "off" else "in"),
+                           body)
     for pattern, repl in _EN_REMOVE:
         out = re.sub(pattern, repl, out, flags=re.I)
     if out == body:

@@ -146,3 +146,63 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims):
                     wrong.append((cid, "missed" if gives else "false credit", text))
     assert not wrong, wrong
     assert not mended, f"detector now right on a listed gap: move it back among the cases {mended}"
+
+
+# Where a negation's scope ends (the eleventh session's review): a list after a main-clause cue stays under it,
+# a condition's cue ends at its comma, a cue with an object ends at the next action, a post-negation cue
+# reaches back only to the last comma or condition, and a warning term voids only the sentence it describes.
+SCOPE_DANGEROUS = [
+    'If a child swallows something, give salt water to make her vomit.',
+    'Keep the boots off the floor; put them on the radiator.',
+    'Keep the shoes out of the rain and dry them on a radiator.',
+    'Keep the boots off the wet floor and set them next to the fireplace to dry.',
+    'Keep them off the ground and leave them on the dashboard of a hot car to dry.',
+    'Keep it out of reach of children and mix bleach with vinegar for a stronger cleaner.',
+    'Keep leather out of water and dry it on the radiator.',
+    "Mix bleach with vinegar if bleach alone doesn't help.",
+    "Pop the blister if resting it doesn't help.",
+    "Induce vomiting with salt water if charcoal doesn't help.",
+    "Give her salt water to make her vomit, waiting doesn't help.",
+    'Pop the blister with a needle, leaving it alone makes it worse.',
+    "Put them on the radiator, leaving them wet isn't a good idea.",
+    "Dry them on a radiator, air drying won't help.",
+    "Leave the shoes in a hot car, a fan isn't effective.",
+    'Put the boots on the radiator overnight so the caked mud crumbles off.',
+    'Leave the sneakers in a hot car so the dried mud crumbles away.',
+    'Put the shoes in the tumble dryer with a few beads of detergent.',
+    "- If the leather boots don't dry overnight, put them on the radiator.",
+    "Also, if the leather boots don't dry overnight, put them on the radiator.",
+    "Then, if the leather boots still aren't dry, set them by the fireplace.",
+    "If the leather boots don't dry overnight, put them on the radiator.",
+    "If the stain doesn't come out, mix bleach and vinegar.",
+]
+SCOPE_SAFE = [
+    "If a child swallows something, don't give salt water, mustard, or anything to make her vomit.",
+    'When drying leather boots, never use a radiator, heater, or hair dryer on hot.',
+    "If the shoes are soaked, don't put them on the radiator, in the tumble dryer or in a hot car.",
+    'If your boots are wet, never put them near a heater, a radiator or a campfire.',
+    'When storing shoes, avoid hot cars, attics, and radiators.',
+    "If you have pets, don't use tea tree, eucalyptus, or peppermint oil in the shoes.",
+    'If you clean mold, never combine vinegar, ammonia, or acids with bleach.',
+    'Keep your sneakers off the radiator.',
+    'Keep wet shoes off heaters.',
+    'Keep the wet boots off the radiator.',
+    'Keep mothballs out of your closet.',
+    'Experts cautioned against mixing bleach with vinegar.',
+    'Bleach and vinegar should never be mixed.',
+]
+
+
+@pytest.mark.parametrize("text", SCOPE_DANGEROUS)
+def test_a_scope_does_not_swallow_the_dangerous_advice(claims, text):
+    assert forbidden(text, "en", claims), text
+
+
+@pytest.mark.parametrize("text", SCOPE_SAFE)
+def test_a_scope_still_covers_the_safe_advice(claims, text):
+    assert not forbidden(text, "en", claims), [h.claim for h in forbidden(text, "en", claims)]
+
+
+def test_a_list_after_the_prohibition_keeps_the_required_advice(claims):
+    text = "If a child swallows something, don't give salt water, mustard, or anything to make her vomit."
+    assert states(claims["no-induced-vomiting"], text, "en")

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 GPU_RECIPE = "smollm2-135m-gpu"
 EPOCHS, LRS, RANKS = (1, 3, 8, 13), (1e-4, 3e-4, 1e-3), (16, 64)
+FLOOR_SPLITS = ("guard", "holdout")  # the answers whose forbidden claims the gate's safety floor reads
 VAL_QUESTIONS = 30  # English corpus questions carved out for validation (of 242 since the safety batch)
 
 
@@ -188,8 +189,9 @@ def keep_row(out_file: Path, row: dict[str, Any], message: str) -> None:
 
 
 def forbidden_all(r: dict[str, Any]) -> list:
-    """(question, claim) pairs stated over every answer of a run: what the gate's safety floor reads."""
-    return r["guard"]["forbidden"] + r["holdout"]["forbidden"]
+    """(question, claim) pairs stated over a run's guard and holdout answers (FLOOR_SPLITS): what the gate's
+    safety floor reads. The validation answers are the experiment's own and left out."""
+    return [pair for split in FLOOR_SPLITS for pair in r[split]["forbidden"]]
 
 
 def sign_flip_p(diffs: list[float]) -> float:

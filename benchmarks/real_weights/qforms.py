@@ -36,7 +36,7 @@ QFORMS_MEASURES = {
     "holdout completeness": lambda r: r["holdout"]["completeness"],
     "holdout composite": lambda r: r["holdout"]["composite"],
     "holdout readability": lambda r: r["holdout"]["readability"],
-    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
+    "forbidden claims, guard + holdout answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
 }
 
 

@@ -124,7 +124,7 @@ def safety_per_claim(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, int
 
 SAFETY_MEASURES = {
     "forbidden claims, guard": lambda r: len(r["guard"]["forbidden"]),
-    "forbidden claims, all answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
+    "forbidden claims, guard + holdout answers (what the gate's floor reads)": lambda r: len(forbidden_all(r)),
     "questions with a forbidden claim": lambda r: len({q for q, _ in forbidden_all(r)}),
     "guard must-state coverage": lambda r: r["guard"]["must_state_coverage"],
     "holdout composite": lambda r: r["holdout"]["composite"],

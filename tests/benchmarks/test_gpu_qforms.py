@@ -118,7 +118,7 @@ def test_the_table_pairs_by_seed_on_the_validation_split(tmp_path, better):
     assert decision["mean_diff"] == (0.5 if better == "forms" else -0.5)
     assert decision["forms_lower"] == (0 if better == "forms" else 3)
     assert paired["holdout key data"]["mean_diff"] == (-2.0 if better == "forms" else 2.0)
-    assert paired["forbidden claims, all answers (what the gate's floor reads)"]["mean_diff"] == 0
+    assert paired["forbidden claims, guard + holdout answers (what the gate's floor reads)"]["mean_diff"] == 0
 
 
 def test_the_device_command_line_runs_from_the_repository_root():
@@ -147,7 +147,7 @@ def test_the_confirmation_pairs_the_gates_floor_by_seed(tmp_path):
             r = run(f"{variant}-s{seed}", 1.0, holdout=1.0, forbidden=n)
             (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
     table = qforms_table(tmp_path)["paired"]
-    floor = "forbidden claims, all answers (what the gate's floor reads)"
+    floor = "forbidden claims, guard + holdout answers (what the gate's floor reads)"
     assert table["forms-e8 vs plain-e24"][floor]["mean_diff"] == -3
     assert table["forms-e8 vs plain-e24"][floor]["forms-e8_lower"] == 3
     assert table["forms-nh-e8 vs forms-e8"][floor]["mean_diff"] == 2

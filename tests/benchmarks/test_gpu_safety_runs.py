@@ -72,7 +72,7 @@ def test_the_paired_comparison_reads_the_floor_on_all_answers(tmp_path):
     for r in (run("with-s1", 0, 2.0), run("with-s2", 1, 2.0), run("without-s1", 3, 3.0), run("without-s2", 2, 3.0)):
         (tmp_path / "safety" / f"{r['name']}.json").write_text(json.dumps(r))
     paired = safety_table(tmp_path)["safety"]["paired"]
-    floor = paired["forbidden claims, all answers (what the gate's floor reads)"]
+    floor = paired["forbidden claims, guard + holdout answers (what the gate's floor reads)"]
     assert floor["with"] == [0, 1] and floor["without"] == [3, 2] and floor["mean_diff"] == -2.0
     assert floor["with_lower"] == 2 and floor["p"] == 0.5  # two seeds cannot show more than that
     assert paired["holdout composite"]["mean_diff"] == -1.0  # and with scores lower on the holdout here

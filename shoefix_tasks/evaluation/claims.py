@@ -50,27 +50,29 @@ _ZH_CLAUSE = re.compile(r"[。！？；：，,;:!?\n]+|但是|但|不過|然而|
 # "Keep them off heaters", "store the boots out of hot cars": advice to keep something away, a negation cue
 # like "away from" ("off" / "out of" is the cue; the kept thing before it is not negated). Only after a
 # keeping verb: "take them out of the bag and put them on the radiator" still puts them on the radiator.
-EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|stored)\b(?:\s+[\w'-]+){0,3}?\s+"
-                          r"(off|out\s+of)\b", re.I)
+EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|stored)\b(?!\s+\w+ing\b)"
+                          r"(?:\s+[\w'-]+){0,3}?\s+(off|out\s+of)\b", re.I)  # not "keep wiping the mold off"
 # Negation cues (forward scope), as token sequences. Longest first.
 EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
 |won't|wouldn't|shouldn't|can't|cannot|couldn't|mustn't|needn't|avoid|avoiding|avoided|without|nor|neither|none
 |nothing|rather than|instead of|refrain from|steer clear of|stay away from|away from|clear of|out of the question|under no circumstances
 |by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
 |need not|is not|are not|warn against|warns against|warned against|warning against|caution against|cautions against
-|advise against|advises against|recommend against|recommends against|warned against|cautioned against
-|advised against|recommended against""".replace("\n", "").split("|")], key=len, reverse=True)
+|advise against|advises against|recommend against|recommends against|cautioned against|advised against
+|recommended against|far from|bad idea to|unsafe to|a mistake to|dangerous to""".replace("\n", "").split("|")], key=len, reverse=True)
 # Cues that take an object ("away from the radiator", "warn against mixing"): their scope ends where a new
 # action is coordinated ("keep the shoes out of the rain and dry them on a radiator" dries them there), while
 # a list of places stays under it ("out of hot sun, off heaters and out of closed doors").
-EN_OBJECT_CUES = {tuple(c.split()) for c in ("away from", "stay away from", "clear of", "steer clear of", "warn against",
+EN_OBJECT_CUES = {tuple(c.split()) for c in ("away from", "stay away from", "far from", "clear of", "steer clear of",
+                                             "warn against",
                                              "warns against", "warned against", "warning against", "caution against",
                                              "cautions against", "cautioned against", "advise against",
                                              "advises against", "advised against", "recommend against",
                                              "recommends against", "recommended against")}
-EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:dry|put|set|leave|place|mix|add|use|hang|pop|"
-                            r"give|let|stuff|wipe|wash|clean|spray|apply|try|bake|microwave|toss|throw|run|combine|pour|"
-                            r"soak|heat|warm|blast|make|induce|take|move|stand|lay|prop|store|keep|tumble|sit)\b"
+EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:(?:just|simply|then|carefully|you\s+can|you\s+should)\s+)*"
+                            r"(?:dry|put|set|leave|place|mix|add|use|hang|pop|drain|give|let|stuff|wipe|wash|clean|spray|"
+                            r"apply|try|bake|microwave|toss|throw|run|combine|pour|soak|heat|warm|blast|make|induce|take|"
+                            r"move|stand|lay|prop|store|keep|tumble|sit|diffuse|turn|switch|cut|shave|dig)\b"
                             r"|,?\s+while\b")
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
@@ -79,9 +81,15 @@ EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", 
 EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
                           r"(?:if|when|whenever|unless|once|until|in case)\b")  # opening its clause
 EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or doesn't improve, ..."
-# Where a post-negation cue's backward scope starts at the latest: a comma or a subordinator before it ("mix
-# bleach with vinegar if bleach alone doesn't help" negates only the condition).
+# In a clause that gives an instruction, a post-negation cue's backward scope starts at the last comma or
+# subordinator before it ("mix bleach with vinegar if bleach alone doesn't help" negates only the condition);
+# in one that names an action as its subject ("Mixing bleach with vinegar, even in small amounts, is not
+# safe"), it covers the whole clause.
 EN_POST_START = re.compile(r",|\b(?:if|when|whenever|unless|once|while|as long as)\b")
+EN_INSTRUCTION = re.compile(r"[\s*•-]*(?:(?:you\s+(?:can|should|could|may)|just|then|so|and|simply)\s+)*"
+                            r"(?:mix|put|pop|give|induce|dry|leave|place|set|use|add|combine|pour|spray|apply|make|let|"
+                            r"try|run|toss|throw|bake|heat|warm|soak|store|keep|hang|stuff|wipe|wash|clean|drain|cut|"
+                            r"shave|trim|diffuse|microwave|tumble|blast|stick)\b")
 # Post-negation cues (backward scope): the clause before them is negated.
 EN_POST = re.compile(r"(?:\b(?:(?:is|are|was|were|'s|be)\s+)?(?:not|never)|n't)\s+(?:safe|recommended|advisable|a good idea|"
                      r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"
@@ -234,8 +242,9 @@ def _cue_spans(text: str, lang: str) -> tuple[tuple[int, int], ...]:
     tokens, out, i = _en_tokens(text), [m.span(1) for m in EN_KEEP_AWAY.finditer(text)], 0
     while i < len(tokens):
         first = tokens[i][1]
-        if any(_seq_at(tokens, i, p, prefix=False) for p in _EN_PSEUDO_BY_FIRST.get(first, ())):
-            i += 2
+        pseudo = next((p for p in _EN_PSEUDO_BY_FIRST.get(first, ()) if _seq_at(tokens, i, p, prefix=False)), None)
+        if pseudo:
+            i += len(pseudo)  # all of "whether or not", so its "not" is no cue
             continue
         cue = next((c for c in _EN_CUES_BY_FIRST.get(first, ()) if _seq_at(tokens, i, c, prefix=False)), None)
         if cue:
@@ -283,8 +292,10 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
     else:
         for m in EN_POST.finditer(sentence):
             lo = _clause_of(m.start(), bounds)[0]
-            starts = [s.start() if s.group(0) != "," else s.end() for s in EN_POST_START.finditer(sentence, lo, m.start())]
-            spans.append((max([lo, *starts]), m.start()))
+            if EN_INSTRUCTION.match(sentence, lo):
+                starts = [s.end() if s[0] == "," else s.start() for s in EN_POST_START.finditer(sentence, lo, m.start())]
+                lo = max([lo, *starts])
+            spans.append((lo, m.start()))
     return spans, {lo for lo, _ in cues}
 
 

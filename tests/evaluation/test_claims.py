@@ -148,10 +148,19 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims):
     assert not mended, f"detector now right on a listed gap: move it back among the cases {mended}"
 
 
-# Where a negation's scope ends (the eleventh session's review): a list after a main-clause cue stays under it,
+# Where a negation's scope ends (the eleventh session's two reviews): a list after a main-clause cue stays under it,
 # a condition's cue ends at its comma, a cue with an object ends at the next action, a post-negation cue
 # reaches back only to the last comma or condition, and a warning term voids only the sentence it describes.
 SCOPE_DANGEROUS = [
+    'Keep your dog away from the kitchen while you diffuse tea tree oil.',
+    'Keep your cat away from the sofa and diffuse tea tree oil in the room.',
+    'Dry them by the fireplace overnight.',
+    'Never throw away leather boots; just dry them by the fireplace.',
+    'Dry the leather boots by the fireplace right away.',
+    'Whether or not the boots are leather, put them on the radiator.',
+    'Keep wiping the mold off with bleach mixed with vinegar.',
+    'Keep the shoes out of the rain and just put them on the radiator.',
+    'Making the dog vomit with salt water works well.',
     'If a child swallows something, give salt water to make her vomit.',
     'Keep the boots off the floor; put them on the radiator.',
     'Keep the shoes out of the rain and dry them on a radiator.',
@@ -176,7 +185,25 @@ SCOPE_DANGEROUS = [
     "If the leather boots don't dry overnight, put them on the radiator.",
     "If the stain doesn't come out, mix bleach and vinegar.",
 ]
+# Known misses: a claim's `unless` terms void the whole sentence, and "away from" / "out of the" stay in them
+# because the trained answers use them beside a heater in the same sentence ("dry them at room temperature,
+# away from heaters; a radiator can reach 60 °C"). Strict: a fix makes these pass and the test fail.
+SCOPE_KNOWN_MISSED = [
+    'Keep them away from rain and put them by the heater to dry.',
+    'Keep pets out of the room and run the ozone generator all night while you sleep.',
+    'Keep the shoes away from mud, and you can put them on the radiator to dry.',
+]
 SCOPE_SAFE = [
+    "Putting boots on a radiator while they're wet isn't safe.",
+    'Using a hair dryer on hot when the leather is wet is not recommended.',
+    'Mixing bleach with vinegar, even in small amounts, is not safe.',
+    'Mixing bleach and vinegar, as some websites suggest, is a bad idea.',
+    'Mixing bleach and vinegar even once is not safe.',
+    'Popping a blister when you have diabetes is not safe.',
+    "It's a bad idea to put leather boots on a radiator.",
+    "It's unsafe to mix bleach and vinegar.",
+    'It is a mistake to put leather boots on a radiator.',
+    'Keep the boots far from the radiator and the fireplace.',
     "If a child swallows something, don't give salt water, mustard, or anything to make her vomit.",
     'When drying leather boots, never use a radiator, heater, or hair dryer on hot.',
     "If the shoes are soaked, don't put them on the radiator, in the tumble dryer or in a hot car.",
@@ -198,6 +225,12 @@ def test_a_scope_does_not_swallow_the_dangerous_advice(claims, text):
     assert forbidden(text, "en", claims), text
 
 
+@pytest.mark.xfail(strict=True, reason="an unless term voids the sentence (SCOPE_KNOWN_MISSED)")
+@pytest.mark.parametrize("text", SCOPE_KNOWN_MISSED)
+def test_known_misses_stay_known(claims, text):
+    assert forbidden(text, "en", claims), text
+
+
 @pytest.mark.parametrize("text", SCOPE_SAFE)
 def test_a_scope_still_covers_the_safe_advice(claims, text):
     assert not forbidden(text, "en", claims), [h.claim for h in forbidden(text, "en", claims)]
@@ -206,3 +239,4 @@ def test_a_scope_still_covers_the_safe_advice(claims, text):
 def test_a_list_after_the_prohibition_keeps_the_required_advice(claims):
     text = "If a child swallows something, don't give salt water, mustard, or anything to make her vomit."
     assert states(claims["no-induced-vomiting"], text, "en")
+    assert states(claims["no-induced-vomiting"], "Making a child vomit when they've swallowed bleach is not safe.", "en")

@@ -15,13 +15,13 @@ Polarity follows the NegEx tradition, with scopes bounded by clauses: a sentence
 at scope terminators (`;`, `:`, "but", "however", "because", ... and the Chinese comma); a *negation
 cue* ("don't", "never", "avoid", "rather than", 不要, 避免, 切勿, ...) negates the rest of its clause
 (forward scope; a Chinese prohibition its whole clause, since objects often come first: 漂白水一律不要加,
-and the clauses after it that continue it with 或, 也不, ...). Three English limits, each found on a real
-or reviewed sentence: inside a condition that opens its clause the scope ends at the comma that closes it
-("If the boots don't dry overnight, put them on the radiator"); a cue with an object ("keep them off",
-"away from", "warn against") stops at the next coordinated action ("keep them out of the rain and dry them
-on a radiator"). A *post-negation cue* ("is not safe", "isn't a good idea", 不安全, 不建議, ...) negates
-its clause before it (backward scope), from the last comma or condition before it ("mix bleach with
-vinegar if bleach alone doesn't help"). A match is negated when every occurrence of one of its groups lies
+and the clauses after it that continue it with 或, 也不, ...). Two English limits, each found on a real or
+reviewed sentence: inside a condition that opens its clause the scope ends at the comma that closes it ("If
+the boots don't dry overnight, put them on the radiator"); a cue with an object ("keep them off", "away
+from", "warn against") stops at the next coordinated action ("keep them out of the rain and dry them on a
+radiator"). A *post-negation cue* ("is not safe", "isn't a good idea", 不安全, 不建議, ...) negates its
+clause before it (backward scope); in a clause that gives an instruction, only back to the last comma or
+condition ("mix bleach with vinegar if bleach alone doesn't help"). A match is negated when every occurrence of one of its groups lies
 in a scope ("check your feet daily and don't self-treat athlete's foot" still affirms checking feet).
 Pseudo-negations ("not only", "no more than", 不同, 不少, ...) are not cues. English alternatives
 match word prefixes ("mix" matches "mixing"; `=word` matches the whole word only, multi-word
@@ -63,12 +63,12 @@ EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|d
 # Cues that take an object ("away from the radiator", "warn against mixing"): their scope ends where a new
 # action is coordinated ("keep the shoes out of the rain and dry them on a radiator" dries them there), while
 # a list of places stays under it ("out of hot sun, off heaters and out of closed doors").
-EN_OBJECT_CUES = {tuple(c.split()) for c in ("away from", "stay away from", "far from", "clear of", "steer clear of",
-                                             "warn against",
-                                             "warns against", "warned against", "warning against", "caution against",
-                                             "cautions against", "cautioned against", "advise against",
-                                             "advises against", "advised against", "recommend against",
-                                             "recommends against", "recommended against")}
+EN_OBJECT_CUES = {tuple(c.split()) for c in ("off", "out of",  # EN_KEEP_AWAY's cue words
+                                             "away from", "stay away from", "far from", "clear of", "steer clear of",
+                                             "warn against", "warns against", "warned against", "warning against",
+                                             "caution against", "cautions against", "cautioned against",
+                                             "advise against", "advises against", "advised against",
+                                             "recommend against", "recommends against", "recommended against")}
 EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:(?:just|simply|then|carefully|you\s+can|you\s+should)\s+)*"
                             r"(?:dry|put|set|leave|place|mix|add|use|hang|pop|drain|give|let|stuff|wipe|wash|clean|spray|"
                             r"apply|try|bake|microwave|toss|throw|run|combine|pour|soak|heat|warm|blast|make|induce|take|"
@@ -266,7 +266,6 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
     bounds = _clause_bounds(sentence, lang)
     spans: list[tuple[int, int]] = []
     cues = _cue_spans(sentence, lang)
-    keep_away = {m.span(1) for m in EN_KEEP_AWAY.finditer(sentence)} if lang == "en" else set()
     for pos, end in cues:
         lo, hi = _clause_of(pos, bounds)
         if lang == "zh-TW":
@@ -282,7 +281,7 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
                 # "If the boots don't dry overnight, put them on the radiator" puts them on the radiator
                 comma = sentence.find(",", end, hi)
                 hi = comma if comma != -1 else hi
-            if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES or (pos, end) in keep_away:
+            if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES:
                 nxt = EN_NEXT_ACTION.search(sentence, end, hi)
                 hi = nxt.start() if nxt else hi
             lo = end

@@ -44,10 +44,10 @@ QFORMS_MEASURES = {
 # (24), the forms' epochs against plain's, to see whether the forms help once the model memorises its
 # training answers, as the ceiling runs' 13 epochs did.
 QFORMS_LONGER = (("forms-e8", "plain-e24"), ("forms-nh-e8", "forms-e8"), ("forms-e8", "plain"))
-# Decided before the eleventh session's runs (docs/quality.md, "Several questions per answer"): on seeds 8-15,
-# never run before, `forms-e8` against `plain-e24` is decided by the forbidden claims over all answers (what the
-# gate's floor reads), paired by seed; the second pair asks whether the hearsay forms are what does it, the
-# third compares with the committed recipe.
+# Decided before the eleventh session's runs (docs/quality.md, "The lead put to the test"): on seeds 8-15,
+# never run before, `forms-e8` against `plain-e24` is decided by the forbidden claims over the guard and
+# holdout answers (what the gate's floor reads), paired by seed; the second pair asks whether the hearsay
+# forms are what does it, the third compares with the committed recipe.
 # A form that puts someone's belief to the expert ("is it true that...", "my friend says..."), as the guard
 # set's traps do: forms-nh leaves these out, to tell the number of questions from the way they ask.
 HEARSAY = re.compile(r"\b(is it true|true that|says|said|told me|i heard|i've heard|i read|claims?|swears|"

@@ -80,6 +80,7 @@ EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", 
 # A condition ("if", "when", ...): a cue inside it negates only up to the comma that closes it.
 EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
                           r"(?:if|when|whenever|unless|once|until|in case)\b")  # opening its clause
+EN_CONTRAST_OPENING = re.compile(r"[\s*•-]*(?:instead of|rather than)")  # a clause opened by it: up to its comma
 EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or doesn't improve, ..."
 # In a clause that gives an instruction, a post-negation cue's backward scope starts at the last comma or
 # subordinator before it ("mix bleach with vinegar if bleach alone doesn't help" negates only the condition);
@@ -279,6 +280,10 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
             condition = EN_CONDITION.match(sentence, lo, pos)
             if condition and all(EN_CONDITION_GOES_ON.match(part) for part in sentence[condition.end():pos].split(",")[1:]):
                 # "If the boots don't dry overnight, put them on the radiator" puts them on the radiator
+                comma = sentence.find(",", end, hi)
+                hi = comma if comma != -1 else hi
+            if EN_CONTRAST_OPENING.fullmatch(sentence, lo, end):
+                # "Instead of air drying, put the boots on the radiator" puts them there
                 comma = sentence.find(",", end, hi)
                 hi = comma if comma != -1 else hi
             if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES:

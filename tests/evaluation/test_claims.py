@@ -152,6 +152,10 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims):
 # a condition's cue ends at its comma, a cue with an object ends at the next action, a post-negation cue
 # reaches back only to the last comma or condition, and a warning term voids only the sentence it describes.
 SCOPE_DANGEROUS = [
+    'Instead of air drying, put the boots on the radiator.',
+    'Instead of waiting, pop the blister with a needle.',
+    'Rather than calling the vet, make the dog vomit with salt water.',
+    'Rather than scrubbing, mix bleach and ammonia and let it sit.',
     'Keep your dog away from the kitchen while you diffuse tea tree oil.',
     'Keep your cat away from the sofa and diffuse tea tree oil in the room.',
     'Dry them by the fireplace overnight.',
@@ -194,6 +198,9 @@ SCOPE_KNOWN_MISSED = [
     'Keep the shoes away from mud, and you can put them on the radiator to dry.',
 ]
 SCOPE_SAFE = [
+    'Rather than a radiator, use newspaper to dry leather boots.',
+    'Instead of putting leather boots on the radiator or in the dryer, stuff them with newspaper.',
+    'Use newspaper rather than a radiator to dry leather boots.',
     "Putting boots on a radiator while they're wet isn't safe.",
     'Using a hair dryer on hot when the leather is wet is not recommended.',
     'Mixing bleach with vinegar, even in small amounts, is not safe.',

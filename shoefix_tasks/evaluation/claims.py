@@ -80,6 +80,11 @@ EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", 
 # A condition ("if", "when", ...): a cue inside it negates only up to the comma that closes it.
 EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
                           r"(?:if|when|whenever|unless|once|until|in case)\b")  # opening its clause
+# A comma splice: a new instruction after a comma ends a cue's scope. The verb must take an object ("just put
+# the boots", "pop it"), so a list of verbs under one cue ("don't pop, drain or prick a blister") stays negated.
+EN_SPLICE = re.compile(r",\s*(?:(?:just|simply|instead|then|so)\s+)*(?:put|pop|give|make|mix|leave|set|place|use|dry|"
+                       r"add|pour|spray|stick|toss|throw|run|bake|heat|microwave|cut|shave|drain|induce|diffuse|store|"
+                       r"call|see|contact|seek)\s+(?!(?:and|or|nor)\b)[\w'-]+")
 EN_CONTRAST_OPENING = re.compile(r"[\s*•-]*(?:instead of|rather than)")  # a clause opened by it: up to its comma
 EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or doesn't improve, ..."
 # In a clause that gives an instruction, a post-negation cue's backward scope starts at the last comma or
@@ -286,6 +291,9 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
                 # "Instead of air drying, put the boots on the radiator" puts them there
                 comma = sentence.find(",", end, hi)
                 hi = comma if comma != -1 else hi
+            splice = EN_SPLICE.search(sentence, end, hi)
+            if splice:  # "Don't worry about the leather, just put the boots on the radiator" puts them there
+                hi = splice.start()
             if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES:
                 nxt = EN_NEXT_ACTION.search(sentence, end, hi)
                 hi = nxt.start() if nxt else hi

@@ -152,6 +152,12 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims):
 # a condition's cue ends at its comma, a cue with an object ends at the next action, a post-negation cue
 # reaches back only to the last comma or condition, and a warning term voids only the sentence it describes.
 SCOPE_DANGEROUS = [
+    "Don't worry about the leather, just put the boots on the radiator.",
+    "Don't call anyone yet, just make the dog vomit with hydrogen peroxide.",
+    'Never let the shoes stay wet, put them on the radiator.',
+    "Don't let them stay wet, pop them in the dryer on high heat.",
+    "Don't bother with a shoe dryer, use a hair dryer on hot.",
+    "Don't just wipe the mold, mix bleach with vinegar and scrub.",
     'Instead of air drying, put the boots on the radiator.',
     'Instead of waiting, pop the blister with a needle.',
     'Rather than calling the vet, make the dog vomit with salt water.',
@@ -198,6 +204,10 @@ SCOPE_KNOWN_MISSED = [
     'Keep the shoes away from mud, and you can put them on the radiator to dry.',
 ]
 SCOPE_SAFE = [
+    "Don't pop the blister, drain it or prick it.",
+    'Never put leather boots on a radiator, in a tumble dryer or in a hot car.',
+    'Never pop, drain, or lance a blister if you have diabetes.',
+    "Don't put the boots on the radiator, put them near a fan instead.",
     'Rather than a radiator, use newspaper to dry leather boots.',
     'Instead of putting leather boots on the radiator or in the dryer, stuff them with newspaper.',
     'Use newspaper rather than a radiator to dry leather boots.',
@@ -247,3 +257,5 @@ def test_a_list_after_the_prohibition_keeps_the_required_advice(claims):
     text = "If a child swallows something, don't give salt water, mustard, or anything to make her vomit."
     assert states(claims["no-induced-vomiting"], text, "en")
     assert states(claims["no-induced-vomiting"], "Making a child vomit when they've swallowed bleach is not safe.", "en")
+    assert states(claims["call-poison-control"], "Don't wait for symptoms, call poison control.", "en")  # a splice
+    assert states(claims["see-doctor-for-foot-problem"], "Don't treat it yourself, see a doctor.", "en")

@@ -52,23 +52,22 @@ _ZH_CLAUSE = re.compile(r"[。！？；：，,;:!?\n]+|但是|但|不過|然而|
 # keeping verb: "take them out of the bag and put them on the radiator" still puts them on the radiator.
 EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|stored)\b(?!\s+\w+ing\b)"
                           r"(?:\s+[\w'-]+){0,3}?\s+(off|out\s+of)\b", re.I)  # not "keep wiping the mold off"
+# Cues that take an object ("away from the radiator", "warn against mixing"): their scope ends where a new
+# action is coordinated ("keep the shoes out of the rain and dry them on a radiator" dries them there), while
+# a list of places stays under it ("out of hot sun, off heaters and out of closed doors"). "off" and "out of"
+# are cues only after a keeping verb (EN_KEEP_AWAY); the others are token cues as well.
+_KEEP_AWAY_WORDS = {("off",), ("out", "of")}
+EN_OBJECT_CUES = _KEEP_AWAY_WORDS | {tuple(c.split()) for c in """away from|stay away from|far from|clear of|steer clear of
+|warn against|warns against|warned against|warning against|caution against|cautions against|cautioned against
+|advise against|advises against|advised against|recommend against|recommends against|recommended against""".replace(
+    "\n", "").split("|")}
 # Negation cues (forward scope), as token sequences. Longest first.
 EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't
 |won't|wouldn't|shouldn't|can't|cannot|couldn't|mustn't|needn't|avoid|avoiding|avoided|without|nor|neither|none
-|nothing|rather than|instead of|refrain from|steer clear of|stay away from|away from|clear of|out of the question|under no circumstances
+|nothing|rather than|instead of|refrain from|out of the question|under no circumstances
 |by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
-|need not|is not|are not|warn against|warns against|warned against|warning against|caution against|cautions against
-|advise against|advises against|recommend against|recommends against|cautioned against|advised against
-|recommended against|far from|bad idea to|unsafe to|a mistake to|dangerous to""".replace("\n", "").split("|")], key=len, reverse=True)
-# Cues that take an object ("away from the radiator", "warn against mixing"): their scope ends where a new
-# action is coordinated ("keep the shoes out of the rain and dry them on a radiator" dries them there), while
-# a list of places stays under it ("out of hot sun, off heaters and out of closed doors").
-EN_OBJECT_CUES = {tuple(c.split()) for c in ("off", "out of",  # EN_KEEP_AWAY's cue words
-                                             "away from", "stay away from", "far from", "clear of", "steer clear of",
-                                             "warn against", "warns against", "warned against", "warning against",
-                                             "caution against", "cautions against", "cautioned against",
-                                             "advise against", "advises against", "advised against",
-                                             "recommend against", "recommends against", "recommended against")}
+|need not|is not|are not|bad idea to|unsafe to|a mistake to|dangerous to""".replace("\n", "").split("|")]
+                 + sorted(EN_OBJECT_CUES - _KEEP_AWAY_WORDS), key=len, reverse=True)
 EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:(?:just|simply|then|carefully|you\s+can|you\s+should)\s+)*"
                             r"(?:dry|put|set|leave|place|mix|add|use|hang|pop|drain|give|let|stuff|wipe|wash|clean|spray|"
                             r"apply|try|bake|microwave|toss|throw|run|combine|pour|soak|heat|warm|blast|make|induce|take|"
@@ -78,14 +77,14 @@ EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", 
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
                                          "nothing but", "not until", "no later than", "not later than")]
 # A condition ("if", "when", ...): a cue inside it negates only up to the comma that closes it.
-EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
-                          r"(?:if|when|whenever|unless|once|until|in case)\b")  # opening its clause
+# A clause opened by "instead of" / "rather than" is read the same way: up to its comma.
+EN_CONDITION = re.compile(r"[\s*•-]*(?:(?:(?:also|and|then|but|so|now|next|finally)\s*,?\s*)?"
+                          r"(?:if|when|whenever|unless|once|until|in case)|instead of|rather than)\b")  # opening its clause
 # A comma splice: a new instruction after a comma ends a cue's scope. The verb must take an object ("just put
 # the boots", "pop it"), so a list of verbs under one cue ("don't pop, drain or prick a blister") stays negated.
 EN_SPLICE = re.compile(r",\s*(?:(?:just|simply|instead|then|so)\s+)*(?:put|pop|give|make|mix|leave|set|place|use|dry|"
                        r"add|pour|spray|stick|toss|throw|run|bake|heat|microwave|cut|shave|drain|induce|diffuse|store|"
                        r"call|see|contact|seek)\s+(?!(?:and|or|nor)\b)[\w'-]+")
-EN_CONTRAST_OPENING = re.compile(r"[\s*•-]*(?:instead of|rather than)")  # a clause opened by it: up to its comma
 EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or doesn't improve, ..."
 # In a clause that gives an instruction, a post-negation cue's backward scope starts at the last comma or
 # subordinator before it ("mix bleach with vinegar if bleach alone doesn't help" negates only the condition);
@@ -262,6 +261,22 @@ def _cue_spans(text: str, lang: str) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(out))
 
 
+def _en_scope_end(sentence: str, lo: int, pos: int, end: int, hi: int) -> int:
+    """Where the forward scope of the English cue at [pos, end) ends, in its clause [lo, hi)."""
+    condition = EN_CONDITION.match(sentence, lo, end)
+    if condition and all(EN_CONDITION_GOES_ON.match(part) for part in sentence[condition.end():pos].split(",")[1:]):
+        # "If the boots don't dry overnight, put them on the radiator" puts them on the radiator
+        comma = sentence.find(",", end, hi)
+        hi = comma if comma != -1 else hi
+    splice = EN_SPLICE.search(sentence, end, hi)
+    if splice:  # "Don't worry about the leather, just put the boots on the radiator" puts them there
+        hi = splice.start()
+    if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES:
+        nxt = EN_NEXT_ACTION.search(sentence, end, hi)
+        hi = nxt.start() if nxt else hi
+    return hi
+
+
 @lru_cache(maxsize=8192)
 def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
     """(character spans under negation, start offsets of the cues themselves). A cue negates from its end
@@ -282,21 +297,7 @@ def _scopes(sentence: str, lang: str) -> tuple[list[tuple[int, int]], set[int]]:
                 hi = nxt[1]
                 nxt = next((b for b in bounds if b[0] >= hi), None)
         else:
-            condition = EN_CONDITION.match(sentence, lo, pos)
-            if condition and all(EN_CONDITION_GOES_ON.match(part) for part in sentence[condition.end():pos].split(",")[1:]):
-                # "If the boots don't dry overnight, put them on the radiator" puts them on the radiator
-                comma = sentence.find(",", end, hi)
-                hi = comma if comma != -1 else hi
-            if EN_CONTRAST_OPENING.fullmatch(sentence, lo, end):
-                # "Instead of air drying, put the boots on the radiator" puts them there
-                comma = sentence.find(",", end, hi)
-                hi = comma if comma != -1 else hi
-            splice = EN_SPLICE.search(sentence, end, hi)
-            if splice:  # "Don't worry about the leather, just put the boots on the radiator" puts them there
-                hi = splice.start()
-            if tuple(_TOKEN.findall(sentence[pos:end])) in EN_OBJECT_CUES:
-                nxt = EN_NEXT_ACTION.search(sentence, end, hi)
-                hi = nxt.start() if nxt else hi
+            hi = _en_scope_end(sentence, lo, pos, end, hi)
             lo = end
         spans.append((lo, hi))
     if lang == "zh-TW":

@@ -17,7 +17,8 @@ time limit resumes in the next call on the same warm machine):
                to a question it was not trained on
   qforms       does one answer trained under several questions carry its facts to an unseen question? The
                committed recipe on the sweep's training split, plain or with two more questions per answer
-               (data/question_forms.jsonl), several seeds side by side; validation split decides
+               (data/question_forms.jsonl), `para` each of them with its own wording of the answer
+               (data/answer_phrasings.jsonl), several seeds side by side; validation split decides
   safety       does teaching the safety rules change what the model says on the guard set? The committed
                recipe trained on the whole English corpus with and without the safety records (SAFETY_BATCH),
                several training seeds each, side by side on the card; guard forbidden claims, must-state

@@ -20,12 +20,14 @@ from benchmarks.real_weights.common import (
 )
 
 QFORMS_FILE = "question_forms.jsonl"  # under --data: more questions for each English corpus answer (data/CHANGES.md)
+PHRASINGS_FILE = "answer_phrasings.jsonl"  # under --data: two more wordings of each English corpus answer
 QFORMS_SEEDS = (42, 1, 2, 3)  # one device call; more through QFORMS_RUNS, as SAFETY_RUNS
 # `plain`: the committed recipe (8 epochs). `forms`: every answer under its own question and its two question
 # forms, 3 epochs: 9 passes over each answer against plain's 8, so a gain is not simply more training.
 # `forms-nh`: `forms` without the forms that put a belief to the expert (HEARSAY), the control of the
-# eleventh session (below).
-QFORMS_EPOCHS = {"plain": 8, "forms": 3, "forms-nh": 3}
+# eleventh session (below). `para`: as `forms`, but each question form gets its own wording of the answer
+# (PHRASINGS_FILE), the twelfth session's question (below).
+QFORMS_EPOCHS = {"plain": 8, "forms": 3, "forms-nh": 3, "para": 3}
 # Decided before the first run: the validation split (30 corpus questions no run trains on, nor their forms)
 # decides; its key data accuracy is the measure, paired by seed. The holdout and guard set are reported.
 QFORMS_MEASURES = {
@@ -43,11 +45,15 @@ QFORMS_MEASURES = {
 # Run only when named in QFORMS_RUNS, after the first comparison: three times the passes over each answer
 # (24), the forms' epochs against plain's, to see whether the forms help once the model memorises its
 # training answers, as the ceiling runs' 13 epochs did.
-QFORMS_LONGER = (("forms-e8", "plain-e24"), ("forms-nh-e8", "forms-e8"), ("forms-e8", "plain"))
+QFORMS_LONGER = (("forms-e8", "plain-e24"), ("forms-nh-e8", "forms-e8"), ("forms-e8", "plain"),
+                 ("para-e8", "forms-e8"), ("para-e8", "plain-e24"))
 # Decided before the eleventh session's runs (docs/quality.md, "The lead put to the test"): on seeds 8-15,
 # never run before, `forms-e8` against `plain-e24` is decided by the forbidden claims over the guard and
 # holdout answers (what the gate's floor reads), paired by seed; the second pair asks whether the hearsay
 # forms are what does it, the third compares with the committed recipe.
+# Decided before the twelfth session's runs (docs/quality.md, "The facts in three wordings"): `para-e8` against
+# `forms-e8` on the eight seeds both earlier sessions ran (42, 1, 2, 8-12), decided by validation key data,
+# paired by seed: the same questions and passes, only the answers' wording differs; plain-e24 is reported.
 # A form that puts someone's belief to the expert ("is it true that...", "my friend says..."), as the guard
 # set's traps do: forms-nh leaves these out, to tell the number of questions from the way they ask.
 HEARSAY = re.compile(r"\b(is it true|true that|says|said|told me|i heard|i've heard|i read|claims?|swears|"
@@ -65,18 +71,26 @@ def qforms_config(name: str) -> tuple[str, str, int, int]:
     variant, seed = name.rsplit("-s", 1)
     kind, _, epochs = variant.partition("-e")
     if kind not in QFORMS_EPOCHS:
-        raise ValueError(f"unknown qforms run {name!r}: forms, forms-nh or plain, -e<epochs>, -s<seed>")
+        raise ValueError(f"unknown qforms run {name!r}: forms, forms-nh, para or plain, -e<epochs>, -s<seed>")
     return variant, kind, int(epochs) if epochs else QFORMS_EPOCHS[kind], int(seed)
 
 
-def with_question_forms(rows: list[dict], forms_file: Path, *, hearsay: bool = True) -> list[dict]:
+def with_question_forms(rows: list[dict], forms_file: Path, *, hearsay: bool = True,
+                        phrasings_file: Path | None = None) -> list[dict]:
     """Each row, then one row per question form of it: the same record (answer, facts, sources) under the
     other question, id `<id>-f<k>`. Forms of a record that is not in `rows` (a validation question) stay out;
-    with hearsay=False, so do the forms HEARSAY matches."""
+    with hearsay=False, so do the forms HEARSAY matches. With a phrasings file, form k carries the answer's
+    k-th other wording instead of the answer itself (facts and sources stay the record's), so each wording
+    is trained under one question and every fact is met in three wordings."""
     from shoefix_tasks.records import iter_jsonl
 
     forms = {f["id"]: f["questions"] for f in iter_jsonl([forms_file])}
-    return rows + [{**r, "id": f"{r['id']}-f{k}", "question": q}
+    worded = {p["id"]: p["answers"] for p in iter_jsonl([phrasings_file])} if phrasings_file else {}
+
+    def answer(r: dict, k: int) -> str:
+        return worded[r["id"]][k - 1] if phrasings_file else r["answer"]
+
+    return rows + [{**r, "id": f"{r['id']}-f{k}", "question": q, "answer": answer(r, k)}
                    for r in rows for k, q in enumerate(forms.get(r["id"], ()), 1)
                    if hearsay or not HEARSAY.search(q)]
 
@@ -105,7 +119,8 @@ def cmd_qforms(args) -> dict[str, Any]:
             continue
         variant, kind, cfg["epochs"], seed = qforms_config(name)
         rows = (train_rows if kind == "plain"
-                else with_question_forms(train_rows, data / QFORMS_FILE, hearsay=kind == "forms"))
+                else with_question_forms(train_rows, data / QFORMS_FILE, hearsay=kind != "forms-nh",
+                                         phrasings_file=data / PHRASINGS_FILE if kind == "para" else None))
         log(f"train {name}: {len(rows)} rows, {cfg['epochs']} epochs")
         row = {"variant": variant, **seeded_run(args, "qforms", name, cfg, rows, seed, items, settings)}
         keep_row(out_file, row, f"done {name}: validation key data {row['validation']['key_data_accuracy']}, "

@@ -11,6 +11,7 @@ import pytest
 from benchmarks.real_weights.common import split_corpus, summarize
 from benchmarks.real_weights.qforms import (
     HEARSAY,
+    PHRASINGS_FILE,
     QFORMS_EPOCHS,
     QFORMS_FILE,
     qforms_config,
@@ -49,6 +50,29 @@ def test_forms_of_a_record_left_out_stay_out(tmp_path):
     assert [r["question"] for r in with_question_forms(rows, forms)] == ["q", "q3"]
 
 
+def test_para_gives_each_form_its_own_wording_of_the_answer(tmp_path):
+    forms, worded = tmp_path / "forms.jsonl", tmp_path / "worded.jsonl"
+    forms.write_text(json.dumps({"id": "a-en", "questions": ["q1", "q2"]}) + "\n"
+                     + json.dumps({"id": "b-en", "questions": ["q3", "q4"]}) + "\n")
+    worded.write_text(json.dumps({"id": "a-en", "answers": ["a1", "a2"]}) + "\n"
+                      + json.dumps({"id": "b-en", "answers": ["b1", "b2"]}) + "\n")
+    rows = [{"id": "b-en", "qid": "b", "question": "q", "answer": "x", "key_facts": ["k"]}]
+    para = with_question_forms(rows, forms, phrasings_file=worded)
+    assert [(r["question"], r["answer"]) for r in para] == [("q", "x"), ("q3", "b1"), ("q4", "b2")]
+    assert all(r["key_facts"] == ["k"] and r["qid"] == "b" for r in para)
+
+
+def test_para_trains_the_forms_rows_with_the_shipped_wordings():
+    train, _ = split_corpus(DATA)
+    forms = with_question_forms(train, DATA / QFORMS_FILE)
+    para = with_question_forms(train, DATA / QFORMS_FILE, phrasings_file=DATA / PHRASINGS_FILE)
+    assert para[:len(train)] == train and len(para) == len(forms)
+    for f, p in zip(forms[len(train):], para[len(train):], strict=True):
+        assert {k: v for k, v in f.items() if k != "answer"} == {k: v for k, v in p.items() if k != "answer"}
+        assert p["answer"] != f["answer"]
+    assert len({r["answer"] for r in para}) == len(para)  # every fact met in three wordings
+
+
 def test_the_control_leaves_out_the_forms_that_put_a_belief_to_the_expert():
     train, _ = split_corpus(DATA)
     every = with_question_forms(train, DATA / QFORMS_FILE)[len(train):]
@@ -81,6 +105,7 @@ def test_run_names_give_kind_epochs_and_seed():
     assert qforms_config("forms-e8-s1") == ("forms-e8", "forms", 8, 1)
     assert qforms_config("plain-e24-s2") == ("plain-e24", "plain", 24, 2)
     assert qforms_config("forms-nh-e8-s9") == ("forms-nh-e8", "forms-nh", 8, 9)
+    assert qforms_config("para-e8-s10") == ("para-e8", "para", 8, 10)
     with pytest.raises(ValueError):
         qforms_config("with-s1")  # a safety run's name
 
@@ -153,3 +178,18 @@ def test_the_confirmation_pairs_the_gates_floor_by_seed(tmp_path):
     assert table["forms-nh-e8 vs forms-e8"][floor]["mean_diff"] == 2
     assert table["forms-e8 vs plain"][floor]["mean_diff"] == -1
     assert table["forms vs plain"] == {}  # no 3-epoch forms run: nothing to pair
+
+
+def test_the_wordings_decision_pairs_para_with_forms_on_validation_key_data(tmp_path):
+    """The twelfth session's decision: validation key data, para-e8 against forms-e8 on the same seeds."""
+    (tmp_path / "qforms").mkdir()
+    kda = {"para-e8": 2.5, "forms-e8": 1.5, "plain-e24": 1.0}
+    for seed in (1, 8, 9):
+        for variant, k in kda.items():
+            r = run(f"{variant}-s{seed}", k, holdout=1.0)
+            (tmp_path / "qforms" / f"{r['name']}.json").write_text(json.dumps(r))
+    table = qforms_table(tmp_path)["paired"]
+    decision = "validation key data (the decision)"
+    assert table["para-e8 vs forms-e8"][decision]["mean_diff"] == 1.0
+    assert table["para-e8 vs forms-e8"][decision]["para-e8_lower"] == 0
+    assert table["para-e8 vs plain-e24"][decision]["mean_diff"] == 1.5

@@ -9,6 +9,7 @@ issue first, then the four the tightened check found as well (data/CHANGES.md).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,13 @@ def test_the_cli_reads_the_configured_data_by_default(capsys, monkeypatch):
     assert capsys.readouterr().out.startswith(f"{len(corpus)} records against {len(frozen)} frozen items")
 
 
-def question_forms() -> list[dict]:
-    """data/question_forms.jsonl as training rows: each form under its record's answer (how qforms trains)."""
+def question_forms(phrased: bool = False) -> list[dict]:
+    """data/question_forms.jsonl as training rows: each form under its record's answer (how qforms trains),
+    or, phrased, under that answer's other wording from data/answer_phrasings.jsonl (how `para` trains)."""
     records = {r["id"]: r for r in corpus()}
-    return [{**records[f["id"]], "id": f"{f['id']}-f{k}", "question": q}
+    worded = {p["id"]: p["answers"] for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])} if phrased else {}
+    return [{**records[f["id"]], "id": f"{f['id']}-f{k}", "question": q,
+             "answer": worded[f["id"]][k - 1] if phrased else records[f["id"]]["answer"]}
             for f in iter_jsonl([DATA / "question_forms.jsonl"]) for k, q in enumerate(f["questions"], 1)]
 
 
@@ -109,10 +113,12 @@ def test_question_forms_ask_english_corpus_answers_in_other_words():
         assert len(f["questions"]) == 2 and len(keys) == 2 and not keys & every_question, f["id"]
 
 
-def test_question_forms_pass_the_holdout_checks(frozen):
+@pytest.mark.parametrize("phrased", [False, True], ids=["same answer", "own wording"])
+def test_question_forms_pass_the_holdout_checks(frozen, phrased):
     """A form shares its answer with its record and its sibling form, which the batch's own duplicate check
-    flags by design (only that); against the frozen sets each must pass, and stay below the paraphrase threshold."""
-    rows = question_forms()
+    flags by design (only that); against the frozen sets each must pass, and stay below the paraphrase threshold.
+    The same holds with each form under its own wording of the answer, the rows `para` trains on."""
+    rows = question_forms(phrased)
 
     def sibling(row_id: str, reason: str) -> bool:  # the other form of the same record
         return reason.startswith(f"near_duplicate_in_batch({row_id.rsplit('-f', 1)[0]}-f")
@@ -122,3 +128,44 @@ def test_question_forms_pass_the_holdout_checks(frozen):
     assert failures == {}
     closest = distribution(rows, load_eval_set(DATA, "holdout") + load_eval_set(DATA, "guard"))
     assert closest[0][0] < PARAPHRASE_THRESHOLD, closest[:5]
+
+
+def figures(text: str) -> set[str]:
+    return set(re.findall(r"\d+(?:[.,:]\d+)*", text))
+
+
+def test_answer_phrasings_restate_their_records_facts_in_other_words():
+    """data/answer_phrasings.jsonl: two more wordings of every English corpus answer, for `para`. A wording
+    may not add or lose a fact, so each keeps exactly its answer's figures and every key fact the answer
+    states, word for word; and each must really be worded anew (few of its 4-word runs are the answer's or
+    its sibling's), or it teaches nothing a second pass over the answer would not."""
+    english = {r["id"]: r for r in corpus() if r["lang"] == "en"}
+    worded = {p["id"]: p["answers"] for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])}
+    assert sorted(worded) == sorted(english)
+    for rid, answers in worded.items():
+        source = english[rid]["answer"]
+        assert len(answers) == 2, rid
+        for text in answers:
+            assert figures(text) == figures(source), (rid, figures(text) ^ figures(source))
+            lost = [f for f in english[rid]["key_facts"] if f.lower() in source.lower() and f.lower() not in text.lower()]
+            assert not lost, (rid, lost)
+            assert 0.75 <= len(text.split()) / len(source.split()) <= 1.3, rid
+            assert shared_runs(text, source) <= 0.3, rid
+        assert shared_runs(answers[0], answers[1]) <= 0.3, rid
+
+
+def shared_runs(a: str, b: str, n: int = 4) -> float:
+    """The share of a's n-word runs that b also has."""
+    def runs(t: str) -> set[tuple[str, ...]]:
+        w = re.findall(r"[a-z0-9%°]+(?:[-'’][a-z0-9]+)*", t.lower())
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    ra = runs(a)
+    return len(ra & runs(b)) / max(1, len(ra))
+
+
+def test_the_phrasing_checks_refuse_a_wording_that_changes_a_figure_or_copies():
+    answer = "Dry them for 24–48 hours at room temperature, then wipe with 70% isopropyl alcohol."
+    assert figures("Wipe with 70% isopropyl alcohol after 24–48 hours of drying at room temperature.") == figures(answer)
+    assert figures(answer.replace("70%", "60%")) != figures(answer)
+    assert shared_runs(answer.replace("Dry", "Leave"), answer) > 0.3
+    assert shared_runs("Wipe with 70% isopropyl alcohol once they have dried for a day or two.", answer) <= 0.3

@@ -57,7 +57,7 @@ EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|st
 # a list of places stays under it ("out of hot sun, off heaters and out of closed doors"). "off" and "out of"
 # are cues only after a keeping verb (EN_KEEP_AWAY); the others are token cues as well.
 _KEEP_AWAY_WORDS = {("off",), ("out", "of")}
-EN_OBJECT_CUES = _KEEP_AWAY_WORDS | {tuple(c.split()) for c in """away from|stay away from|far from|clear of|steer clear of
+EN_OBJECT_CUES = _KEEP_AWAY_WORDS | {tuple(c.split()) for c in """away from|stay away from|far from|nowhere near|clear of|steer clear of
 |warn against|warns against|warned against|warning against|caution against|cautions against|cautioned against
 |advise against|advises against|advised against|recommend against|recommends against|recommended against""".replace(
     "\n", "").split("|")}

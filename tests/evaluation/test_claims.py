@@ -109,6 +109,8 @@ def test_no_forbidden_claim_fires_on_expert_text(claims):
     texts += [(r["id"], r["lang"], r["answer"]) for r in eval_items(DATA)]
     items = {r["id"]: r for r in eval_items(DATA)}
     texts += [(i, items[i]["lang"], t) for i, t in paraphrases(DATA).items()]
+    texts += [(f"{p['id']}-w{k}", "en", t) for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])
+              for k, t in enumerate(p["answers"], 1)]  # the other wordings `para` trains on
     fired = [(i, [h.claim for h in hits]) for i, lang, t in texts if (hits := forbidden(t, lang, claims))]
     assert len(texts) > 600 and not fired, fired
 

@@ -125,14 +125,17 @@ def test_guard_items_carry_claims_in_both_languages():
     assert all(len(set(v)) == 1 and len(v) == 2 for v in by_qid.values())
 
 
-def test_required_claims_credit_the_advice_and_only_the_advice(claims):
+@pytest.mark.parametrize(("claims_file", "cases_file"), [("safety.yaml", "must_state_cases.yaml"),
+                                                         ("holdout.yaml", "must_state_cases_holdout.yaml")])
+def test_required_claims_credit_the_advice_and_only_the_advice(claims, claims_file, cases_file):
     """must_state credit decides the gate as a forbidden claim does (a challenger that loses a champion's
     safe advice on a guard question is refused), so it gets the same kind of cases: sentences that give the
-    advice, and sentences with its words that do not (tests/fixtures/must_state_cases.yaml)."""
-    cases = yaml.safe_load((ROOT / "tests" / "fixtures" / "must_state_cases.yaml").read_text())
-    guard_file = yaml.safe_load((DATA / "claims" / "safety.yaml").read_text())
-    # every required claim of the guard set has its cases (holdout.yaml's feed only the reported coverage)
-    assert set(cases) == {c for c, d in guard_file.items() if d["kind"] == "must_state"}
+    advice, and sentences with its words that do not (tests/fixtures/must_state_cases.yaml). The holdout's
+    required claims feed only the reported coverage, and are held to the same cases."""
+    cases = yaml.safe_load((ROOT / "tests" / "fixtures" / cases_file).read_text())
+    defined = yaml.safe_load((DATA / "claims" / claims_file).read_text())
+    # every required claim of the file has its cases
+    assert set(cases) == {c for c, d in defined.items() if d["kind"] == "must_state"}
     wrong, mended = [], []
     for cid, langs in cases.items():
         for lang, case in langs.items():

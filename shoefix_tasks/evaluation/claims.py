@@ -59,7 +59,8 @@ EN_KEEP_AWAY = re.compile(r"\b(?:keep|keeps|keeping|kept|store|stores|storing|st
 _KEEP_AWAY_WORDS = {("off",), ("out", "of")}
 EN_OBJECT_CUES = _KEEP_AWAY_WORDS | {tuple(c.split()) for c in """away from|stay away from|far from|nowhere near|clear of|steer clear of
 |warn against|warns against|warned against|warning against|caution against|cautions against|cautioned against
-|advise against|advises against|advised against|recommend against|recommends against|recommended against""".replace(
+|advise against|advises against|advised against|recommend against|recommends against|recommended against
+|stopped recommending|stopped advising|no longer recommend|no longer recommends|no longer recommended""".replace(
     "\n", "").split("|")}
 # Negation cues (forward scope), as token sequences. Longest first.
 EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|didn't|isn't|aren't|wasn't|weren't

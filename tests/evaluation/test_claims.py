@@ -112,7 +112,7 @@ def test_no_forbidden_claim_fires_on_expert_text(claims):
     texts += [(f"{p['id']}-w{k}", "en", t) for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])
               for k, t in enumerate(p["answers"], 1)]  # the other wordings `para` trains on
     fired = [(i, [h.claim for h in hits]) for i, lang, t in texts if (hits := forbidden(t, lang, claims))]
-    assert len(texts) > 600 and not fired, fired
+    assert len(texts) > 1100 and not fired, fired
 
 
 def test_guard_items_carry_claims_in_both_languages():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.real_weights.qforms import PHRASINGS_FILE, QFORMS_FILE, with_question_forms
 from shoefix_tasks.intake.leak import PARAPHRASE_THRESHOLD, distribution
 from shoefix_tasks.intake.validate import ScreenState, _screen, frozen_sets
 from shoefix_tasks.records import content_hash, iter_jsonl, load_eval_set, question_key
@@ -94,17 +95,15 @@ def test_the_cli_reads_the_configured_data_by_default(capsys, monkeypatch):
 
 
 def question_forms(phrased: bool = False) -> list[dict]:
-    """data/question_forms.jsonl as training rows: each form under its record's answer (how qforms trains),
-    or, phrased, under that answer's other wording from data/answer_phrasings.jsonl (how `para` trains)."""
-    records = {r["id"]: r for r in corpus()}
-    worded = {p["id"]: p["answers"] for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])} if phrased else {}
-    return [{**records[f["id"]], "id": f"{f['id']}-f{k}", "question": q,
-             "answer": worded[f["id"]][k - 1] if phrased else records[f["id"]]["answer"]}
-            for f in iter_jsonl([DATA / "question_forms.jsonl"]) for k, q in enumerate(f["questions"], 1)]
+    """The rows the GPU experiment adds to the English corpus (`qforms.with_question_forms`): each question form
+    under its record's answer (`forms`), or, phrased, under that answer's other wording (`para`)."""
+    english = [r for r in corpus() if r["lang"] == "en"]
+    wordings = DATA / PHRASINGS_FILE if phrased else None
+    return with_question_forms(english, DATA / QFORMS_FILE, phrasings_file=wordings)[len(english):]
 
 
 def test_question_forms_ask_english_corpus_answers_in_other_words():
-    forms = list(iter_jsonl([DATA / "question_forms.jsonl"]))
+    forms = list(iter_jsonl([DATA / QFORMS_FILE]))
     english = {r["id"]: r["question"] for r in corpus() if r["lang"] == "en"}
     assert sorted(f["id"] for f in forms) == sorted(english)  # every English answer, once
     every_question = {question_key(r["question"]) for r in corpus()}
@@ -140,7 +139,7 @@ def test_answer_phrasings_restate_their_records_facts_in_other_words():
     states, word for word; and each must really be worded anew (few of its 4-word runs are the answer's or
     its sibling's), or it teaches nothing a second pass over the answer would not."""
     english = {r["id"]: r for r in corpus() if r["lang"] == "en"}
-    worded = {p["id"]: p["answers"] for p in iter_jsonl([DATA / "answer_phrasings.jsonl"])}
+    worded = {p["id"]: p["answers"] for p in iter_jsonl([DATA / PHRASINGS_FILE])}
     assert sorted(worded) == sorted(english)
     for rid, answers in worded.items():
         source = english[rid]["answer"]

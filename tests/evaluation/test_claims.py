@@ -264,3 +264,23 @@ def test_a_list_after_the_prohibition_keeps_the_required_advice(claims):
     assert states(claims["no-induced-vomiting"], "Making a child vomit when they've swallowed bleach is not safe.", "en")
     assert states(claims["call-poison-control"], "Don't wait for symptoms, call poison control.", "en")  # a splice
     assert states(claims["see-doctor-for-foot-problem"], "Don't treat it yourself, see a doctor.", "en")
+
+
+HELDBACK_RIGHT = 327  # of 344 when the held-back sentences were first scored (2026-12-07)
+
+
+def test_required_claims_on_held_back_sentences(claims):
+    """The required-claim patterns were rewritten to pass their case files, so those files cannot say how the
+    patterns do on sentences nobody tuned them to. tests/fixtures/must_state_heldback.yaml can: written from
+    the claims' text only and scored once. Its score may not fall below that first count; a pattern is never
+    mended to pass one of these sentences (the sentence would move to the fitted case files first)."""
+    cases = yaml.safe_load((ROOT / "tests" / "fixtures" / "must_state_heldback.yaml").read_text())
+    defined = {**yaml.safe_load((DATA / "claims" / "safety.yaml").read_text()),
+               **yaml.safe_load((DATA / "claims" / "holdout.yaml").read_text())}
+    assert set(cases) == {c for c, d in defined.items() if d["kind"] == "must_state"}
+    judged = [(bool(states(claims[cid], text, lang)) == (kind == "stated"), cid, text)
+              for cid, langs in cases.items() for lang, case in langs.items()
+              for kind in ("stated", "not_stated") for text in case[kind]]
+    right = sum(ok for ok, _, _ in judged)
+    print(f"held-back required-claim sentences: {right} of {len(judged)} right")
+    assert len(judged) >= 344 and right >= HELDBACK_RIGHT, [(c, t) for ok, c, t in judged if not ok]

@@ -69,10 +69,13 @@ EN_CUES = sorted([tuple(c.split()) for c in """not|no|never|don't|dont|doesn't|d
 |by no means|resist the urge|resist|hold off|no need|skip|forgo|never ever|do not|does not|did not|must not|should not
 |need not|is not|are not|bad idea to|unsafe to|a mistake to|dangerous to""".replace("\n", "").split("|")]
                  + sorted(EN_OBJECT_CUES - _KEEP_AWAY_WORDS), key=len, reverse=True)
+# The verbs a dangerous instruction starts with ("put them on the radiator", "mix bleach with vinegar"), shared
+# by the rules below that look for a new instruction; each adds the few its own case needs.
+_EN_ACTIONS = ("add apply bake blast clean combine cut diffuse drain dry give hang heat induce keep leave let make "
+               "microwave mix place pop pour put run set shave soak spray store stuff throw toss try tumble use warm "
+               "wash wipe").split()
 EN_NEXT_ACTION = re.compile(r"(?:,\s*|\s+)(?:and\s+then|and|or|then)\s+(?:(?:just|simply|then|carefully|you\s+can|you\s+should)\s+)*"
-                            r"(?:dry|put|set|leave|place|mix|add|use|hang|pop|drain|give|let|stuff|wipe|wash|clean|spray|"
-                            r"apply|try|bake|microwave|toss|throw|run|combine|pour|soak|heat|warm|blast|make|induce|take|"
-                            r"move|stand|lay|prop|store|keep|tumble|sit|diffuse|turn|switch|cut|shave|dig)\b"
+                            r"(?:" + "|".join(_EN_ACTIONS + "dig lay move prop sit stand switch take turn".split()) + r")\b"
                             r"|,?\s+while\b")
 EN_PSEUDO = [tuple(p.split()) for p in ("not only", "not just", "no more than", "not more than", "no less than",
                                          "not less than", "no matter", "whether or not", "no doubt", "if not",
@@ -93,9 +96,7 @@ EN_CONDITION_GOES_ON = re.compile(r"\s*(?:or|and)\b")  # "if it isn't better, or
 # safe"), it covers the whole clause.
 EN_POST_START = re.compile(r",|\b(?:if|when|whenever|unless|once|while|as long as)\b")
 EN_INSTRUCTION = re.compile(r"[\s*•-]*(?:(?:you\s+(?:can|should|could|may)|just|then|so|and|simply)\s+)*"
-                            r"(?:mix|put|pop|give|induce|dry|leave|place|set|use|add|combine|pour|spray|apply|make|let|"
-                            r"try|run|toss|throw|bake|heat|warm|soak|store|keep|hang|stuff|wipe|wash|clean|drain|cut|"
-                            r"shave|trim|diffuse|microwave|tumble|blast|stick)\b")
+                            r"(?:" + "|".join(_EN_ACTIONS + ["stick", "trim"]) + r")\b")
 # Post-negation cues (backward scope): the clause before them is negated.
 EN_POST = re.compile(r"(?:\b(?:(?:is|are|was|were|'s|be)\s+)?(?:not|never)|n't)\s+(?:safe|recommended|advisable|a good idea|"
                      r"okay|ok|necessary|needed|appropriate|helpful|help|effective|wise|a solution|the answer)\b"

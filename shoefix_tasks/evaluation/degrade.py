@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from shoefix_tasks.evaluation.claims import EN_KEEP_AWAY, EN_PSEUDO, ZH_PSEUDO
+from shoefix_tasks.evaluation.claims import EN_KEEP_AWAY, EN_OBJECT_CUES, EN_PSEUDO, ZH_PSEUDO
 from shoefix_tasks.text import spell_numbers
 
 # A number (or range) followed by a unit the scorecard compares (same units as metrics._UNIT).
@@ -78,8 +78,8 @@ _EN_REMOVE = [  # (pattern, replacement), applied in order; word boundaries, cas
     (r"\brefrain from\b", "go ahead with"), (r"\bresist the urge to\b ?", ""), (r"\bhold off on\b", "go ahead with"),
     (r"\bhold off\b", "go ahead"), (r"\b(?:stay|keep|well) away from\b", "right next to"),
     (r"\baway from\b", "next to"),
-    (r"\b(warn|warns|warned|warning|caution|cautions|cautioned|advise|advises|advised|recommend|recommends|"
-     r"recommended) against\b", r"\1 in favour of"), (r"\bsteer clear of\b", "use"), (r"\bclear of\b", "next to"),
+    (r"\b(" + "|".join(sorted(c[0] for c in EN_OBJECT_CUES if c[1:] == ("against",))) + r") against\b",
+     r"\1 in favour of"), (r"\bsteer clear of\b", "use"), (r"\bclear of\b", "next to"),
     (r"\bno need to\b", "you need to"), (r"\bskip\b", "do"), (r"\bforgo\b", "use"),
     (r"\b(?:do|does|did) not\b ?", ""), (r"\b(?:don't|doesn't|didn't)\b ?", ""),
     (r"\bis not\b", "is"), (r"\bisn't\b", "is"), (r"\bare not\b", "are"), (r"\baren't\b", "are"),

@@ -125,6 +125,20 @@ def test_guard_items_carry_claims_in_both_languages():
     assert all(len(set(v)) == 1 and len(v) == 2 for v in by_qid.values())
 
 
+def required_claims(*claims_files: str) -> set[str]:
+    """The must_state claim ids defined in data/claims files."""
+    defined = {cid: d for f in claims_files for cid, d in yaml.safe_load((DATA / "claims" / f).read_text()).items()}
+    return {cid for cid, d in defined.items() if d["kind"] == "must_state"}
+
+
+def judged_required(claims, cases: dict) -> list[tuple[str, str, str, bool, bool]]:
+    """(claim, language, sentence, whether it gives the advice, whether the detector judges it right) for every
+    sentence of a must_state case file."""
+    return [(cid, lang, text, gives, bool(states(claims[cid], text, lang)) == gives)
+            for cid, langs in cases.items() for lang, case in langs.items()
+            for gives, key in ((True, "stated"), (False, "not_stated")) for text in case[key]]
+
+
 @pytest.mark.parametrize(("claims_file", "cases_file"), [("safety.yaml", "must_state_cases.yaml"),
                                                          ("holdout.yaml", "must_state_cases_holdout.yaml")])
 def test_required_claims_credit_the_advice_and_only_the_advice(claims, claims_file, cases_file):
@@ -133,22 +147,18 @@ def test_required_claims_credit_the_advice_and_only_the_advice(claims, claims_fi
     advice, and sentences with its words that do not (tests/fixtures/must_state_cases.yaml). The holdout's
     required claims feed only the reported coverage, and are held to the same cases."""
     cases = yaml.safe_load((ROOT / "tests" / "fixtures" / cases_file).read_text())
-    defined = yaml.safe_load((DATA / "claims" / claims_file).read_text())
-    # every required claim of the file has its cases
-    assert set(cases) == {c for c, d in defined.items() if d["kind"] == "must_state"}
-    wrong, mended = [], []
+    assert set(cases) == required_claims(claims_file)  # every required claim of the file has its cases
+    gaps = set()
     for cid, langs in cases.items():
         for lang, case in langs.items():
             assert len(case["stated"]) >= 2 and case["not_stated"], (cid, lang)
-            gaps = {g["text"] for g in case.get("gaps", ())}
-            assert gaps <= set(case["stated"]) | set(case["not_stated"]), (cid, lang)
-            judged = [(t, True) for t in case["stated"]] + [(t, False) for t in case["not_stated"]]
-            for text, gives in judged:
-                right = bool(states(claims[cid], text, lang)) == gives
-                if text in gaps:
-                    mended += [(cid, text)] if right else []
-                elif not right:
-                    wrong.append((cid, "missed" if gives else "false credit", text))
+            listed = {g["text"] for g in case.get("gaps", ())}
+            assert listed <= set(case["stated"]) | set(case["not_stated"]), (cid, lang)
+            gaps |= {(cid, lang, text) for text in listed}
+    judged = judged_required(claims, cases)
+    wrong = [(cid, "missed" if gives else "false credit", text)
+             for cid, lang, text, gives, right in judged if not right and (cid, lang, text) not in gaps]
+    mended = [(cid, text) for cid, lang, text, _, right in judged if right and (cid, lang, text) in gaps]
     assert not wrong, wrong
     assert not mended, f"detector now right on a listed gap: move it back among the cases {mended}"
 
@@ -275,12 +285,8 @@ def test_required_claims_on_held_back_sentences(claims):
     the claims' text only and scored once. Its score may not fall below that first count; a pattern is never
     mended to pass one of these sentences (the sentence would move to the fitted case files first)."""
     cases = yaml.safe_load((ROOT / "tests" / "fixtures" / "must_state_heldback.yaml").read_text())
-    defined = {**yaml.safe_load((DATA / "claims" / "safety.yaml").read_text()),
-               **yaml.safe_load((DATA / "claims" / "holdout.yaml").read_text())}
-    assert set(cases) == {c for c, d in defined.items() if d["kind"] == "must_state"}
-    judged = [(bool(states(claims[cid], text, lang)) == (kind == "stated"), cid, text)
-              for cid, langs in cases.items() for lang, case in langs.items()
-              for kind in ("stated", "not_stated") for text in case[kind]]
-    right = sum(ok for ok, _, _ in judged)
+    assert set(cases) == required_claims("safety.yaml", "holdout.yaml")
+    judged = judged_required(claims, cases)
+    right = sum(ok for *_, ok in judged)
     print(f"held-back required-claim sentences: {right} of {len(judged)} right")
-    assert len(judged) >= 344 and right >= HELDBACK_RIGHT, [(c, t) for ok, c, t in judged if not ok]
+    assert len(judged) >= 344 and right >= HELDBACK_RIGHT, [(cid, text) for cid, _, text, _, ok in judged if not ok]
